@@ -1,0 +1,40 @@
+// File: the one seam between the library and the operating system.
+// Everything the library reads or writes goes through it, so tests can swap
+// in a file that fails the n-th write or loses what was never synced.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "qcow2dedup/status.h"
+
+namespace qcow2dedup {
+
+enum class OpenMode { kReadOnly, kReadWrite, kCreate /* fails if it exists */, kCreateOrOpen /* never truncates: lock first */ };
+
+// Which of QEMU's image permissions we take (see qcow2-facts.md, locking).
+enum class LockMode { kNone, kShared /* read, forbid writers */, kExclusive /* write */ };
+
+class File {
+ public:
+  virtual ~File() = default;
+  // Reads buf.size() bytes at offset; bytes past the end of file read as zero.
+  virtual Status ReadAt(uint64_t offset, std::span<uint8_t> buf) = 0;
+  virtual Status WriteAt(uint64_t offset, std::span<const uint8_t> data) = 0;
+  // Makes everything written so far durable (fdatasync).
+  virtual Status Sync() = 0;
+  virtual Result<uint64_t> Size() = 0;
+  virtual Status Truncate(uint64_t size) = 0;
+  // Takes QEMU's OFD byte locks so that neither side writes under the other.
+  virtual Status Lock(LockMode mode) = 0;
+  // Where the next data at or after offset starts (SEEK_DATA); Size() if none.
+  virtual Result<uint64_t> NextData(uint64_t offset) { return offset; }
+  virtual const std::string& name() const = 0;
+};
+
+// Opens a file of the operating system. "-" is not special here.
+Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, OpenMode mode);
+
+}  // namespace qcow2dedup

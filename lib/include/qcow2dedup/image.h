@@ -1,0 +1,158 @@
+// The qcow2dedup library: open, create, read and write qcow2 images, with
+// identical clusters stored once. The library never parses arguments or
+// prints; the CLI in apps/ does.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "qcow2dedup/file.h"
+#include "qcow2dedup/status.h"
+
+namespace qcow2dedup {
+
+// Called now and then during long work with how far it got.
+using ProgressFn = std::function<void(uint64_t done, uint64_t total)>;
+
+// Something with a guest view: a raw file, a block device or a qcow2 image.
+class BlockDevice {
+ public:
+  virtual ~BlockDevice() = default;
+  virtual uint64_t virtual_size() const = 0;
+  // Reads guest bytes; past the virtual size is an error.
+  virtual Status Read(uint64_t offset, std::span<uint8_t> buf) = 0;
+  // How many bytes from offset are known to read as zero (0 if the byte at
+  // offset may hold data). Lets readers skip holes without reading them.
+  virtual Result<uint64_t> ZeroRun(uint64_t offset) { (void)offset; return uint64_t(0); }
+  virtual std::string format() const = 0;
+};
+
+enum class ImageFormat { kAuto, kRaw, kQcow2 };
+
+// Opens a raw file or any qcow2 image read-only (format kAuto probes the magic).
+Result<std::unique_ptr<BlockDevice>> OpenBlockDevice(const std::string& path, ImageFormat format,
+                                                     bool force_share = false);
+
+struct CreateOptions {
+  uint64_t virtual_size = 0;
+  uint32_t cluster_size = 65536;
+  uint32_t refcount_bits = 16;
+  bool lazy_refcounts = false;
+  bool force = false;  // replace an existing file
+};
+
+struct OpenOptions {
+  bool writable = false;
+  bool force_share = false;  // read without QEMU's lock, as qemu-img -U
+  bool verify = false;       // compare bytes before sharing a cluster
+  // Opens a file supplied by the caller instead of the path (tests inject faults).
+  std::unique_ptr<File> file;
+  // Reports progress of an index rebuild.
+  ProgressFn progress;
+};
+
+struct SnapshotInfo {
+  std::string id;
+  std::string name;
+  uint64_t vm_state_size = 0;
+  uint64_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  uint64_t icount = ~0ull;  // ~0: not recorded
+};
+
+struct ImageInfo {
+  std::string filename;
+  uint64_t virtual_size = 0;
+  uint64_t actual_size = 0;  // bytes the file occupies on disk
+  uint64_t cluster_size = 0;
+  uint32_t version = 3;
+  bool dirty = false;
+  bool corrupt = false;
+  bool lazy_refcounts = false;
+  bool extended_l2 = false;
+  uint32_t refcount_bits = 16;
+  std::string compression_type;  // "zlib" or "zstd"
+  std::string backing_file;       // as stored
+  std::string full_backing_file;  // resolved
+  std::string backing_format;
+  std::vector<SnapshotInfo> snapshots;
+  struct Dedup {
+    bool present = false;  // our header extension exists
+    bool in_sync = false;  // our autoclear bit is set
+    std::string hash_algorithm;
+    std::optional<uint64_t> stored_clusters;  // entries of an in-sync index
+  } dedup;
+};
+
+// Counters of one write session (or one convert).
+struct WriteStats {
+  uint64_t clusters_written = 0;  // guest clusters the caller wrote
+  uint64_t zero_clusters = 0;     // of them, all zero
+  uint64_t dedup_hits = 0;        // linked to a cluster already stored
+  uint64_t new_clusters = 0;      // stored anew
+  uint64_t freed_clusters = 0;    // host clusters whose last reference went
+};
+
+// A whole guest cluster on its way to the write path, hashed in advance so
+// that callers (convert) can spread hashing over threads.
+struct ClusterWrite {
+  uint64_t guest_cluster;
+  std::span<const uint8_t> data;  // exactly one cluster
+  bool zero;
+  std::array<uint8_t, 32> digest;  // SHA-256 of data (unused when zero)
+};
+
+// Hashes a cluster the way the write path expects (fills zero and digest).
+void PrepareClusterWrite(ClusterWrite& w);
+
+class ImageState;
+
+class Image : public BlockDevice {
+ public:
+  ~Image() override;
+  static Result<std::unique_ptr<Image>> Open(const std::string& path, OpenOptions options);
+  // Creates an empty dedup image and opens it for writing.
+  static Result<std::unique_ptr<Image>> Create(const std::string& path, const CreateOptions& options,
+                                               OpenOptions open = {});
+
+  uint64_t virtual_size() const override;
+  uint64_t cluster_size() const;
+  std::string format() const override { return "qcow2"; }
+  Status Read(uint64_t offset, std::span<uint8_t> buf) override;
+  Result<uint64_t> ZeroRun(uint64_t offset) override;
+
+  // The dedup write path. Write takes any offset and length; WriteClusters
+  // takes whole clusters in any order.
+  Status Write(uint64_t offset, std::span<const uint8_t> data);
+  Status WriteClusters(std::span<const ClusterWrite> clusters);
+  // Grows the virtual size (the L1 table moves if it must).
+  Status Resize(uint64_t new_size);
+  // Makes everything written so far durable (the image stays marked dirty).
+  Status Flush();
+  // Flushes, stores the dedup index and marks the image clean. Without Close
+  // a writable image is left as after a crash.
+  Status Close();
+
+  ImageInfo Info() const;
+  const WriteStats& write_stats() const;
+  // Bytes of heap the in-memory dedup index holds.
+  size_t index_memory() const;
+
+  ImageState& state() { return *state_; }
+
+ private:
+  explicit Image(std::unique_ptr<ImageState> s);
+  std::unique_ptr<ImageState> state_;
+};
+
+// Parses "64K", "10G", "512" (bytes; suffixes K M G T P E, powers of 1024).
+Result<uint64_t> ParseSize(const std::string& text);
+
+}  // namespace qcow2dedup

@@ -1,0 +1,72 @@
+#include "dedup/index.h"
+
+namespace qcow2dedup {
+
+void DedupIndex::Insert(const Digest& d, uint64_t cluster) {
+  if (cluster > kMaxCluster) return;  // beyond what we index: only a lost dedup chance
+  if (!buckets_.empty()) {
+    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = entries_[i].next) {
+      if (std::memcmp(entries_[i].key, d.data(), kKeyBytes) == 0) {
+        entries_[i].cluster = uint32_t(cluster);
+        return;
+      }
+    }
+  }
+  if (live_ + 1 > buckets_.size()) Rehash(std::max<size_t>(1024, buckets_.size() * 2));
+  uint32_t slot;
+  if (!free_.empty()) {
+    slot = free_.back();
+    free_.pop_back();
+  } else {
+    slot = uint32_t(entries_.size());
+    entries_.push_back({});
+  }
+  Entry& e = entries_[slot];
+  std::memcpy(e.key, d.data(), kKeyBytes);
+  e.cluster = uint32_t(cluster);
+  size_t b = Bucket(d);
+  e.next = buckets_[b];
+  buckets_[b] = slot;
+  ++live_;
+}
+
+bool DedupIndex::Remove(const Digest& d, uint64_t cluster) {
+  if (buckets_.empty()) return false;
+  uint32_t* link = &buckets_[Bucket(d)];
+  while (*link != kNil) {
+    Entry& e = entries_[*link];
+    if (std::memcmp(e.key, d.data(), kKeyBytes) == 0) {
+      if (e.cluster != cluster) return false;
+      uint32_t slot = *link;
+      *link = e.next;
+      e.cluster = kNil;
+      free_.push_back(slot);
+      --live_;
+      return true;
+    }
+    link = &e.next;
+  }
+  return false;
+}
+
+void DedupIndex::Clear() {
+  entries_ = {};
+  buckets_ = {};
+  free_ = {};
+  live_ = 0;
+}
+
+void DedupIndex::Rehash(size_t n) {
+  buckets_.assign(n, kNil);
+  for (uint32_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = entries_[i];
+    if (e.cluster == kNil) continue;
+    Digest d{};
+    std::memcpy(d.data(), e.key, kKeyBytes);
+    size_t b = Bucket(d);
+    e.next = buckets_[b];
+    buckets_[b] = i;
+  }
+}
+
+}  // namespace qcow2dedup

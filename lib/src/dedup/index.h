@@ -1,0 +1,70 @@
+// The dedup index: which host cluster holds the data with a given hash.
+// Kept compact because it grows with the stored data: a key of the first
+// 160 bits of the SHA-256, a 32-bit host cluster number and a chain link,
+// 28 bytes an entry plus 4 to 8 bytes of buckets.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "dedup/sha256.h"
+
+namespace qcow2dedup {
+
+class DedupIndex {
+ public:
+  static constexpr size_t kKeyBytes = 20;
+  static constexpr uint64_t kMaxCluster = 0xfffffffeull;
+
+  // The host cluster holding data with this digest, if known.
+  std::optional<uint64_t> Find(const Digest& d) const {
+    if (buckets_.empty()) return std::nullopt;
+    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = entries_[i].next)
+      if (std::memcmp(entries_[i].key, d.data(), kKeyBytes) == 0) return entries_[i].cluster;
+    return std::nullopt;
+  }
+
+  // Maps digest to cluster, replacing an older mapping of the same digest.
+  void Insert(const Digest& d, uint64_t cluster);
+  // Forgets digest if it maps to cluster; true if it did.
+  bool Remove(const Digest& d, uint64_t cluster);
+  void Clear();
+
+  size_t size() const { return live_; }
+  // Heap bytes the index holds (for the memory benchmark).
+  size_t MemoryBytes() const {
+    return entries_.capacity() * sizeof(Entry) + buckets_.capacity() * sizeof(uint32_t) +
+           free_.capacity() * sizeof(uint32_t);
+  }
+
+  // Visits (key prefix, cluster) for every entry.
+  template <class F>
+  void ForEach(F f) const {
+    for (const Entry& e : entries_)
+      if (e.cluster != kNil) f(e.key, uint64_t(e.cluster));
+  }
+
+ private:
+  static constexpr uint32_t kNil = 0xffffffffu;
+  struct Entry {
+    uint8_t key[kKeyBytes];
+    uint32_t cluster;
+    uint32_t next;
+  };
+  static_assert(sizeof(Entry) == 28);
+  size_t Bucket(const Digest& d) const {
+    uint64_t h;
+    std::memcpy(&h, d.data(), 8);
+    return h & (buckets_.size() - 1);
+  }
+  void Rehash(size_t buckets);
+
+  std::vector<Entry> entries_;
+  std::vector<uint32_t> buckets_;
+  std::vector<uint32_t> free_;
+  size_t live_ = 0;
+};
+
+}  // namespace qcow2dedup

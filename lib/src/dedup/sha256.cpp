@@ -1,0 +1,40 @@
+#include "dedup/sha256.h"
+
+#include <openssl/evp.h>
+
+#include <cstring>
+#include <stdexcept>
+
+namespace qcow2dedup {
+
+Digest Sha256(std::span<const uint8_t> data) {
+  // One context per thread: creating one per cluster costs more than hashing 4 KiB.
+  thread_local struct Ctx {
+    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+    ~Ctx() { EVP_MD_CTX_free(ctx); }
+  } t;
+  Digest d;
+  unsigned int len = 0;
+  if (!t.ctx || EVP_DigestInit_ex(t.ctx, EVP_sha256(), nullptr) != 1 ||
+      EVP_DigestUpdate(t.ctx, data.data(), data.size()) != 1 ||
+      EVP_DigestFinal_ex(t.ctx, d.data(), &len) != 1 || len != d.size())
+    throw std::runtime_error("OpenSSL SHA-256 failed");  // out of memory inside OpenSSL
+  return d;
+}
+
+bool IsAllZero(std::span<const uint8_t> data) {
+  const uint8_t* p = data.data();
+  size_t n = data.size();
+  while (n >= 64) {
+    uint64_t w[8];
+    std::memcpy(w, p, 64);
+    if ((w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) != 0) return false;
+    p += 64;
+    n -= 64;
+  }
+  while (n--)
+    if (*p++) return false;
+  return true;
+}
+
+}  // namespace qcow2dedup

@@ -1,0 +1,155 @@
+// The qcow2 header in cluster 0: the raw big-endian layout, its header
+// extensions, and the validated Header the rest of the library works with.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "format/endian.h"
+#include "qcow2dedup/status.h"
+
+namespace qcow2dedup {
+
+constexpr uint32_t kQcowMagic = 0x514649fb;  // "QFI\xfb"
+constexpr uint32_t kMinClusterBits = 9, kMaxClusterBits = 21;
+constexpr uint64_t kMaxL1Bytes = 32u << 20;        // QEMU's QCOW_MAX_L1_SIZE
+constexpr uint64_t kMaxRefTableBytes = 8u << 20;   // QEMU's QCOW_MAX_REFTABLE_SIZE
+constexpr uint32_t kMaxSnapshots = 65536;
+constexpr uint64_t kMaxVirtualSize = 1ull << 61;   // beyond what L1 can address anyway
+
+// Feature bits (qcow2-facts.md).
+constexpr uint64_t kIncompatDirty = 1ull << 0;
+constexpr uint64_t kIncompatCorrupt = 1ull << 1;
+constexpr uint64_t kIncompatDataFile = 1ull << 2;
+constexpr uint64_t kIncompatCompression = 1ull << 3;
+constexpr uint64_t kIncompatExtendedL2 = 1ull << 4;
+constexpr uint64_t kIncompatKnown = (1ull << 5) - 1;
+constexpr uint64_t kCompatLazyRefcounts = 1ull << 0;
+constexpr uint64_t kAutoclearBitmaps = 1ull << 0;
+constexpr uint64_t kAutoclearDataFileRaw = 1ull << 1;
+// Ours: "the dedup index matches the image". Anyone who writes the image
+// without knowing it clears it, which is exactly when the index goes stale.
+constexpr uint64_t kAutoclearDedupInSync = 1ull << 48;
+
+// Header extension types.
+constexpr uint32_t kExtEnd = 0x00000000;
+constexpr uint32_t kExtBackingFormat = 0xe2792aca;
+constexpr uint32_t kExtFeatureNames = 0x6803f857;
+constexpr uint32_t kExtBitmaps = 0x23852875;
+constexpr uint32_t kExtEncryption = 0x0537be77;
+constexpr uint32_t kExtDataFile = 0x44415441;
+constexpr uint32_t kExtDedup = 0x44445550;  // "DDUP": ours
+
+enum class CompressionType : uint8_t { kDeflate = 0, kZstd = 1 };
+
+#pragma pack(push, 1)
+struct RawHeader {
+  be32 magic;
+  be32 version;
+  be64 backing_file_offset;
+  be32 backing_file_size;
+  be32 cluster_bits;
+  be64 size;
+  be32 crypt_method;
+  be32 l1_size;
+  be64 l1_table_offset;
+  be64 refcount_table_offset;
+  be32 refcount_table_clusters;
+  be32 nb_snapshots;
+  be64 snapshots_offset;
+  // Version 3 from here on.
+  be64 incompatible_features;
+  be64 compatible_features;
+  be64 autoclear_features;
+  be32 refcount_order;
+  be32 header_length;
+  uint8_t compression_type;
+  uint8_t padding[7];
+};
+
+// Our extension: where the dedup index lives and what it holds. The index
+// itself sits in clusters with refcount 0 past the image's end, which QEMU
+// neither counts as leaks nor protects; the autoclear bit says whether it
+// can still be believed.
+struct RawDedupExtension {
+  be32 version;         // 1
+  be32 hash_algorithm;  // 1 = SHA-256
+  be64 index_offset;    // 0: no index stored
+  be64 index_entries;
+  uint8_t index_digest[32];  // SHA-256 of the index bytes
+};
+#pragma pack(pop)
+static_assert(sizeof(RawHeader) == 112);
+static_assert(sizeof(RawDedupExtension) == 56);
+constexpr uint32_t kV2HeaderLength = 72;
+constexpr uint32_t kHashSha256 = 1;
+
+struct DedupExtension {
+  uint32_t hash_algorithm = kHashSha256;
+  uint64_t index_offset = 0;
+  uint64_t index_entries = 0;
+  std::array<uint8_t, 32> index_digest = {};
+};
+
+struct Header {
+  uint32_t version = 3;
+  uint32_t cluster_bits = 16;
+  uint64_t virtual_size = 0;
+  uint32_t crypt_method = 0;
+  uint32_t l1_size = 0;
+  uint64_t l1_offset = 0;
+  uint64_t reftable_offset = 0;
+  uint32_t reftable_clusters = 0;
+  uint32_t nb_snapshots = 0;
+  uint64_t snapshots_offset = 0;
+  uint64_t incompatible = 0;
+  uint64_t compatible = 0;
+  uint64_t autoclear = 0;
+  uint32_t refcount_order = 4;
+  uint32_t header_length = sizeof(RawHeader);
+  CompressionType compression = CompressionType::kDeflate;
+
+  std::string backing_file;
+  std::optional<std::string> backing_format;
+  std::optional<DedupExtension> dedup;
+  // Feature name table: (group, bit) -> name; group 0 incompatible, 1 compatible, 2 autoclear.
+  std::map<std::pair<int, int>, std::string> feature_names;
+  // Extensions we do not interpret, kept verbatim so a rewrite loses nothing.
+  std::vector<std::pair<uint32_t, std::vector<uint8_t>>> other_extensions;
+
+  uint64_t cluster_size() const { return 1ull << cluster_bits; }
+  uint32_t refcount_bits() const { return 1u << refcount_order; }
+  bool extended_l2() const { return incompatible & kIncompatExtendedL2; }
+  uint32_t l2_entry_bytes() const { return extended_l2() ? 16 : 8; }
+  uint64_t l2_entries() const { return cluster_size() / l2_entry_bytes(); }
+  uint64_t subclusters() const { return extended_l2() ? 32 : 1; }
+  // Guest bytes one L2 table maps.
+  uint64_t l2_span() const { return l2_entries() * cluster_size(); }
+  uint64_t refblock_entries() const { return cluster_size() * 8 / refcount_bits(); }
+  uint64_t max_refcount() const {
+    return refcount_order == 6 ? ~0ull : (1ull << refcount_bits()) - 1;
+  }
+  bool lazy_refcounts() const { return compatible & kCompatLazyRefcounts; }
+  bool dedup_in_sync() const { return dedup && (autoclear & kAutoclearDedupInSync); }
+};
+
+// L1 entries needed to map virtual_size bytes.
+uint64_t L1EntriesFor(uint64_t virtual_size, const Header& h);
+
+// Decodes and validates cluster 0 (or as much of it as the file holds)
+// against the format's limits and the file's size.
+Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size);
+
+// Encodes the header, its extensions and the backing file name for cluster 0.
+// Fails if they do not fit in one cluster.
+Result<std::vector<uint8_t>> EncodeHeader(const Header& h);
+
+// "dirty, corrupt, ..." with names from the image's table where it has them.
+std::string DescribeFeatures(const Header& h, int group, uint64_t bits);
+
+}  // namespace qcow2dedup

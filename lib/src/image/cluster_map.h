@@ -1,0 +1,64 @@
+// The guest-to-host map: the L1 table (kept in memory) and the L2 tables
+// (through a cache). Lookup turns a guest offset into a plan that the
+// reader executes: unallocated, zero, data at a host offset, or compressed.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "format/entries.h"
+#include "format/header.h"
+#include "image/metadata_map.h"
+#include "image/refcounts.h"
+#include "image/table_cache.h"
+
+namespace qcow2dedup {
+
+enum class ClusterKind { kUnallocated, kZero, kData, kCompressed };
+
+struct Plan {
+  ClusterKind kind;
+  uint64_t host_offset;  // kData: where the guest offset's byte is
+  uint64_t entry;        // the raw L2 entry (kCompressed: the descriptor)
+  uint64_t length;       // bytes from the guest offset this plan covers
+};
+
+class ClusterMap {
+ public:
+  ClusterMap(File* file, Header* header, MetadataMap* meta, uint64_t cache_tables);
+
+  // Reads the active L1 table and vets its entries.
+  Status Load(uint64_t file_size);
+
+  Result<Plan> Lookup(uint64_t guest_offset);
+
+  // The raw L2 entry of a guest cluster (standard L2 only); 0 without a table.
+  Result<uint64_t> GetEntry(uint64_t guest_cluster);
+  // Sets it, allocating the L2 table first if the guest cluster has none.
+  Status SetEntry(uint64_t guest_cluster, uint64_t entry, Refcounts& refcounts);
+
+  Status WriteTables() { return l2_.WriteBack(); }
+  Status WriteL1();
+  bool l1_dirty() const { return l1_dirty_; }
+  // The writer grew the file: data up to end may now be referenced.
+  void NoteFileEnd(uint64_t end) { file_size_ = std::max(file_size_, end); }
+  TableCache& cache() { return l2_; }
+  const std::vector<uint64_t>& l1() const { return l1_; }
+
+  // Vets an L2 table offset (from an L1 entry) before it is read.
+  Status CheckL2Offset(uint64_t index, uint64_t offset) const;
+  // Vets a data cluster offset from an L2 entry.
+  Status CheckDataOffset(uint64_t guest_offset, uint64_t host) const;
+
+ private:
+  File* file_;
+  Header* h_;
+  MetadataMap* meta_;
+  TableCache l2_;
+  std::vector<uint64_t> l1_;
+  uint64_t file_size_ = 0;
+  bool l1_dirty_ = false;
+};
+
+}  // namespace qcow2dedup

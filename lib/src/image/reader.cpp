@@ -1,0 +1,103 @@
+// The guest view: each range is looked up in the cluster map and the plan
+// executed: zeros, backing data, host data or a decompressed cluster.
+#include <fmt/format.h>
+
+#include <cstring>
+
+#include "format/compression.h"
+#include "image/image_state.h"
+
+namespace qcow2dedup {
+namespace {
+
+Status ReadBacking(ImageState& s, uint64_t offset, std::span<uint8_t> buf) {
+  if (!s.backing) {
+    std::memset(buf.data(), 0, buf.size());
+    return Status::Ok();
+  }
+  // A backing file smaller than the image reads as zero past its end.
+  const uint64_t bsize = s.backing->virtual_size();
+  uint64_t n = offset >= bsize ? 0 : std::min<uint64_t>(buf.size(), bsize - offset);
+  if (n) QD_RETURN_IF_ERROR(s.backing->Read(offset, buf.first(n)));
+  std::memset(buf.data() + n, 0, buf.size() - n);
+  return Status::Ok();
+}
+
+Status ReadCompressed(ImageState& s, uint64_t entry, uint64_t in_cluster, std::span<uint8_t> buf) {
+  const uint64_t cs = s.cs();
+  if (s.decompressed.size() != cs || s.decompressed_entry != entry) {
+    CompressedDescriptor d = DecodeCompressed(entry, s.header.cluster_bits);
+    // A descriptor may claim more than a cluster's worth; QEMU caps it too.
+    uint64_t bytes = std::min<uint64_t>(d.bytes, 2 * cs + 512);
+    std::vector<uint8_t> in(bytes);
+    QD_RETURN_IF_ERROR(s.data.Flush());
+    QD_RETURN_IF_ERROR(s.file->ReadAt(d.offset, in));
+    s.decompressed.resize(cs);
+    s.decompressed_entry = 0;
+    QD_RETURN_IF_ERROR(Decompress(s.header.compression, in, s.decompressed));
+    s.decompressed_entry = entry;
+  }
+  std::memcpy(buf.data(), s.decompressed.data() + in_cluster, buf.size());
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status Image::Read(uint64_t offset, std::span<uint8_t> buf) {
+  ImageState& s = *state_;
+  if (offset > s.header.virtual_size || buf.size() > s.header.virtual_size - offset)
+    return Status::InvalidArgument(fmt::format("read of {} bytes at {} is beyond the virtual size {}", buf.size(),
+                                               offset, s.header.virtual_size));
+  size_t done = 0;
+  while (done < buf.size()) {
+    const uint64_t at = offset + done;
+    QD_ASSIGN_OR_RETURN(Plan p, s.map->Lookup(at));
+    const uint64_t n = std::min<uint64_t>(p.length, buf.size() - done);
+    std::span<uint8_t> part = buf.subspan(done, n);
+    switch (p.kind) {
+      case ClusterKind::kUnallocated:
+        QD_RETURN_IF_ERROR(ReadBacking(s, at, part));
+        break;
+      case ClusterKind::kZero:
+        std::memset(part.data(), 0, n);
+        break;
+      case ClusterKind::kData:
+        if (s.data.Overlaps(p.host_offset, n)) QD_RETURN_IF_ERROR(s.data.Flush());
+        QD_RETURN_IF_ERROR(s.file->ReadAt(p.host_offset, part));
+        break;
+      case ClusterKind::kCompressed:
+        QD_RETURN_IF_ERROR(ReadCompressed(s, p.entry, at & (s.cs() - 1), part));
+        break;
+    }
+    done += n;
+  }
+  return Status::Ok();
+}
+
+Result<uint64_t> Image::ZeroRun(uint64_t offset) {
+  ImageState& s = *state_;
+  uint64_t run = 0;
+  // Bounded so a huge empty disk still reports progress.
+  const uint64_t limit = std::min<uint64_t>(s.header.virtual_size - std::min(offset, s.header.virtual_size), 1ull << 30);
+  while (run < limit) {
+    const uint64_t at = offset + run;
+    QD_ASSIGN_OR_RETURN(Plan p, s.map->Lookup(at));
+    uint64_t n = std::min<uint64_t>(p.length, limit - run);
+    if (p.kind == ClusterKind::kZero) {
+      run += n;
+    } else if (p.kind == ClusterKind::kUnallocated) {
+      if (!s.backing || at >= s.backing->virtual_size()) {
+        run += n;
+        continue;
+      }
+      QD_ASSIGN_OR_RETURN(uint64_t b, s.backing->ZeroRun(at));
+      if (b < n) return run + b;
+      run += n;
+    } else {
+      break;
+    }
+  }
+  return run;
+}
+
+}  // namespace qcow2dedup

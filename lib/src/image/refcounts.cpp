@@ -1,0 +1,166 @@
+#include "image/refcounts.h"
+
+#include <fmt/format.h>
+
+#include "format/entries.h"
+#include "format/refcount_block.h"
+
+namespace qcow2dedup {
+
+Refcounts::Refcounts(File* file, Header* header, MetadataMap* meta, uint64_t cache_tables)
+    : file_(file),
+      h_(header),
+      meta_(meta),
+      blocks_(file, header->cluster_size(), cache_tables,
+              [meta](uint64_t off) { return meta->CheckTableWrite(off); }),
+      per_block_(header->refblock_entries()) {}
+
+Status Refcounts::Load(uint64_t file_size) {
+  const uint64_t cs = h_->cluster_size();
+  std::vector<uint8_t> raw(uint64_t(h_->reftable_clusters) * cs);
+  QD_RETURN_IF_ERROR(file_->ReadAt(h_->reftable_offset, raw));
+  table_.resize(raw.size() / 8);
+  for (size_t i = 0; i < table_.size(); ++i) {
+    uint64_t e = LoadBe64(&raw[i * 8]);
+    uint64_t off = RefTableOffset(e);
+    if (e & kRefTableReservedMask)
+      return Status::Corruption(fmt::format("refcount table entry {} has reserved bits set", i));
+    if (off != 0) {
+      if (off % cs != 0)
+        return Status::Corruption(fmt::format("refcount block {} at {:#x} is not cluster aligned", i, off));
+      if (off + cs > file_size)
+        return Status::Corruption(fmt::format("refcount block {} at {:#x} lies beyond the end of the file", i, off));
+      if (meta_->FixedStructureAt(off))
+        return Status::Corruption(fmt::format("refcount block {} at {:#x} overlaps {}", i, off,
+                                              meta_->FixedStructureAt(off)));
+      meta_->AddTable(off);
+    }
+    table_[i] = off;
+  }
+  return Status::Ok();
+}
+
+Result<TableCache::Table*> Refcounts::Block(uint64_t b, bool create) {
+  if (b >= table_.size() || table_[b] == 0) {
+    if (!create) return static_cast<TableCache::Table*>(nullptr);
+    if (b >= table_.size()) QD_RETURN_IF_ERROR(GrowTable(b + 1));
+    // A new block describes itself: it lives in the first cluster of the
+    // range it covers, which is free because no block covered it before.
+    const uint64_t cluster = b * per_block_;
+    const uint64_t off = cluster * h_->cluster_size();
+    QD_RETURN_IF_ERROR(meta_->CheckTableWrite(off));
+    QD_ASSIGN_OR_RETURN(TableCache::Table * t, blocks_.Create(off));
+    SetRefcount(t->data(), h_->refcount_order, 0, 1);
+    blocks_.MarkDirty(off);
+    table_[b] = off;
+    table_dirty_ = true;
+    meta_->AddTable(off);
+    return t;
+  }
+  return blocks_.Get(table_[b]);
+}
+
+Result<uint64_t> Refcounts::Get(uint64_t cluster) {
+  QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(BlockIndex(cluster), false));
+  if (!t) return uint64_t(0);
+  return GetRefcount(t->data(), h_->refcount_order, cluster % per_block_);
+}
+
+Status Refcounts::Set(uint64_t cluster, uint64_t value) {
+  if (value > h_->max_refcount())
+    return Status::Corruption(fmt::format("refcount of cluster {} would overflow", cluster));
+  const uint64_t b = BlockIndex(cluster);
+  QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(b, value != 0));
+  if (!t) return Status::Ok();  // zero in an absent block is already zero
+  if (cluster == b * per_block_ && table_[b] == cluster * h_->cluster_size())
+    return Status::Corruption(fmt::format("refusing to change the refcount block's own refcount at cluster {}", cluster));
+  SetRefcount(t->data(), h_->refcount_order, cluster % per_block_, value);
+  blocks_.MarkDirty(table_[b]);
+  return Status::Ok();
+}
+
+Result<uint64_t> Refcounts::Adjust(uint64_t cluster, int64_t delta) {
+  QD_ASSIGN_OR_RETURN(uint64_t v, Get(cluster));
+  if (delta < 0 && v < uint64_t(-delta))
+    return Status::Corruption(fmt::format("refcount of cluster {} would drop below zero", cluster));
+  uint64_t nv = v + uint64_t(delta);
+  QD_RETURN_IF_ERROR(Set(cluster, nv));
+  if (nv == 0) {
+    pending_free_.insert(cluster);
+  }
+  return nv;
+}
+
+Result<uint64_t> Refcounts::Allocate() {
+  const uint32_t order = h_->refcount_order;
+  for (uint64_t c = std::max<uint64_t>(free_hint_, 1);; ) {
+    const uint64_t b = BlockIndex(c);
+    QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(b, true));
+    // Scan this block without going back through the cache per cluster.
+    const uint64_t end = (b + 1) * per_block_;
+    for (; c < end; ++c) {
+      if (GetRefcount(t->data(), order, c % per_block_) != 0) continue;
+      if (!pending_free_.empty() && pending_free_.count(c)) continue;
+      SetRefcount(t->data(), order, c % per_block_, 1);
+      blocks_.MarkDirty(table_[b]);
+      free_hint_ = c + 1;
+      return c * h_->cluster_size();
+    }
+  }
+}
+
+void Refcounts::ReleasePendingFrees() {
+  for (uint64_t c : pending_free_) free_hint_ = std::min(free_hint_, c);
+  pending_free_.clear();
+}
+
+Result<uint64_t> Refcounts::EndCluster() {
+  for (uint64_t b = table_.size(); b-- > 0;) {
+    if (table_[b] == 0) continue;
+    QD_ASSIGN_OR_RETURN(TableCache::Table * t, blocks_.Get(table_[b]));
+    for (uint64_t i = per_block_; i-- > 0;)
+      if (GetRefcount(t->data(), h_->refcount_order, i) != 0) return b * per_block_ + i + 1;
+  }
+  return uint64_t(0);
+}
+
+Status Refcounts::WriteTable() {
+  if (!table_dirty_) return Status::Ok();
+  std::vector<uint8_t> raw(uint64_t(h_->reftable_clusters) * h_->cluster_size(), 0);
+  for (size_t i = 0; i < table_.size(); ++i) StoreBe64(&raw[i * 8], table_[i]);
+  QD_RETURN_IF_ERROR(file_->WriteAt(h_->reftable_offset, raw));
+  table_dirty_ = false;
+  return Status::Ok();
+}
+
+// Moves the refcount table to a larger home past everything allocated: a
+// fresh block range whose first cluster holds its own refcount block and
+// whose next clusters hold the new table. The caller's Flush writes the new
+// table before the header points at it.
+Status Refcounts::GrowTable(uint64_t min_blocks) {
+  const uint64_t cs = h_->cluster_size();
+  QD_ASSIGN_OR_RETURN(uint64_t end, EndCluster());
+  uint64_t home_block = std::max<uint64_t>((end + per_block_ - 1) / per_block_, table_.size());
+  uint64_t blocks = std::max(min_blocks, home_block + 1);
+  blocks += blocks / 2 + 8;  // room to grow
+  uint64_t clusters = (blocks * 8 + cs - 1) / cs;
+  if (clusters * cs > kMaxRefTableBytes) return Status::NoSpace("refcount table would exceed its maximum size");
+  if (clusters + 1 > per_block_) return Status::Unsupported("refcount table would not fit one block range");
+  const uint64_t old_offset = h_->reftable_offset, old_clusters = h_->reftable_clusters;
+  table_.resize(clusters * cs / 8, 0);
+  QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(home_block, true));
+  (void)t;
+  const uint64_t first = home_block * per_block_ + 1;
+  h_->reftable_offset = first * cs;
+  h_->reftable_clusters = uint32_t(clusters);
+  for (uint64_t i = 0; i < clusters; ++i) QD_RETURN_IF_ERROR(Set(first + i, 1));
+  for (uint64_t i = 0; i < old_clusters; ++i) {
+    QD_ASSIGN_OR_RETURN(uint64_t left, Adjust(old_offset / cs + i, -1));
+    (void)left;
+  }
+  table_dirty_ = true;
+  header_dirty_ = true;
+  return Status::Ok();
+}
+
+}  // namespace qcow2dedup

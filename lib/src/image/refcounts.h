@@ -1,0 +1,66 @@
+// Refcounts: the refcount table and its blocks, and the cluster allocator
+// that rests on them. A cluster freed here is not handed out again until the
+// image says the L2 change that freed it is on disk (ReleasePendingFrees).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <unordered_set>
+#include <vector>
+
+#include "format/header.h"
+#include "image/metadata_map.h"
+#include "image/table_cache.h"
+
+namespace qcow2dedup {
+
+class Refcounts {
+ public:
+  Refcounts(File* file, Header* header, MetadataMap* meta, uint64_t cache_tables);
+
+  // Reads and validates the refcount table.
+  Status Load(uint64_t file_size);
+
+  Result<uint64_t> Get(uint64_t cluster);
+  Status Set(uint64_t cluster, uint64_t value);
+  // Adds delta (+1 or -1); returns the new refcount. A drop to zero makes the
+  // cluster a pending free.
+  Result<uint64_t> Adjust(uint64_t cluster, int64_t delta);
+
+  // A free cluster with its refcount set to 1; returns its host offset.
+  Result<uint64_t> Allocate();
+  // Clusters freed since the last call may now be reused.
+  void ReleasePendingFrees();
+  bool IsPendingFree(uint64_t cluster) const { return pending_free_.count(cluster) != 0; }
+
+  // One past the highest cluster whose refcount is not zero.
+  Result<uint64_t> EndCluster();
+
+  // Write-back, in the order Flush needs: blocks first, then the table.
+  Status WriteBlocks() { return blocks_.WriteBack(); }
+  Status WriteTable();
+  bool table_dirty() const { return table_dirty_; }
+  bool header_dirty() const { return header_dirty_; }
+  void clear_header_dirty() { header_dirty_ = false; }
+  TableCache& cache() { return blocks_; }
+  const std::vector<uint64_t>& table() const { return table_; }
+
+ private:
+  uint64_t BlockIndex(uint64_t cluster) const { return cluster / per_block_; }
+  // The block for block index b, creating it (inside its own range) if absent.
+  Result<TableCache::Table*> Block(uint64_t b, bool create);
+  Status GrowTable(uint64_t min_blocks);
+
+  File* file_;
+  Header* h_;
+  MetadataMap* meta_;
+  TableCache blocks_;
+  uint64_t per_block_;
+  std::vector<uint64_t> table_;  // refcount table entries (raw)
+  bool table_dirty_ = false;
+  bool header_dirty_ = false;
+  uint64_t free_hint_ = 0;
+  std::unordered_set<uint64_t> pending_free_;
+};
+
+}  // namespace qcow2dedup

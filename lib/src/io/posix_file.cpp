@@ -1,0 +1,158 @@
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "qcow2dedup/file.h"
+
+namespace qcow2dedup {
+namespace {
+
+Status ErrnoStatus(const std::string& what, int err) {
+  std::string msg = what + ": " + std::strerror(err);
+  if (err == ENOSPC || err == EDQUOT) return Status::NoSpace(msg);
+  if (err == ENOENT) return Status::NotFound(msg);
+  if (err == EEXIST) return Status::Exists(msg);
+  return Status::IOError(msg);
+}
+
+// QEMU's permission bits and the byte offsets where it locks them.
+constexpr int kPermConsistentRead = 0, kPermWrite = 1, kPermResize = 3;
+constexpr off_t kPermBase = 100, kSharedBase = 200;
+
+class PosixFile final : public File {
+ public:
+  PosixFile(int fd, std::string name, bool writable)
+      : fd_(fd), name_(std::move(name)), writable_(writable) {}
+  ~PosixFile() override { ::close(fd_); }
+
+  Status ReadAt(uint64_t offset, std::span<uint8_t> buf) override {
+    size_t done = 0;
+    while (done < buf.size()) {
+      ssize_t n = ::pread(fd_, buf.data() + done, buf.size() - done, off_t(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return ErrnoStatus("read failed", errno);
+      }
+      if (n == 0) {  // end of file: the rest reads as zero
+        std::memset(buf.data() + done, 0, buf.size() - done);
+        break;
+      }
+      done += size_t(n);
+    }
+    return Status::Ok();
+  }
+
+  Status WriteAt(uint64_t offset, std::span<const uint8_t> data) override {
+    size_t done = 0;
+    while (done < data.size()) {
+      ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, off_t(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return ErrnoStatus("write failed", errno);
+      }
+      done += size_t(n);
+    }
+    return Status::Ok();
+  }
+
+  Status Sync() override {
+    if (::fdatasync(fd_) != 0) return ErrnoStatus("sync failed", errno);
+    return Status::Ok();
+  }
+
+  Result<uint64_t> Size() override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return ErrnoStatus("stat failed", errno);
+    if (S_ISBLK(st.st_mode)) {
+      off_t end = ::lseek(fd_, 0, SEEK_END);
+      if (end < 0) return ErrnoStatus("seek failed", errno);
+      return uint64_t(end);
+    }
+    return uint64_t(st.st_size);
+  }
+
+  Status Truncate(uint64_t size) override {
+    if (::ftruncate(fd_, off_t(size)) != 0) return ErrnoStatus("truncate failed", errno);
+    return Status::Ok();
+  }
+
+  Result<uint64_t> NextData(uint64_t offset) override {
+    off_t r = ::lseek(fd_, off_t(offset), SEEK_DATA);
+    if (r >= 0) return uint64_t(r);
+    if (errno == ENXIO) return Size();
+    return offset;  // no hole support: everything is data
+  }
+
+  Status Lock(LockMode mode) override {
+    if (mode == LockMode::kNone) return Status::Ok();
+    // What we take and what we refuse to share, exactly as qemu-io does.
+    bool write = mode == LockMode::kExclusive;
+    int take[] = {kPermConsistentRead, kPermWrite, kPermResize};
+    int ntake = write ? 3 : 1;
+    int deny[] = {kPermWrite, kPermResize};
+    for (int i = 0; i < ntake; ++i) {
+      QD_RETURN_IF_ERROR(Probe(kSharedBase + take[i]));
+    }
+    for (int p : deny) QD_RETURN_IF_ERROR(Probe(kPermBase + p));
+    for (int i = 0; i < ntake; ++i) QD_RETURN_IF_ERROR(Take(kPermBase + take[i]));
+    for (int p : deny) QD_RETURN_IF_ERROR(Take(kSharedBase + p));
+    return Status::Ok();
+  }
+
+  const std::string& name() const override { return name_; }
+
+ private:
+  static struct flock Byte(off_t at, short type) {
+    struct flock fl = {};
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = at;
+    fl.l_len = 1;
+    return fl;
+  }
+  Status Probe(off_t at) {
+    struct flock fl = Byte(at, F_WRLCK);
+    if (::fcntl(fd_, F_OFD_GETLK, &fl) != 0) return ErrnoStatus("lock query failed", errno);
+    if (fl.l_type != F_UNLCK)
+      return Status::Busy("the image is in use by another program (QEMU holds its lock)");
+    return Status::Ok();
+  }
+  Status Take(off_t at) {
+    struct flock fl = Byte(at, F_RDLCK);
+    if (::fcntl(fd_, F_OFD_SETLK, &fl) != 0) {
+      if (errno == EAGAIN || errno == EACCES)
+        return Status::Busy("the image is in use by another program (QEMU holds its lock)");
+      return ErrnoStatus("lock failed", errno);
+    }
+    return Status::Ok();
+  }
+
+  int fd_;
+  std::string name_;
+  bool writable_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, OpenMode mode) {
+  int flags = O_CLOEXEC;
+  switch (mode) {
+    case OpenMode::kReadOnly: flags |= O_RDONLY; break;
+    case OpenMode::kReadWrite: flags |= O_RDWR; break;
+    case OpenMode::kCreate: flags |= O_RDWR | O_CREAT | O_EXCL; break;
+    case OpenMode::kCreateOrOpen: flags |= O_RDWR | O_CREAT; break;
+  }
+  int fd = ::open(path.c_str(), flags, 0644);
+  if (fd < 0) return ErrnoStatus("cannot open", errno);
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    return Status::InvalidArgument("is a directory");
+  }
+  return std::unique_ptr<File>(new PosixFile(fd, path, mode != OpenMode::kReadOnly));
+}
+
+}  // namespace qcow2dedup

@@ -132,7 +132,8 @@ class Image : public BlockDevice {
   // takes whole clusters in any order.
   Status Write(uint64_t offset, std::span<const uint8_t> data);
   Status WriteClusters(std::span<const ClusterWrite> clusters);
-  // Grows the virtual size (the L1 table moves if it must).
+  // Changes the virtual size: grows (the L1 table moves if it must), or
+  // shrinks when nothing is stored past the new end.
   Status Resize(uint64_t new_size);
   // Makes everything written so far durable (the image stays marked dirty).
   Status Flush();
@@ -145,10 +146,11 @@ class Image : public BlockDevice {
   // Bytes of heap the in-memory dedup index holds.
   size_t index_memory() const;
 
+  // For the library's own use: ImageState is not part of the public API.
+  explicit Image(std::unique_ptr<ImageState> s);
   ImageState& state() { return *state_; }
 
  private:
-  explicit Image(std::unique_ptr<ImageState> s);
   std::unique_ptr<ImageState> state_;
 };
 

@@ -49,6 +49,15 @@ bool DedupIndex::Remove(const Digest& d, uint64_t cluster) {
   return false;
 }
 
+void DedupIndex::RemoveCluster(uint64_t cluster) {
+  for (Entry& e : entries_) {
+    if (e.cluster != cluster) continue;
+    Digest d{};
+    std::memcpy(d.data(), e.key, kKeyBytes);
+    Remove(d, cluster);
+  }
+}
+
 void DedupIndex::Clear() {
   entries_ = {};
   buckets_ = {};

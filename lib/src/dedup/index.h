@@ -30,6 +30,9 @@ class DedupIndex {
   void Insert(const Digest& d, uint64_t cluster);
   // Forgets digest if it maps to cluster; true if it did.
   bool Remove(const Digest& d, uint64_t cluster);
+  // Forgets every entry that maps to cluster (a slow scan, for the rare case
+  // where the cluster's data no longer matches its key).
+  void RemoveCluster(uint64_t cluster);
   void Clear();
 
   size_t size() const { return live_; }

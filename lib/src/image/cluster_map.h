@@ -38,6 +38,13 @@ class ClusterMap {
   // Sets it, allocating the L2 table first if the guest cluster has none.
   Status SetEntry(uint64_t guest_cluster, uint64_t entry, Refcounts& refcounts);
 
+  // Gives the L1 table a new home of new_size entries (the header already
+  // points there); entries keep their values.
+  void MoveL1(uint32_t new_size) {
+    l1_.resize(new_size, 0);
+    l1_dirty_ = true;
+  }
+
   Status WriteTables() { return l2_.WriteBack(); }
   Status WriteL1();
   bool l1_dirty() const { return l1_dirty_; }

@@ -49,6 +49,7 @@ class ImageState {
   WriteStats stats;
   bool marked_dirty = false;      // the header on disk says dirty, index out of sync
   bool index_changed = false;     // the index must be saved at close
+  bool header_changed = false;    // size or L1 moved: rewrite the header on flush
   std::unordered_set<uint64_t> copied_fixups;  // host clusters whose refcount crossed 1
   std::vector<uint8_t> scratch;   // one cluster
 

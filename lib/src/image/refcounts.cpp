@@ -109,6 +109,30 @@ Result<uint64_t> Refcounts::Allocate() {
   }
 }
 
+Result<uint64_t> Refcounts::AllocateRange(uint64_t n) {
+  QD_ASSIGN_OR_RETURN(uint64_t start, EndCluster());
+  for (;;) {
+    // Creating a block puts it at the start of its range, maybe inside ours.
+    for (uint64_t b = BlockIndex(start); b <= BlockIndex(start + n - 1); ++b) {
+      QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(b, true));
+      (void)t;
+    }
+    uint64_t busy = 0;
+    bool free = true;
+    for (uint64_t c = start; c < start + n && free; ++c) {
+      QD_ASSIGN_OR_RETURN(uint64_t rc, Get(c));
+      if (rc != 0 || pending_free_.count(c)) {
+        free = false;
+        busy = c;
+      }
+    }
+    if (free) break;
+    start = busy + 1;
+  }
+  for (uint64_t c = start; c < start + n; ++c) QD_RETURN_IF_ERROR(Set(c, 1));
+  return start * h_->cluster_size();
+}
+
 void Refcounts::ReleasePendingFrees() {
   for (uint64_t c : pending_free_) free_hint_ = std::min(free_hint_, c);
   pending_free_.clear();

@@ -29,6 +29,8 @@ class Refcounts {
 
   // A free cluster with its refcount set to 1; returns its host offset.
   Result<uint64_t> Allocate();
+  // n contiguous free clusters past everything allocated, each set to 1.
+  Result<uint64_t> AllocateRange(uint64_t n);
   // Clusters freed since the last call may now be reused.
   void ReleasePendingFrees();
   bool IsPendingFree(uint64_t cluster) const { return pending_free_.count(cluster) != 0; }

@@ -93,7 +93,9 @@ Status WriteOne(ImageState& s, const ClusterWrite& w) {
       return Status::Ok();
     }
     bool share = false;
-    if (hit) QD_ASSIGN_OR_RETURN(share, CanShare(s, *hit, w));
+    if (hit) {
+      QD_ASSIGN_OR_RETURN(share, CanShare(s, *hit, w));
+    }
     if (share) {
       QD_ASSIGN_OR_RETURN(uint64_t rc, s.refcounts->Adjust(*hit, +1));
       if (rc == 2) s.copied_fixups.insert(*hit);
@@ -152,11 +154,14 @@ Status FlushState(ImageState& s) {
   QD_RETURN_IF_ERROR(s.file->Sync());
   QD_RETURN_IF_ERROR(s.refcounts->WriteTable());
   QD_RETURN_IF_ERROR(s.map->WriteL1());
-  if (s.refcounts->header_dirty()) {
-    QD_RETURN_IF_ERROR(WriteHeader(s));
-    s.refcounts->clear_header_dirty();
-  }
   QD_RETURN_IF_ERROR(s.file->Sync());
+  // A moved table is on disk before the header points at it.
+  if (s.refcounts->header_dirty() || s.header_changed) {
+    QD_RETURN_IF_ERROR(WriteHeader(s));
+    QD_RETURN_IF_ERROR(s.file->Sync());
+    s.refcounts->clear_header_dirty();
+    s.header_changed = false;
+  }
   s.refcounts->ReleasePendingFrees();
   return Status::Ok();
 }
@@ -284,6 +289,39 @@ Status Image::Write(uint64_t offset, std::span<const uint8_t> data) {
     ParallelFor(writes.size(), 16, [&](size_t i) { PrepareClusterWrite(writes[i]); });
     QD_RETURN_IF_ERROR(WriteClusters(writes));
   }
+  return Status::Ok();
+}
+
+Status Image::Resize(uint64_t new_size) {
+  ImageState& s = *state_;
+  Header& h = s.header;
+  if (!s.writable) return Status::InvalidArgument("the image is open read-only");
+  if (new_size < h.virtual_size) {
+    // Only an empty tail may go (convert from a stream trims its headroom).
+    const uint64_t cs = s.cs();
+    for (uint64_t g = (new_size + cs - 1) / cs; g < (h.virtual_size + cs - 1) / cs; ++g) {
+      QD_ASSIGN_OR_RETURN(uint64_t e, s.map->GetEntry(g));
+      if (e != 0) return Status::Unsupported("shrinking the image would discard data");
+    }
+  }
+  if (new_size > kMaxVirtualSize) return Status::InvalidArgument("image size is too large");
+  QD_RETURN_IF_ERROR(BeginChange(s));
+  const uint64_t need = L1EntriesFor(new_size, h);
+  if (need > h.l1_size) {
+    uint64_t entries = std::max<uint64_t>(need, uint64_t(h.l1_size) * 2);
+    entries = std::min<uint64_t>(entries, kMaxL1Bytes / 8);
+    if (need > entries) return Status::InvalidArgument("image size needs an L1 table larger than 32 MiB");
+    const uint64_t clusters = (entries * 8 + s.cs() - 1) / s.cs();
+    QD_ASSIGN_OR_RETURN(uint64_t at, s.refcounts->AllocateRange(clusters));
+    const uint64_t old_at = h.l1_offset, old_clusters = (uint64_t(h.l1_size) * 8 + s.cs() - 1) / s.cs();
+    h.l1_offset = at;
+    h.l1_size = uint32_t(entries);
+    s.map->MoveL1(uint32_t(entries));
+    s.map->NoteFileEnd(at + clusters * s.cs());
+    for (uint64_t i = 0; i < old_clusters; ++i) QD_RETURN_IF_ERROR(Release(s, old_at / s.cs() + i, false));
+  }
+  h.virtual_size = new_size;
+  s.header_changed = true;
   return Status::Ok();
 }
 

@@ -1,0 +1,171 @@
+// convert: a reader loop that feeds the dedup write path. Chunks are read
+// on this thread while earlier chunks are hashed on the others; the write
+// path takes them in order.
+#include "qcow2dedup/convert.h"
+
+#include <fmt/format.h>
+
+#include <cstring>
+#include <deque>
+#include <future>
+
+#include "dedup/hasher.h"
+#include "dedup/sha256.h"
+
+namespace qcow2dedup {
+namespace {
+
+constexpr uint64_t kChunkBytes = 4u << 20;
+
+struct Chunk {
+  uint64_t offset = 0;
+  std::vector<uint8_t> data;
+  std::vector<ClusterWrite> writes;
+};
+
+// Hashes a chunk's clusters (on a worker thread).
+void HashChunk(Chunk& c) {
+  for (ClusterWrite& w : c.writes) PrepareClusterWrite(w);
+}
+
+// Runs hashing of up to `depth` chunks ahead of the writer.
+class HashPipeline {
+ public:
+  explicit HashPipeline(Image& dst) : dst_(dst), depth_(std::max(2u, HashThreads()) + 1) {}
+
+  Status Push(std::unique_ptr<Chunk> c) {
+    Chunk* raw = c.get();
+    inflight_.push_back({std::move(c), std::async(std::launch::async, [raw] { HashChunk(*raw); })});
+    if (inflight_.size() >= depth_) return PopOne();
+    return Status::Ok();
+  }
+  Status Drain() {
+    while (!inflight_.empty()) QD_RETURN_IF_ERROR(PopOne());
+    return Status::Ok();
+  }
+  ~HashPipeline() {
+    for (auto& f : inflight_) f.done.wait();
+  }
+
+ private:
+  struct InFlight {
+    std::unique_ptr<Chunk> chunk;
+    std::future<void> done;
+  };
+  Status PopOne() {
+    InFlight f = std::move(inflight_.front());
+    inflight_.pop_front();
+    f.done.get();
+    return dst_.WriteClusters(f.chunk->writes);
+  }
+  Image& dst_;
+  unsigned depth_;
+  std::deque<InFlight> inflight_;
+};
+
+std::unique_ptr<Chunk> MakeChunk(uint64_t offset, uint64_t len, uint64_t cs) {
+  auto c = std::make_unique<Chunk>();
+  c->offset = offset;
+  c->data.assign((len + cs - 1) / cs * cs, 0);
+  return c;
+}
+
+void SliceClusters(Chunk& c, uint64_t cs) {
+  for (uint64_t i = 0; i < c.data.size() / cs; ++i)
+    c.writes.push_back({c.offset / cs + i, std::span<const uint8_t>(&c.data[i * cs], cs), false, {}});
+}
+
+}  // namespace
+
+Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
+  const uint64_t cs = dst.cluster_size(), size = src.virtual_size();
+  if (dst.virtual_size() < size) return Status::InvalidArgument("the target is smaller than the source");
+  HashPipeline pipe(dst);
+  uint64_t pos = 0;
+  while (pos < size) {
+    // Holes are skipped without reading them; a fresh image already reads
+    // zero there. (Only whole clusters: a partial one must still be written.)
+    QD_ASSIGN_OR_RETURN(uint64_t zeros, src.ZeroRun(pos));
+    zeros = std::min(zeros, size - pos);
+    if (pos % cs == 0 && zeros >= cs) {
+      pos += zeros / cs * cs;
+      if (progress) progress(pos, size);
+      continue;
+    }
+    const uint64_t start = pos / cs * cs;
+    const uint64_t len = std::min<uint64_t>(kChunkBytes, size - start);
+    auto c = MakeChunk(start, len, cs);
+    QD_RETURN_IF_ERROR(src.Read(start, std::span<uint8_t>(c->data.data(), len)));
+    SliceClusters(*c, cs);
+    QD_RETURN_IF_ERROR(pipe.Push(std::move(c)));
+    pos = start + len;
+    if (progress) progress(pos, size);
+  }
+  return pipe.Drain();
+}
+
+Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress) {
+  const uint64_t cs = dst.cluster_size();
+  HashPipeline pipe(dst);
+  uint64_t total = 0;
+  for (bool eof = false; !eof;) {
+    auto c = MakeChunk(total, kChunkBytes, cs);
+    size_t got = 0;
+    while (got < kChunkBytes) {
+      QD_ASSIGN_OR_RETURN(size_t n, read(std::span<uint8_t>(c->data.data() + got, kChunkBytes - got)));
+      if (n == 0) {
+        eof = true;
+        break;
+      }
+      got += n;
+    }
+    if (got == 0) break;
+    c->data.resize((got + cs - 1) / cs * cs);
+    const uint64_t end = (total + got + 511) & ~511ull;
+    if (end > dst.virtual_size()) {
+      // Grow ahead of the data so the L1 table does not move at every chunk.
+      QD_RETURN_IF_ERROR(pipe.Drain());
+      QD_RETURN_IF_ERROR(dst.Resize(std::max(end, (total + got) * 2)));
+    }
+    SliceClusters(*c, cs);
+    total += got;
+    QD_RETURN_IF_ERROR(pipe.Push(std::move(c)));
+    if (progress) progress(total, 0);
+  }
+  QD_RETURN_IF_ERROR(pipe.Drain());
+  return dst.Resize((total + 511) & ~511ull);
+}
+
+Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress) {
+  const uint64_t size = src.virtual_size();
+  constexpr uint64_t kBlock = 4096;
+  std::vector<uint8_t> buf(kChunkBytes);
+  uint64_t pos = 0;
+  while (pos < size) {
+    QD_ASSIGN_OR_RETURN(uint64_t zeros, src.ZeroRun(pos));
+    if (zeros > 0) {
+      pos += std::min(zeros, size - pos);
+    } else {
+      const uint64_t len = std::min<uint64_t>(kChunkBytes, size - pos);
+      QD_RETURN_IF_ERROR(src.Read(pos, std::span<uint8_t>(buf.data(), len)));
+      // Write only the 4 KiB blocks that hold data: the rest stays a hole.
+      for (uint64_t b = 0; b < len;) {
+        uint64_t n = std::min(kBlock, len - b);
+        if (IsAllZero({&buf[b], n})) {
+          b += n;
+          continue;
+        }
+        uint64_t e = b + n;
+        while (e < len && !IsAllZero({&buf[e], std::min(kBlock, len - e)})) e += std::min(kBlock, len - e);
+        QD_RETURN_IF_ERROR(dst.WriteAt(pos + b, {&buf[b], e - b}));
+        b = e;
+      }
+      pos += len;
+    }
+    if (progress) progress(pos, size);
+  }
+  QD_RETURN_IF_ERROR(dst.Truncate(size));
+  return dst.Sync();
+}
+
+}  // namespace qcow2dedup

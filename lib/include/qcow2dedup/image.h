@@ -53,6 +53,9 @@ struct OpenOptions {
   bool verify = false;       // compare bytes before sharing a cluster
   // Opens a file supplied by the caller instead of the path (tests inject faults).
   std::unique_ptr<File> file;
+  // False: an image with a backing file is refused (fuzzing must not open
+  // whatever file name an input carries).
+  bool follow_backing = true;
   // Reports progress of an index rebuild.
   ProgressFn progress;
 };

@@ -111,6 +111,8 @@ Result<std::unique_ptr<Image>> OpenQcow2(const std::string& path, OpenOptions& o
   }
   s->map = std::make_unique<ClusterMap>(s->file.get(), &s->header, &s->meta, CacheTables(s->cs()));
   QD_RETURN_IF_ERROR(s->map->Load(file_size));
+  if (!s->header.backing_file.empty() && !opts.follow_backing)
+    return Status::Unsupported("backing files are not followed here");
   QD_RETURN_IF_ERROR(OpenBacking(*s, opts.force_share, chain));
   if (opts.writable) {
     QD_RETURN_IF_ERROR(PrepareForWriting(*s, opts.progress));

@@ -1,0 +1,204 @@
+// convert: any readable image (or standard input) into a dedup image, or
+// any readable image out to a sparse raw file.
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "commands.h"
+#include "image_options.h"
+#include "progress.h"
+#include "qcow2dedup/convert.h"
+
+namespace qcow2dedup::cli {
+namespace {
+
+struct {
+  std::string src, dst;
+  ImageFormat src_format = ImageFormat::kAuto;
+  std::string out_format = "qcow2";
+  std::vector<std::string> options;
+  bool progress = false, quiet = false, force = false, verify = false, force_share = false;
+} opts;
+
+// Forwards to the source and remembers whether it failed: the library's
+// messages do not say which side of a copy went wrong, this does.
+class BlamedSource final : public BlockDevice {
+ public:
+  explicit BlamedSource(BlockDevice& inner) : inner_(inner) {}
+  uint64_t virtual_size() const override { return inner_.virtual_size(); }
+  std::string format() const override { return inner_.format(); }
+  Status Read(uint64_t offset, std::span<uint8_t> buf) override { return Note(inner_.Read(offset, buf)); }
+  Result<uint64_t> ZeroRun(uint64_t offset) override {
+    auto r = inner_.ZeroRun(offset);
+    if (!r.ok()) failed = true;
+    return r;
+  }
+  bool failed = false;
+
+ private:
+  Status Note(Status s) {
+    if (!s.ok()) failed = true;
+    return s;
+  }
+  BlockDevice& inner_;
+};
+
+bool Exists(const std::string& path) {
+  struct stat st;
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+bool IsRegularFile(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+bool SameFile(const std::string& a, const std::string& b) {
+  struct stat sa, sb;
+  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
+         sa.st_ino == sb.st_ino;
+}
+
+// Removes a half-written destination, but only one this run created or,
+// with --force, replaced: a file we never touched is not ours to delete.
+class Destination {
+ public:
+  explicit Destination(std::string path) : path_(std::move(path)), existed_(Exists(path_)) {}
+  // The destination now holds our (unfinished) output.
+  void Claim() { owned_ = !existed_ || IsRegularFile(path_); }
+  // Reports the failure; removes the destination if it is ours.
+  int Fail(std::string_view what, const Status& s) {
+    const int rc = cli::Fail(what, s);
+    const bool ours = owned_ || (!existed_ && s.kind() != ErrorKind::kExists);
+    if (ours && Exists(path_)) ::unlink(path_.c_str());
+    return rc;
+  }
+  bool existed() const { return existed_; }
+
+ private:
+  std::string path_;
+  bool existed_;
+  bool owned_ = false;
+};
+
+Result<size_t> ReadStdin(std::span<uint8_t> buf) {
+  for (;;) {
+    ssize_t n = ::read(STDIN_FILENO, buf.data(), buf.size());
+    if (n >= 0) return size_t(n);
+    if (errno != EINTR) return Status::IOError(fmt::format("read failed: {}", std::strerror(errno)));
+  }
+}
+
+int ToQcow2(const ImageOptions& o) {
+  const bool from_stdin = opts.src == "-";
+  std::unique_ptr<BlockDevice> src;
+  if (!from_stdin) {
+    auto dev = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
+    if (!dev.ok()) return Fail(opts.src, dev.status());
+    src = std::move(dev).value();
+  }
+  CreateOptions create = o.create;
+  create.virtual_size = src ? (src->virtual_size() + 511) / 512 * 512 : 0;
+  create.force = opts.force;
+  OpenOptions open;
+  open.verify = opts.verify || o.verify;
+
+  std::unique_ptr<Image> dst;
+  Progress progress(opts.progress, DedupSoFar(dst));
+  Destination out(opts.dst);
+  auto created = Image::Create(opts.dst, create, std::move(open));
+  if (!created.ok()) return out.Fail(opts.dst, created.status());
+  dst = std::move(created).value();
+  out.Claim();
+
+  Status s;
+  bool src_failed = false;
+  if (from_stdin) {
+    s = StreamInto(
+        [&](std::span<uint8_t> buf) {
+          auto r = ReadStdin(buf);
+          if (!r.ok()) src_failed = true;
+          return r;
+        },
+        *dst, progress.fn());
+  } else {
+    BlamedSource blamed(*src);
+    s = CopyInto(blamed, *dst, progress.fn());
+    src_failed = blamed.failed;
+  }
+  if (s.ok()) s = dst->Close();
+  if (!s.ok()) {
+    dst.reset();  // release the image (and its lock) before removing it
+    return out.Fail(src_failed ? opts.src : opts.dst, s);
+  }
+  progress.Finish();
+  if (opts.progress) PrintWriteSummary(dst->write_stats());
+  return 0;
+}
+
+int ToRaw() {
+  if (opts.src == "-") return Fail(opts.src, "standard input can only be converted to qcow2");
+  auto src = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
+  if (!src.ok()) return Fail(opts.src, src.status());
+  Destination out(opts.dst);
+  // Holes stand for zeros, so old contents must go: only regular files.
+  if (out.existed() && !IsRegularFile(opts.dst))
+    return Fail(opts.dst, "not a regular file (raw output goes to regular files only)");
+  if (out.existed() && !opts.force) return Fail(opts.dst, "file exists (use --force to replace it)");
+  auto file = OpenPosixFile(opts.dst, opts.force ? OpenMode::kCreateOrOpen : OpenMode::kCreate);
+  if (!file.ok()) return out.Fail(opts.dst, file.status());
+  Status s = (*file)->Lock(LockMode::kExclusive);
+  if (!s.ok()) return out.Fail(opts.dst, s);
+  out.Claim();
+  s = (*file)->Truncate(0);
+  Progress progress(opts.progress);
+  BlamedSource blamed(**src);
+  if (s.ok()) s = ExportRaw(blamed, **file, progress.fn());
+  if (!s.ok()) {
+    file->reset();
+    return out.Fail(blamed.failed ? opts.src : opts.dst, s);
+  }
+  progress.Finish();
+  return 0;
+}
+
+}  // namespace
+
+void SetupConvert(CLI::App& app) {
+  AddFormatOption(app, opts.src_format, "Source format (default: probe; standard input is raw)");
+  app.add_option("-O", opts.out_format, "Output format: qcow2 (default) or raw")
+      ->check(CLI::IsMember({"qcow2", "raw"}))
+      ->option_text("qcow2|raw");
+  app.add_option("-o", opts.options,
+                 "Output options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off, verify=on|off")
+      ->option_text("OPTIONS")
+      ->allow_extra_args(false);
+  app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
+  app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
+  app.add_flag("--force", opts.force, "Replace DST if it exists");
+  app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
+  AddForceShareOption(app, opts.force_share);
+  app.add_option("SRC", opts.src, "Source image, or - for standard input")->required();
+  app.add_option("DST", opts.dst, "Destination image")->required();
+}
+
+int RunConvert() {
+  if (opts.quiet) opts.progress = false;
+  if (opts.src == "-" && opts.src_format == ImageFormat::kQcow2)
+    return Fail(opts.src, "standard input can only be read as raw");
+  if (opts.src != "-" && SameFile(opts.src, opts.dst))
+    return Fail(opts.dst, "is the source itself; convert to another file");
+  if (opts.out_format == "raw") {
+    // A raw file has no options, and nothing is shared that could be verified.
+    if (!opts.options.empty() || opts.verify) return Fail(opts.dst, "-o and --verify apply to qcow2 output only");
+    return ToRaw();
+  }
+  ImageOptions o;
+  if (Status s = ParseImageOptions(opts.options, /*allow_verify=*/true, o); !s.ok()) return Fail(opts.dst, s);
+  return ToQcow2(o);
+}
+
+}  // namespace qcow2dedup::cli

@@ -1,0 +1,45 @@
+// create: an empty dedup image, announced the way qemu-img create does.
+#include <fmt/format.h>
+
+#include "commands.h"
+#include "image_options.h"
+
+namespace qcow2dedup::cli {
+namespace {
+
+struct {
+  std::string file;
+  uint64_t size = 0;
+  std::vector<std::string> options;
+  std::string format = "qcow2";
+  bool force = false;
+  bool quiet = false;
+} opts;
+
+}  // namespace
+
+void SetupCreate(CLI::App& app) {
+  app.add_option("-f", opts.format, "Image format (only qcow2)")->check(CLI::IsMember({"qcow2"}));
+  app.add_option("-o", opts.options,
+                 "Options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off (comma-separated)")
+      ->option_text("OPTIONS")
+      ->allow_extra_args(false);
+  app.add_flag("--force", opts.force, "Replace FILE if it exists");
+  app.add_flag("-q,--quiet", opts.quiet, "Print nothing on success");
+  app.add_option("FILE", opts.file, "The image to create")->required();
+  AddSizeOption(app, "SIZE", opts.size, "Virtual size; suffixes K M G T P E (powers of 1024)")->required();
+}
+
+int RunCreate() {
+  ImageOptions o;
+  if (Status s = ParseImageOptions(opts.options, /*allow_verify=*/false, o); !s.ok()) return Fail(opts.file, s);
+  o.create.virtual_size = opts.size;
+  o.create.force = opts.force;
+  if (!opts.quiet) fmt::print("{}\n", FormattingLine(opts.file, o.create));
+  auto image = Image::Create(opts.file, o.create);
+  if (!image.ok()) return Fail(opts.file, image.status());
+  if (Status s = (*image)->Close(); !s.ok()) return Fail(opts.file, s);
+  return 0;
+}
+
+}  // namespace qcow2dedup::cli

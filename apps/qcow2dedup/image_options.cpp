@@ -1,0 +1,82 @@
+#include "image_options.h"
+
+#include <fmt/format.h>
+
+#include <charconv>
+#include <cstdint>
+#include <string_view>
+
+namespace qcow2dedup::cli {
+namespace {
+
+Result<bool> ParseBool(const std::string& key, const std::string& v) {
+  if (v == "on" || v == "yes" || v == "true") return true;
+  if (v == "off" || v == "no" || v == "false") return false;
+  return Status::InvalidArgument(fmt::format("parameter '{}' expects 'on' or 'off'", key));
+}
+
+// Options we accept only with the one value we write, so that a qemu-img
+// command line asking for exactly that still works.
+Status RequireValue(const std::string& key, const std::string& v, std::initializer_list<std::string_view> ok) {
+  for (std::string_view o : ok)
+    if (v == o) return Status::Ok();
+  return Status::Unsupported(fmt::format("{}={} is not supported (qcow2dedup writes {}={})", key, v, key,
+                                         *ok.begin()));
+}
+
+Status Apply(const std::string& key, const std::string& value, bool allow_verify, ImageOptions& out) {
+  if (key == "cluster_size") {
+    auto size = ParseSize(value);
+    if (!size.ok() || *size > UINT32_MAX)
+      return Status::InvalidArgument(fmt::format("parameter 'cluster_size' expects a size, not '{}'", value));
+    out.create.cluster_size = uint32_t(*size);
+  } else if (key == "refcount_bits") {
+    uint32_t bits = 0;
+    auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), bits);
+    if (ec != std::errc() || end != value.data() + value.size())
+      return Status::InvalidArgument(fmt::format("parameter 'refcount_bits' expects a number, not '{}'", value));
+    out.create.refcount_bits = bits;
+  } else if (key == "lazy_refcounts") {
+    QD_ASSIGN_OR_RETURN(out.create.lazy_refcounts, ParseBool(key, value));
+  } else if (key == "verify" && allow_verify) {
+    QD_ASSIGN_OR_RETURN(out.verify, ParseBool(key, value));
+  } else if (key == "compat") {
+    return RequireValue(key, value, {"1.1", "v3"});
+  } else if (key == "extended_l2") {
+    return RequireValue(key, value, {"off"});
+  } else if (key == "compression_type") {
+    return RequireValue(key, value, {"zlib"});
+  } else {
+    return Status::InvalidArgument(fmt::format("invalid parameter '{}'", key));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ParseImageOptions(const std::vector<std::string>& args, bool allow_verify, ImageOptions& out) {
+  for (const std::string& arg : args) {
+    size_t pos = 0;
+    while (pos <= arg.size()) {
+      size_t comma = arg.find(',', pos);
+      if (comma == std::string::npos) comma = arg.size();
+      const std::string item = arg.substr(pos, comma - pos);
+      pos = comma + 1;
+      if (item.empty()) continue;
+      const size_t eq = item.find('=');
+      if (eq == std::string::npos)
+        return Status::InvalidArgument(fmt::format("parameter '{}' expects a value ({}=...)", item, item));
+      QD_RETURN_IF_ERROR(Apply(item.substr(0, eq), item.substr(eq + 1), allow_verify, out));
+    }
+  }
+  return Status::Ok();
+}
+
+std::string FormattingLine(const std::string& path, const CreateOptions& o) {
+  return fmt::format(
+      "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={} "
+      "lazy_refcounts={} refcount_bits={}",
+      path, o.cluster_size, o.virtual_size, o.lazy_refcounts ? "on" : "off", o.refcount_bits);
+}
+
+}  // namespace qcow2dedup::cli

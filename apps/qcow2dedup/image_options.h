@@ -1,0 +1,25 @@
+// The "-o key=value,..." options that create and convert share, with
+// qemu-img's names so that scripts written for qemu-img keep working.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "qcow2dedup/image.h"
+#include "qcow2dedup/status.h"
+
+namespace qcow2dedup::cli {
+
+struct ImageOptions {
+  CreateOptions create;
+  bool verify = false;  // convert's -o verify=on
+};
+
+// Applies each -o argument in turn (later keys win, as in qemu-img).
+// allow_verify: only convert knows verify=on|off.
+Status ParseImageOptions(const std::vector<std::string>& args, bool allow_verify, ImageOptions& out);
+
+// qemu-img create's "Formatting 'FILE', fmt=qcow2 cluster_size=..." line.
+std::string FormattingLine(const std::string& path, const CreateOptions& o);
+
+}  // namespace qcow2dedup::cli

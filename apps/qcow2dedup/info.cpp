@@ -1,0 +1,161 @@
+// info: qemu-img info's output, field for field, plus our dedup state.
+#include <fmt/format.h>
+#include <sys/stat.h>
+
+#include <ctime>
+
+#include "commands.h"
+
+namespace qcow2dedup::cli {
+namespace {
+
+struct {
+  std::string file;
+  OutputFormat output = OutputFormat::kHuman;
+  ImageFormat format = ImageFormat::kAuto;
+  bool force_share = false;
+} opts;
+
+// A raw file has no header to say how much of it is on disk: ask stat.
+uint64_t ActualSize(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 ? uint64_t(st.st_blocks) * 512 : 0;
+}
+
+// qemu's bdrv_snapshot_dump, both the header and the rows.
+void PrintSnapshots(const std::vector<SnapshotInfo>& snapshots) {
+  fmt::print("Snapshot list:\n");
+  fmt::print("{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+  for (const SnapshotInfo& sn : snapshots) {
+    const time_t t = time_t(sn.date_sec);
+    struct tm tm {};
+    localtime_r(&t, &tm);  // qemu prints local time
+    char date[32];
+    std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S", &tm);
+    const uint64_t secs = sn.vm_clock_nsec / 1000000000;
+    const std::string clock = fmt::format("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60,
+                                          sn.vm_clock_nsec / 1000000 % 1000);
+    const std::string icount = sn.icount == ~0ull ? "" : std::to_string(sn.icount);
+    fmt::print("{:<9} {:<16} {:>8}{:>20}{:>13}{:>11}\n", sn.id, sn.name, HumanSize(sn.vm_state_size), date, clock,
+               icount);
+  }
+}
+
+void PrintHuman(const ImageInfo& i, const std::string& format, bool qcow2) {
+  fmt::print("image: {}\nfile format: {}\nvirtual size: {}\ndisk size: {}\n", i.filename, format,
+             SizeWithBytes(i.virtual_size), HumanSize(i.actual_size));
+  if (!qcow2) return;
+  fmt::print("cluster_size: {}\n", i.cluster_size);
+  if (i.dirty) fmt::print("cleanly shut down: no\n");
+  if (!i.backing_file.empty()) {
+    fmt::print("backing file: {}", i.backing_file);
+    if (i.full_backing_file.empty())
+      fmt::print(" (cannot determine actual path)");
+    else if (i.full_backing_file != i.backing_file)
+      fmt::print(" (actual path: {})", i.full_backing_file);
+    fmt::print("\n");
+    if (!i.backing_format.empty()) fmt::print("backing file format: {}\n", i.backing_format);
+  }
+  if (!i.snapshots.empty()) PrintSnapshots(i.snapshots);
+  fmt::print("Format specific information:\n");
+  fmt::print("    compat: {}\n", i.version >= 3 ? "1.1" : "0.10");
+  fmt::print("    compression type: {}\n", i.compression_type);
+  if (i.version >= 3) fmt::print("    lazy refcounts: {}\n", i.lazy_refcounts);
+  fmt::print("    refcount bits: {}\n", i.refcount_bits);
+  if (i.version >= 3) fmt::print("    corrupt: {}\n    extended l2: {}\n", i.corrupt, i.extended_l2);
+  fmt::print("Dedup:\n    present: {}\n", i.dedup.present);
+  if (!i.dedup.present) return;
+  fmt::print("    in sync: {}\n", i.dedup.in_sync);
+  if (!i.dedup.hash_algorithm.empty()) fmt::print("    hash algorithm: {}\n", i.dedup.hash_algorithm);
+  if (i.dedup.stored_clusters) fmt::print("    stored clusters: {}\n", *i.dedup.stored_clusters);
+}
+
+Json SnapshotJson(const SnapshotInfo& sn) {
+  Json j;
+  j["id"] = sn.id;
+  j["name"] = sn.name;
+  j["vm-state-size"] = sn.vm_state_size;
+  j["date-sec"] = sn.date_sec;
+  j["date-nsec"] = sn.date_nsec;
+  j["vm-clock-sec"] = sn.vm_clock_nsec / 1000000000;
+  j["vm-clock-nsec"] = sn.vm_clock_nsec % 1000000000;
+  if (sn.icount != ~0ull) j["icount"] = sn.icount;
+  return QemuOrder(j);
+}
+
+// Keys in QAPI's ImageInfo order; QemuOrder then gives qemu-img's order.
+Json InfoJson(const ImageInfo& i, const std::string& format, bool qcow2) {
+  Json j;
+  j["filename"] = i.filename;
+  j["format"] = format;
+  j["dirty-flag"] = i.dirty;
+  j["actual-size"] = i.actual_size;
+  j["virtual-size"] = i.virtual_size;
+  if (qcow2) j["cluster-size"] = i.cluster_size;
+  if (!i.backing_file.empty()) {
+    j["backing-filename"] = i.backing_file;
+    if (!i.full_backing_file.empty()) j["full-backing-filename"] = i.full_backing_file;
+    if (!i.backing_format.empty()) j["backing-filename-format"] = i.backing_format;
+  }
+  if (!i.snapshots.empty()) {
+    Json list = Json::array();
+    for (const SnapshotInfo& sn : i.snapshots) list.push_back(SnapshotJson(sn));
+    j["snapshots"] = list;
+  }
+  if (qcow2) {
+    Json data;
+    data["compat"] = i.version >= 3 ? "1.1" : "0.10";
+    if (i.version >= 3) {
+      data["extended-l2"] = i.extended_l2;
+      data["lazy-refcounts"] = i.lazy_refcounts;
+      data["corrupt"] = i.corrupt;
+    }
+    data["refcount-bits"] = i.refcount_bits;
+    data["compression-type"] = i.compression_type;
+    Json specific;
+    specific["type"] = "qcow2";
+    specific["data"] = QemuOrder(data);
+    j["format-specific"] = QemuOrder(specific);
+  }
+  j = QemuOrder(j);
+  if (qcow2) {  // ours goes last, after everything qemu-img prints
+    Json d;
+    d["present"] = i.dedup.present;
+    d["in-sync"] = i.dedup.in_sync;
+    if (!i.dedup.hash_algorithm.empty()) d["hash-algorithm"] = i.dedup.hash_algorithm;
+    if (i.dedup.stored_clusters) d["stored-clusters"] = *i.dedup.stored_clusters;
+    j["dedup"] = d;
+  }
+  return j;
+}
+
+}  // namespace
+
+void SetupInfo(CLI::App& app) {
+  AddOutputOption(app, opts.output);
+  AddForceShareOption(app, opts.force_share);
+  AddFormatOption(app, opts.format, "Image format (default: probe)");
+  app.add_option("FILE", opts.file, "The image")->required();
+}
+
+int RunInfo() {
+  auto dev = OpenBlockDevice(opts.file, opts.format, opts.force_share);
+  if (!dev.ok()) return Fail(opts.file, dev.status());
+  ImageInfo info;
+  const auto* image = dynamic_cast<const Image*>(dev->get());
+  if (image) {
+    info = image->Info();
+  } else {
+    info.filename = opts.file;
+    info.virtual_size = (*dev)->virtual_size();
+    info.actual_size = ActualSize(opts.file);
+  }
+  const std::string format = (*dev)->format();
+  if (opts.output == OutputFormat::kJson)
+    PrintJson(InfoJson(info, format, image != nullptr));
+  else
+    PrintHuman(info, format, image != nullptr);
+  return 0;
+}
+
+}  // namespace qcow2dedup::cli

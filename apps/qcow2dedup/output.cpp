@@ -1,0 +1,103 @@
+#include "output.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <tuple>
+
+namespace qcow2dedup::cli {
+
+bool g_stderr_line_open = false;
+
+int Fail(std::string_view what, const Status& status) { return Fail(what, status.message()); }
+
+int Fail(std::string_view what, std::string_view message) {
+  std::fflush(stdout);  // keep anything printed before the error in order
+  if (g_stderr_line_open) std::fputc('\n', stderr);
+  g_stderr_line_open = false;
+  if (what.empty())
+    fmt::print(stderr, "qcow2dedup: {}\n", message);
+  else
+    fmt::print(stderr, "qcow2dedup: {}: {}\n", what, message);
+  return 1;
+}
+
+std::string HumanSize(uint64_t bytes) {
+  static const char* const kSuffixes[] = {"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"};
+  // The switch to the next unit happens at 1000 of the current one, not
+  // 1024, so that "1000 KiB" is never printed (qemu's rule, e41b509d68a).
+  int exp = 0;
+  std::frexp(double(bytes) / (1000.0 / 1024.0), &exp);
+  const int i = (exp - 1) / 10;
+  const uint64_t div = uint64_t(1) << (i * 10);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%0.3g %sB", double(bytes) / double(div), kSuffixes[i]);
+  return buf;
+}
+
+std::string SizeWithBytes(uint64_t bytes) { return fmt::format("{} ({} bytes)", HumanSize(bytes), bytes); }
+
+namespace {
+
+// QEMU's qdict hash (tdb_hash) and bucket count.
+unsigned QdictHash(const std::string& name) {
+  unsigned value = 0x238F13AFu * unsigned(name.size());
+  for (size_t i = 0; i < name.size(); ++i)
+    value = value + (unsigned(static_cast<unsigned char>(name[i])) << (i * 5 % 24));
+  return 1103515243u * value + 12345u;
+}
+constexpr unsigned kQdictBuckets = 512;
+
+}  // namespace
+
+Json QemuOrder(const Json& object) {
+  // A QDict walks its buckets in order; each bucket lists the newest key first.
+  std::vector<std::tuple<unsigned, long, std::string>> keys;
+  long n = 0;
+  for (auto it = object.begin(); it != object.end(); ++it)
+    keys.emplace_back(QdictHash(it.key()) % kQdictBuckets, -(n++), it.key());
+  std::sort(keys.begin(), keys.end());
+  Json out = Json::object();
+  for (auto& [bucket, order, key] : keys) out[key] = object.at(key);
+  return out;
+}
+
+void PrintJson(const Json& j) {
+  // replace: a file name that is not UTF-8 must not abort the program.
+  fmt::print("{}\n", j.dump(4, ' ', false, Json::error_handler_t::replace));
+}
+
+void PrintTable(const std::vector<std::vector<std::string>>& rows, uint32_t right_aligned,
+                std::string_view indent) {
+  std::vector<size_t> width;
+  for (auto& row : rows)
+    for (size_t c = 0; c < row.size(); ++c) {
+      if (width.size() <= c) width.resize(c + 1, 0);
+      width[c] = std::max(width[c], row[c].size());
+    }
+  for (auto& row : rows) {
+    std::string line(indent);
+    for (size_t c = 0; c < row.size(); ++c) {
+      if (c) line += "   ";
+      const std::string pad(width[c] - row[c].size(), ' ');
+      line += (right_aligned >> c) & 1 ? pad + row[c] : row[c] + pad;
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    fmt::print("{}\n", line);
+  }
+}
+
+double WriteRatio(const WriteStats& s) {
+  if (s.new_clusters + s.dedup_hits == 0) return 1.0;
+  return double(s.new_clusters + s.dedup_hits) / double(std::max<uint64_t>(s.new_clusters, 1));
+}
+
+void PrintWriteSummary(const WriteStats& s) {
+  fmt::print(stderr, "dedup: {} clusters written, {} stored, {} shared (ratio {:.2f})\n", s.clusters_written,
+             s.new_clusters, s.dedup_hits, WriteRatio(s));
+}
+
+}  // namespace qcow2dedup::cli

@@ -1,0 +1,81 @@
+#include "progress.h"
+
+#include <fmt/format.h>
+
+#include <cstdio>
+
+#include "output.h"
+
+namespace qcow2dedup::cli {
+
+Progress::Progress(bool enabled, std::function<std::string()> extra)
+    : enabled_(enabled), extra_(std::move(extra)), start_(Clock::now()) {}
+
+Progress::~Progress() { EndLine(); }
+
+void Progress::EndLine() {
+  if (!g_stderr_line_open) return;
+  std::fputc('\n', stderr);
+  g_stderr_line_open = false;
+}
+
+void Progress::Restart() {
+  if (g_stderr_line_open) Draw();
+  EndLine();
+  start_ = Clock::now();
+  drawn_ = finished_ = false;
+  done_ = total_ = 0;
+  last_width_ = 0;
+}
+
+void Progress::Update(uint64_t done, uint64_t total) {
+  if (!enabled_ || finished_) return;
+  done_ = done;
+  total_ = total;
+  const auto now = Clock::now();
+  if (drawn_ && now - last_draw_ < std::chrono::milliseconds(100)) return;
+  last_draw_ = now;
+  Draw();
+}
+
+void Progress::Finish() {
+  if (!enabled_ || finished_) return;
+  Draw();
+  EndLine();
+  finished_ = true;
+}
+
+void Progress::Draw() {
+  drawn_ = true;
+  const double secs = std::chrono::duration<double>(Clock::now() - start_).count();
+  const double rate = secs > 0 ? double(done_) / secs : 0;
+  std::string line;
+  if (total_ > 0)
+    line = fmt::format("    ({:.2f}/100%)", 100.0 * double(done_) / double(total_));
+  else
+    line = fmt::format("    {}", HumanSize(done_));
+  line += fmt::format("  {:.1f} MiB/s", rate / (1 << 20));
+  if (extra_) {
+    std::string e = extra_();
+    if (!e.empty()) line += "  " + e;
+  }
+  if (total_ > 0 && done_ < total_ && rate > 0) {
+    const auto left = uint64_t(double(total_ - done_) / rate + 0.5);
+    line += fmt::format("  {}:{:02}:{:02} left", left / 3600, left / 60 % 60, left % 60);
+  }
+  const size_t width = line.size();
+  if (width < last_width_) line.append(last_width_ - width, ' ');  // erase the longer old line
+  last_width_ = width;
+  fmt::print(stderr, "\r{}", line);
+  std::fflush(stderr);
+  g_stderr_line_open = true;
+}
+
+std::function<std::string()> DedupSoFar(const std::unique_ptr<Image>& img) {
+  return [&img]() -> std::string {
+    if (!img) return "";
+    return fmt::format("dedup {:.2f}x", WriteRatio(img->write_stats()));
+  };
+}
+
+}  // namespace qcow2dedup::cli

@@ -121,7 +121,8 @@ class Image : public BlockDevice {
  public:
   ~Image() override;
   static Result<std::unique_ptr<Image>> Open(const std::string& path, OpenOptions options);
-  // Creates an empty dedup image and opens it for writing.
+  // Creates an empty dedup image and opens it for writing (in open.file, if
+  // given, instead of the path).
   static Result<std::unique_ptr<Image>> Create(const std::string& path, const CreateOptions& options,
                                                OpenOptions open = {});
 

@@ -54,8 +54,11 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
   h.reftable_clusters = uint32_t(rt_clusters);
   h.l1_offset = (1 + rt_clusters + rb) * cs;
 
-  std::unique_ptr<File> file;
-  if (o.force) {
+  std::unique_ptr<File> file = std::move(open.file);
+  if (file) {
+    QD_RETURN_IF_ERROR(file->Lock(LockMode::kExclusive));
+    QD_RETURN_IF_ERROR(file->Truncate(0));
+  } else if (o.force) {
     QD_ASSIGN_OR_RETURN(file, OpenPosixFile(path, OpenMode::kCreateOrOpen));
     QD_RETURN_IF_ERROR(file->Lock(LockMode::kExclusive));
     QD_RETURN_IF_ERROR(file->Truncate(0));
@@ -74,10 +77,12 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
   std::vector<uint8_t> blocks(rb * cs, 0);
   for (uint64_t b = 0; b < rb; ++b) StoreBe64(&rt[b * 8], (1 + rt_clusters + b) * cs);
   for (uint64_t c = 0; c < meta_clusters; ++c) SetRefcount(blocks.data() + (c / per_block) * cs, h.refcount_order, c % per_block, 1);
+  // The header goes last: until it is on disk the file is no image at all.
   QD_RETURN_IF_ERROR(file->Truncate(meta_clusters * cs));
-  QD_RETURN_IF_ERROR(file->WriteAt(0, head));
   QD_RETURN_IF_ERROR(file->WriteAt(cs, rt));
   QD_RETURN_IF_ERROR(file->WriteAt((1 + rt_clusters) * cs, blocks));
+  QD_RETURN_IF_ERROR(file->Sync());
+  QD_RETURN_IF_ERROR(file->WriteAt(0, head));
   QD_RETURN_IF_ERROR(file->Sync());
   open.writable = true;
   open.file = std::move(file);

@@ -1,0 +1,285 @@
+// Fault injection at every write and sync point of a `write` run and of a
+// `convert` run, leveldb-style: fail the n-th write or sync (EIO, ENOSPC),
+// or cut the power there (dropping unsynced writes, all or some). Then the
+// image must open, `check -r all` must reach clean (and so must qemu-img),
+// and every guest cluster must hold its old or its new data.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "qcow2dedup/check.h"
+#include "qcow2dedup/convert.h"
+#include "qcow2dedup/image.h"
+#include "support/fault_file.h"
+#include "support/process.h"
+#include "support/temp_dir.h"
+
+using namespace qcow2dedup;
+using testing::FaultFile;
+using testing::FaultKind;
+
+namespace {
+
+constexpr uint64_t kCluster = 4096;
+constexpr uint64_t kSize = 64 * kCluster;
+
+using Bytes = std::vector<uint8_t>;
+
+Bytes Pattern(uint64_t len, uint32_t seed) {
+  Bytes b(len);
+  std::mt19937 rng(seed);
+  for (auto& x : b) x = uint8_t(rng());
+  return b;
+}
+
+// One step of a run: bytes at a guest offset. Steps touch disjoint clusters,
+// so "old or new" is well defined for each cluster.
+struct Step {
+  uint64_t offset;
+  Bytes data;
+};
+
+// The old content: some unique clusters, some duplicates, some zeros.
+Bytes OldContent() {
+  Bytes d(kSize, 0);
+  Bytes a = Pattern(kCluster, 1), b = Pattern(kCluster, 2);
+  for (uint64_t c = 0; c < 40; ++c) {
+    const Bytes& src = c % 3 == 0 ? a : c % 3 == 1 ? b : Pattern(kCluster, uint32_t(100 + c));
+    std::memcpy(&d[c * kCluster], src.data(), kCluster);
+  }
+  return d;
+}
+
+std::vector<Step> WriteSteps() {
+  std::vector<Step> s;
+  s.push_back({0 * kCluster, Pattern(3 * kCluster, 7)});            // new data over shared clusters
+  s.push_back({4 * kCluster, Pattern(kCluster, 2)});                // a copy of data already stored
+  s.push_back({6 * kCluster, Bytes(2 * kCluster, 0)});              // zeros over data
+  s.push_back({10 * kCluster + 100, Pattern(kCluster - 200, 9)});   // inside one cluster
+  s.push_back({12 * kCluster, Pattern(5 * kCluster, 7)});           // repeats the first step's data
+  s.push_back({45 * kCluster, Pattern(4 * kCluster, 11)});          // into empty space
+  s.push_back({50 * kCluster, Pattern(kCluster, 1)});               // another shared copy
+  return s;
+}
+
+Bytes Apply(Bytes d, const std::vector<Step>& steps) {
+  for (const Step& st : steps) std::memcpy(&d[st.offset], st.data.data(), st.data.size());
+  return d;
+}
+
+Status RunSteps(Image& img, const std::vector<Step>& steps) {
+  for (const Step& st : steps) QD_RETURN_IF_ERROR(img.Write(st.offset, st.data));
+  return img.Close();
+}
+
+void WriteFile(const std::string& path, const Bytes& b) {
+  FILE* f = fopen(path.c_str(), "wb");
+  REQUIRE(f);
+  REQUIRE(fwrite(b.data(), 1, b.size(), f) == b.size());
+  fclose(f);
+}
+
+// The base image: created, filled with the old content, closed cleanly.
+void MakeBase(const std::string& path, const Bytes& old) {
+  CreateOptions o;
+  o.virtual_size = kSize;
+  o.cluster_size = kCluster;
+  auto img = Image::Create(path, o);
+  REQUIRE(img.ok());
+  REQUIRE((*img)->Write(0, old).ok());
+  REQUIRE((*img)->Close().ok());
+}
+
+// After a failure: repair, then judge with both tools and per cluster.
+void ExpectRepairsToOldOrNew(const std::string& path, const Bytes& old_data, const Bytes& new_data,
+                             bool may_be_unformatted) {
+  {
+    auto probe = Image::Open(path, {});
+    if (!probe.ok() && may_be_unformatted) {
+      // Failed before the image was ever whole: it must not pass for one.
+      CHECK(probe.status().kind() != ErrorKind::kOk);
+      CHECK(testing::Run("qemu-img check " + testing::Sh(path)).exit_code != 0);
+      return;
+    }
+    REQUIRE_MESSAGE(probe.ok(), probe.status().message());
+  }
+  CheckOptions repair;
+  repair.repair = RepairMode::kAll;
+  auto fixed = CheckImage(path, std::move(repair));
+  REQUIRE_MESSAGE(fixed.ok(), fixed.status().message());
+  auto again = CheckImage(path, {});
+  REQUIRE(again.ok());
+  CHECK_MESSAGE(CheckExitCode(*again) == 0, "check after repair: corruptions=", again->corruptions,
+                " leaks=", again->leaks);
+  auto q = testing::Run("qemu-img check " + testing::Sh(path));
+  CHECK_MESSAGE(q.exit_code == 0, q.out, q.err);
+
+  auto img = Image::Open(path, {});
+  REQUIRE(img.ok());
+  Bytes now(kSize);
+  REQUIRE((*img)->Read(0, now).ok());
+  for (uint64_t c = 0; c < kSize / kCluster; ++c) {
+    const uint8_t* got = &now[c * kCluster];
+    bool is_old = std::memcmp(got, &old_data[c * kCluster], kCluster) == 0;
+    bool is_new = std::memcmp(got, &new_data[c * kCluster], kCluster) == 0;
+    CHECK_MESSAGE((is_old || is_new), "guest cluster ", c, " holds neither its old nor its new data");
+  }
+}
+
+enum class Fault { kWriteEIO, kWriteENOSPC, kSyncEIO, kPowerCutAtWrite, kPartialPowerCut };
+
+const char* Name(Fault f) {
+  switch (f) {
+    case Fault::kWriteEIO: return "write EIO";
+    case Fault::kWriteENOSPC: return "write ENOSPC";
+    case Fault::kSyncEIO: return "sync EIO";
+    case Fault::kPowerCutAtWrite: return "power cut";
+    case Fault::kPartialPowerCut: return "power cut keeping some unsynced writes";
+  }
+  return "?";
+}
+
+void Arm(FaultFile& f, Fault fault, uint64_t n) {
+  switch (fault) {
+    case Fault::kWriteEIO: f.FailWrite(n, FaultKind::kEIO); break;
+    case Fault::kWriteENOSPC: f.FailWrite(n, FaultKind::kENOSPC, true); break;
+    case Fault::kSyncEIO: f.FailSync(n, FaultKind::kEIO); break;
+    case Fault::kPowerCutAtWrite:
+    case Fault::kPartialPowerCut: f.FailWrite(n, FaultKind::kEIO, true); break;
+  }
+}
+
+// After the run failed: a power cut drops (some of) what was never synced.
+void MaybeCutPower(FaultFile& f, Fault fault, uint64_t n) {
+  if (fault == Fault::kPowerCutAtWrite || fault == Fault::kSyncEIO) {
+    REQUIRE(f.PowerCut().ok());
+  } else if (fault == Fault::kPartialPowerCut) {
+    std::mt19937 rng(uint32_t(n));
+    REQUIRE(f.PowerCut([&](size_t, const testing::UnsyncedOp&) { return rng() % 2 == 0; }).ok());
+  }
+  f.PowerOn();
+  f.ClearFaults();
+}
+
+uint64_t g_fault_points = 0;
+
+}  // namespace
+
+TEST_CASE("a write run fails or loses power at every write and sync point, and repairs to old or new") {
+  testing::TempDir tmp;
+  const Bytes old_data = OldContent();
+  const auto steps = WriteSteps();
+  const Bytes new_data = Apply(old_data, steps);
+  const std::string base = tmp / "base.qcow2";
+  MakeBase(base, old_data);
+
+  // A clean run counts the points and proves the run itself is right.
+  uint64_t writes = 0, syncs = 0;
+  {
+    std::filesystem::copy_file(base, tmp / "clean.qcow2");
+    auto ff = FaultFile::Open(tmp / "clean.qcow2");
+    REQUIRE(ff.ok());
+    OpenOptions o;
+    o.writable = true;
+    o.file = (*ff)->Share();
+    auto img = Image::Open(tmp / "clean.qcow2", std::move(o));
+    REQUIRE(img.ok());
+    REQUIRE(RunSteps(**img, steps).ok());
+    writes = (*ff)->writes();
+    syncs = (*ff)->syncs();
+    img->reset();
+    CHECK(testing::Run("qemu-img compare " + testing::Sh(tmp / "clean.qcow2") + " " +
+                       testing::Sh([&] { WriteFile(tmp / "new.raw", new_data); return tmp / "new.raw"; }()))
+              .exit_code == 0);
+  }
+  REQUIRE(writes > 5);
+  REQUIRE(syncs > 2);
+
+  for (Fault fault : {Fault::kWriteEIO, Fault::kWriteENOSPC, Fault::kSyncEIO, Fault::kPowerCutAtWrite,
+                      Fault::kPartialPowerCut}) {
+    const uint64_t points = fault == Fault::kSyncEIO ? syncs : writes;
+    for (uint64_t n = 1; n <= points; ++n) {
+      CAPTURE(Name(fault));
+      CAPTURE(n);
+      const std::string path = tmp / "run.qcow2";
+      std::filesystem::copy_file(base, path, std::filesystem::copy_options::overwrite_existing);
+      auto ff = FaultFile::Open(path);
+      REQUIRE(ff.ok());
+      Arm(**ff, fault, n);
+      OpenOptions o;
+      o.writable = true;
+      o.file = (*ff)->Share();
+      auto img = Image::Open(path, std::move(o));
+      REQUIRE(img.ok());
+      Status s = RunSteps(**img, steps);
+      REQUIRE_FALSE(s.ok());
+      CHECK_MESSAGE(s.message().find("injected") != std::string::npos, s.message());
+      img->reset();  // no Close: as if the process ended here
+      MaybeCutPower(**ff, fault, n);
+      ff->reset();
+      ExpectRepairsToOldOrNew(path, old_data, new_data, false);
+      ++g_fault_points;
+    }
+  }
+  MESSAGE("write run: ", writes, " write points, ", syncs, " sync points");
+}
+
+TEST_CASE("a convert run fails or loses power at every write and sync point") {
+  testing::TempDir tmp;
+  const Bytes zeros(kSize, 0);
+  const Bytes src = OldContent();
+  WriteFile(tmp / "src.raw", src);
+
+  auto run = [&](const std::string& path, std::unique_ptr<FaultFile> file) -> Status {
+    auto dev = OpenBlockDevice(tmp / "src.raw", ImageFormat::kRaw);
+    if (!dev.ok()) return dev.status();
+    CreateOptions c;
+    c.virtual_size = kSize;
+    c.cluster_size = kCluster;
+    c.force = true;
+    OpenOptions o;
+    o.file = std::move(file);
+    auto img = Image::Create(path, c, std::move(o));
+    if (!img.ok()) return img.status();
+    QD_RETURN_IF_ERROR(CopyInto(**dev, **img));
+    return (*img)->Close();
+  };
+
+  uint64_t writes = 0, syncs = 0;
+  {
+    WriteFile(tmp / "clean.qcow2", {});
+    auto ff = FaultFile::Open(tmp / "clean.qcow2");
+    REQUIRE(ff.ok());
+    REQUIRE(run(tmp / "clean.qcow2", (*ff)->Share()).ok());
+    writes = (*ff)->writes();
+    syncs = (*ff)->syncs();
+    CHECK(testing::Run("qemu-img compare " + testing::Sh(tmp / "clean.qcow2") + " " + testing::Sh(tmp / "src.raw"))
+              .exit_code == 0);
+  }
+  REQUIRE(writes > 3);
+
+  for (Fault fault : {Fault::kWriteEIO, Fault::kWriteENOSPC, Fault::kSyncEIO, Fault::kPowerCutAtWrite,
+                      Fault::kPartialPowerCut}) {
+    const uint64_t points = fault == Fault::kSyncEIO ? syncs : writes;
+    for (uint64_t n = 1; n <= points; ++n) {
+      CAPTURE(Name(fault));
+      CAPTURE(n);
+      const std::string path = tmp / "run.qcow2";
+      WriteFile(path, {});
+      auto ff = FaultFile::Open(path);
+      REQUIRE(ff.ok());
+      Arm(**ff, fault, n);
+      Status s = run(path, (*ff)->Share());
+      REQUIRE_FALSE(s.ok());
+      CHECK_MESSAGE(s.message().find("injected") != std::string::npos, s.message());
+      MaybeCutPower(**ff, fault, n);
+      ff->reset();
+      ExpectRepairsToOldOrNew(path, zeros, src, true);
+      ++g_fault_points;
+    }
+  }
+  MESSAGE("convert run: ", writes, " write points, ", syncs, " sync points; ", g_fault_points,
+          " fault points injected in all");
+}

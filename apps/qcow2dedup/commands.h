@@ -4,6 +4,8 @@
 #pragma once
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -25,12 +27,39 @@ int RunCheck();
 void SetupDedupStats(CLI::App& app);
 int RunDedupStats();
 
+// False only for a readable file without qcow2's magic: such an error is
+// then explained by the format rather than reported as a damaged image.
+bool LooksLikeQcow2(const std::string& path);
+
 // Helpers for Setup functions, so that every subcommand spells the shared
 // options the same way.
+
+// An option with a fixed set of values, each standing for a T.
+template <class T>
+CLI::Option* AddChoiceOption(CLI::App& app, const std::string& name, T& target,
+                             std::vector<std::pair<std::string, T>> choices, const std::string& help) {
+  std::vector<std::string> names;
+  std::string text;
+  for (auto& [n, v] : choices) {
+    names.push_back(n);
+    text += (text.empty() ? "" : "|") + n;
+  }
+  return app
+      .add_option_function<std::string>(
+          name,
+          [&target, choices](const std::string& value) {
+            for (auto& [n, v] : choices)
+              if (n == value) target = v;
+          },
+          help)
+      ->check(CLI::IsMember(names))
+      ->option_text(text);
+}
+
 void AddOutputOption(CLI::App& app, OutputFormat& out);
 void AddForceShareOption(CLI::App& app, bool& force_share);
 // -f raw|qcow2 (the format of an image we read).
-void AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help);
+CLI::Option* AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help);
 // A size with suffixes (64K, 10G), checked while parsing.
 CLI::Option* AddSizeOption(CLI::App& app, const std::string& name, uint64_t& size, const std::string& help);
 

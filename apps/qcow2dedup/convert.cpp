@@ -107,7 +107,7 @@ int ToQcow2(const ImageOptions& o) {
   open.verify = opts.verify || o.verify;
 
   std::unique_ptr<Image> dst;
-  Progress progress(opts.progress, DedupSoFar(dst));
+  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst));
   Destination out(opts.dst);
   auto created = Image::Create(opts.dst, create, std::move(open));
   if (!created.ok()) return out.Fail(opts.dst, created.status());
@@ -132,7 +132,7 @@ int ToQcow2(const ImageOptions& o) {
   if (s.ok()) s = dst->Close();
   if (!s.ok()) {
     dst.reset();  // release the image (and its lock) before removing it
-    return out.Fail(src_failed ? opts.src : opts.dst, s);
+    return out.Fail(src_failed ? DisplayName(opts.src) : opts.dst, s);
   }
   progress.Finish();
   if (opts.progress) PrintWriteSummary(dst->write_stats());
@@ -140,7 +140,7 @@ int ToQcow2(const ImageOptions& o) {
 }
 
 int ToRaw() {
-  if (opts.src == "-") return Fail(opts.src, "standard input can only be converted to qcow2");
+  if (opts.src == "-") return Fail(DisplayName(opts.src), "can only be converted to qcow2");
   auto src = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
   if (!src.ok()) return Fail(opts.src, src.status());
   Destination out(opts.dst);
@@ -188,7 +188,7 @@ void SetupConvert(CLI::App& app) {
 int RunConvert() {
   if (opts.quiet) opts.progress = false;
   if (opts.src == "-" && opts.src_format == ImageFormat::kQcow2)
-    return Fail(opts.src, "standard input can only be read as raw");
+    return Fail(DisplayName(opts.src), "can only be read as raw");
   if (opts.src != "-" && SameFile(opts.src, opts.dst))
     return Fail(opts.dst, "is the source itself; convert to another file");
   if (opts.out_format == "raw") {

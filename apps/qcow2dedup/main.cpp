@@ -1,8 +1,12 @@
 // qcow2dedup: a qemu-img-like front end for the qcow2dedup library.
 // The subcommands live in one table, in the manner of ninja's tools.
+#include <fcntl.h>
 #include <fmt/format.h>
 
+#include <array>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 
@@ -29,7 +33,16 @@ constexpr Command kCommands[] = {
      SetupDedupStats, RunDedupStats},
 };
 
+// A closed standard descriptor would be handed to the next open(): an
+// image would then be "standard input", or receive our printing.
+void KeepStandardDescriptorsOpen() {
+  for (int fd = 0; fd <= 2; ++fd)
+    if (::fcntl(fd, F_GETFD) < 0 && errno == EBADF && ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY) < 0)
+      std::abort();  // cannot even report it: stderr may be the one closed
+}
+
 int Main(int argc, char** argv) {
+  KeepStandardDescriptorsOpen();
   CLI::App app{"qcow2dedup: write deduplicated qcow2 images", "qcow2dedup"};
   app.require_subcommand(1, 1);
   app.failure_message([](const CLI::App*, const CLI::Error& e) {
@@ -59,22 +72,24 @@ int Main(int argc, char** argv) {
 
 }  // namespace
 
+bool LooksLikeQcow2(const std::string& path) {
+  auto f = OpenPosixFile(path, OpenMode::kReadOnly);
+  std::array<uint8_t, 4> magic{};
+  if (!f.ok() || !(*f)->ReadAt(0, magic).ok()) return true;
+  return magic == std::array<uint8_t, 4>{'Q', 'F', 'I', 0xfb};
+}
+
 void AddOutputOption(CLI::App& app, OutputFormat& out) {
-  app.add_option("--output", out, "Output format: human or json")
-      ->transform(CLI::CheckedTransformer(
-          std::map<std::string, OutputFormat>{{"human", OutputFormat::kHuman}, {"json", OutputFormat::kJson}}))
-      ->option_text("human|json");
+  AddChoiceOption(app, "--output", out, {{"human", OutputFormat::kHuman}, {"json", OutputFormat::kJson}},
+                  "Output format: human or json");
 }
 
 void AddForceShareOption(CLI::App& app, bool& force_share) {
   app.add_flag("-U,--force-share", force_share, "Read without QEMU's image lock (the image may be in use)");
 }
 
-void AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help) {
-  app.add_option("-f", format, help)
-      ->transform(CLI::CheckedTransformer(
-          std::map<std::string, ImageFormat>{{"raw", ImageFormat::kRaw}, {"qcow2", ImageFormat::kQcow2}}))
-      ->option_text("raw|qcow2");
+CLI::Option* AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help) {
+  return AddChoiceOption(app, "-f", format, {{"raw", ImageFormat::kRaw}, {"qcow2", ImageFormat::kQcow2}}, help);
 }
 
 CLI::Option* AddSizeOption(CLI::App& app, const std::string& name, uint64_t& size, const std::string& help) {
@@ -87,7 +102,7 @@ CLI::Option* AddSizeOption(CLI::App& app, const std::string& name, uint64_t& siz
             size = *r;
           },
           help)
-      ->option_text("SIZE");
+      ->type_name("SIZE");
 }
 
 }  // namespace qcow2dedup::cli

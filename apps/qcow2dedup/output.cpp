@@ -25,6 +25,8 @@ int Fail(std::string_view what, std::string_view message) {
   return 1;
 }
 
+std::string DisplayName(const std::string& path) { return path == "-" ? "standard input" : path; }
+
 std::string HumanSize(uint64_t bytes) {
   static const char* const kSuffixes[] = {"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"};
   // The switch to the next unit happens at 1000 of the current one, not

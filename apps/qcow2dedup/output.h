@@ -25,6 +25,9 @@ int Fail(std::string_view what, std::string_view message);
 // ends it first so that the error gets a line of its own.
 extern bool g_stderr_line_open;
 
+// How error lines name a file argument: "-" is "standard input".
+std::string DisplayName(const std::string& path);
+
 // qemu's size_to_str: "0 B", "196 KiB", "1.5 GiB" (three significant digits).
 std::string HumanSize(uint64_t bytes);
 // "1 GiB (1073741824 bytes)", as qemu-img info prints the virtual size.

@@ -8,8 +8,8 @@
 
 namespace qcow2dedup::cli {
 
-Progress::Progress(bool enabled, std::function<std::string()> extra)
-    : enabled_(enabled), extra_(std::move(extra)), start_(Clock::now()) {}
+Progress::Progress(bool enabled, Unit unit, std::function<std::string()> extra)
+    : enabled_(enabled), unit_(unit), extra_(std::move(extra)), start_(Clock::now()) {}
 
 Progress::~Progress() { EndLine(); }
 
@@ -19,7 +19,8 @@ void Progress::EndLine() {
   g_stderr_line_open = false;
 }
 
-void Progress::Restart() {
+void Progress::Restart(Unit unit) {
+  unit_ = unit;
   if (g_stderr_line_open) Draw();
   EndLine();
   start_ = Clock::now();
@@ -50,11 +51,12 @@ void Progress::Draw() {
   const double secs = std::chrono::duration<double>(Clock::now() - start_).count();
   const double rate = secs > 0 ? double(done_) / secs : 0;
   std::string line;
+  const bool bytes = unit_ == Unit::kBytes;
   if (total_ > 0)
     line = fmt::format("    ({:.2f}/100%)", 100.0 * double(done_) / double(total_));
   else
-    line = fmt::format("    {}", HumanSize(done_));
-  line += fmt::format("  {:.1f} MiB/s", rate / (1 << 20));
+    line = bytes ? fmt::format("    {}", HumanSize(done_)) : fmt::format("    {} clusters", done_);
+  line += bytes ? fmt::format("  {:.1f} MiB/s", rate / (1 << 20)) : fmt::format("  {:.0f} clusters/s", rate);
   if (extra_) {
     std::string e = extra_();
     if (!e.empty()) line += "  " + e;

@@ -14,8 +14,12 @@ namespace qcow2dedup::cli {
 
 class Progress {
  public:
+  // What the library counts in: convert, export and simulate report bytes;
+  // check and the index rebuild report clusters.
+  enum class Unit { kBytes, kClusters };
+
   // extra: a few words appended to the line, e.g. "dedup 1.52x" (may be empty).
-  explicit Progress(bool enabled, std::function<std::string()> extra = {});
+  explicit Progress(bool enabled, Unit unit = Unit::kBytes, std::function<std::string()> extra = {});
   ~Progress();
 
   // total 0: the length is unknown (standard input); done is shown in bytes.
@@ -23,7 +27,7 @@ class Progress {
   // Draws the last state and ends the line; later updates are ignored.
   void Finish();
   // A new phase (index rebuild, then writing) starts: a new line, a new rate.
-  void Restart();
+  void Restart(Unit unit);
 
   ProgressFn fn() {
     if (!enabled_) return {};
@@ -36,6 +40,7 @@ class Progress {
   void EndLine();
 
   bool enabled_;
+  Unit unit_;
   std::function<std::string()> extra_;
   Clock::time_point start_, last_draw_;
   bool drawn_ = false, finished_ = false;

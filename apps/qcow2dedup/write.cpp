@@ -95,8 +95,6 @@ class Input {
   uint64_t length_ = 0;
 };
 
-std::string InputName() { return opts.input == "-" ? "standard input" : opts.input; }
-
 int ParsePattern(const std::string& text) {
   const bool hex = text.size() > 2 && text[0] == '0' && (text[1] == 'x' || text[1] == 'X');
   unsigned value = 0;
@@ -134,38 +132,35 @@ int RunWrite() {
   Input input;
   uint64_t length = opts.length;
   if (!opts.input.empty()) {
-    if (Status s = input.Open(opts.input); !s.ok()) return Fail(InputName(), s);
+    if (Status s = input.Open(opts.input); !s.ok()) return Fail(DisplayName(opts.input), s);
     length = input.length();
   }
 
   std::unique_ptr<Image> img;
-  Progress progress(opts.progress, DedupSoFar(img));
+  Progress progress(opts.progress, Progress::Unit::kClusters, DedupSoFar(img));
   OpenOptions open;
   open.writable = true;
   open.verify = opts.verify;
   open.progress = progress.fn();  // an index rebuild can take a while
   auto opened = Image::Open(opts.image, std::move(open));
   if (!opened.ok()) return Fail(opts.image, opened.status());
+  progress.Restart(Progress::Unit::kBytes);  // before img is set: the rebuild line shows no dedup ratio
   img = std::move(opened).value();
-  progress.Restart();
 
+  // The image itself is sound in these failures: close it clean.
+  auto close_and_fail = [&img](const std::string& what, std::string message) {
+    if (Status closed = img->Close(); !closed.ok()) message += "; closing the image failed too: " + closed.message();
+    return Fail(what, message);
+  };
   const uint64_t size = img->virtual_size();
-  if (opts.offset > size || length > size - opts.offset) {
-    Status closed = img->Close();
-    Fail(opts.image, fmt::format("cannot write {} bytes at offset {}: the virtual size is {}", length,
-                                 opts.offset, size));
-    return closed.ok() ? 1 : Fail(opts.image, closed);
-  }
+  if (opts.offset > size || length > size - opts.offset)
+    return close_and_fail(opts.image, fmt::format("cannot write {} bytes at offset {}: the virtual size is {}",
+                                                  length, opts.offset, size));
   std::vector<uint8_t> buf(std::min<uint64_t>(kChunk, length), uint8_t(opts.pattern));
   for (uint64_t done = 0; done < length;) {
     std::span<uint8_t> chunk(buf.data(), std::min<uint64_t>(buf.size(), length - done));
     if (!opts.input.empty()) {
-      if (Status s = input.Read(chunk); !s.ok()) {
-        // What was written is whole and consistent: keep the image clean.
-        Status closed = img->Close();
-        Fail(InputName(), s);
-        return closed.ok() ? 1 : Fail(opts.image, closed);
-      }
+      if (Status s = input.Read(chunk); !s.ok()) return close_and_fail(DisplayName(opts.input), s.message());
     }
     if (Status s = img->Write(opts.offset + done, chunk); !s.ok()) return Fail(opts.image, s);
     done += chunk.size();

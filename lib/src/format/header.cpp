@@ -211,7 +211,7 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
     out.resize(at + 8 + ((data.size() + 7) & ~size_t(7)), 0);
     reinterpret_cast<be32*>(&out[at])[0] = type;
     reinterpret_cast<be32*>(&out[at + 4])[0] = uint32_t(data.size());
-    std::memcpy(&out[at + 8], data.data(), data.size());
+    if (!data.empty()) std::memcpy(&out[at + 8], data.data(), data.size());  // the end marker has no data
   };
   if (h.version == 2) out.resize(kV2HeaderLength);
   else out.resize(h.header_length, 0);

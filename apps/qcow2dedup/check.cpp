@@ -1,0 +1,143 @@
+// check: qemu-img check's report and exit codes, plus what we found about
+// the dedup index.
+#include <fmt/format.h>
+
+#include "commands.h"
+#include "progress.h"
+#include "qcow2dedup/check.h"
+
+namespace qcow2dedup::cli {
+namespace {
+
+struct {
+  std::string file;
+  RepairMode repair = RepairMode::kNone;
+  OutputFormat output = OutputFormat::kHuman;
+  bool progress = false, quiet = false, force_share = false;
+} opts;
+
+// qemu-img check's exit code for a format without checks (raw).
+constexpr int kNoChecks = 63;
+
+std::string DedupLine(const DedupFindings& d) {
+  if (!d.present) return "Dedup index: none";
+  const std::string rebuilt = d.rebuilt ? "; rebuilt from the data" : "";
+  // An index out of sync is not consulted, so only the data's side counts.
+  if (!d.in_sync)
+    return fmt::format(
+        "Dedup index: not in sync (the next write rebuilds it); {} stored clusters, {} duplicate clusters{}",
+        d.stored_clusters, d.duplicates, rebuilt);
+  return fmt::format(
+      "Dedup index: {}; {} entries for {} stored clusters; {} mismatched, {} stale, {} missing, "
+      "{} duplicate clusters{}",
+      d.index_loaded ? "in sync" : "in sync but unreadable", d.indexed, d.stored_clusters, d.mismatched, d.stale,
+      d.missing, d.duplicates, rebuilt);
+}
+
+// qemu-img's dump_human_image_check, line for line.
+void PrintHuman(const CheckReport& r) {
+  if (r.leaks_fixed || r.corruptions_fixed)
+    fmt::print(
+        "The following inconsistencies were found and repaired:\n\n"
+        "    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+        r.leaks_fixed, r.corruptions_fixed);
+  const uint64_t index_errors = r.dedup.errors();
+  if (!r.corruptions && !r.leaks && !r.check_errors && !index_errors) {
+    fmt::print("No errors were found on the image.\n");
+  } else {
+    if (r.corruptions)
+      fmt::print("\n{} errors were found on the image.\n"
+                 "Data may be corrupted, or further writes to the image may corrupt it.\n",
+                 r.corruptions);
+    if (r.leaks)
+      fmt::print("\n{} leaked clusters were found on the image.\n"
+                 "This means waste of disk space, but no harm to data.\n",
+                 r.leaks);
+    if (index_errors)
+      fmt::print("\n{} errors were found in the dedup index.\n"
+                 "Deduplicating writes may corrupt data; repair it with 'check -r all'.\n",
+                 index_errors);
+    if (r.check_errors) fmt::print("\n{} internal errors have occurred during the check.\n", r.check_errors);
+  }
+  if (r.total_clusters && r.allocated_clusters)
+    fmt::print("{}/{} = {:.2f}% allocated, {:.2f}% fragmented, {:.2f}% compressed clusters\n",
+               r.allocated_clusters, r.total_clusters, r.allocated_clusters * 100.0 / r.total_clusters,
+               r.fragmented_clusters * 100.0 / r.allocated_clusters,
+               r.compressed_clusters * 100.0 / r.allocated_clusters);
+  if (r.image_end_offset) fmt::print("Image end offset: {}\n", r.image_end_offset);
+  fmt::print("{}\n", DedupLine(r.dedup));
+}
+
+// Keys in QAPI's ImageCheck order; the optional ones only when non-zero.
+Json CheckJson(const CheckReport& r) {
+  Json j;
+  j["filename"] = r.filename;
+  j["format"] = "qcow2";
+  j["check-errors"] = r.check_errors;
+  auto optional = [&j](const char* key, uint64_t v) {
+    if (v) j[key] = v;
+  };
+  optional("image-end-offset", r.image_end_offset);
+  optional("corruptions", r.corruptions);
+  optional("leaks", r.leaks);
+  optional("corruptions-fixed", r.corruptions_fixed);
+  optional("leaks-fixed", r.leaks_fixed);
+  optional("total-clusters", r.total_clusters);
+  optional("allocated-clusters", r.allocated_clusters);
+  optional("fragmented-clusters", r.fragmented_clusters);
+  optional("compressed-clusters", r.compressed_clusters);
+  j = QemuOrder(j);
+  const DedupFindings& d = r.dedup;
+  j["dedup"] = {{"present", d.present},       {"in-sync", d.in_sync},   {"index-loaded", d.index_loaded},
+                {"indexed", d.indexed},       {"stored-clusters", d.stored_clusters},
+                {"mismatched", d.mismatched}, {"stale", d.stale},       {"missing", d.missing},
+                {"duplicates", d.duplicates}, {"rebuilt", d.rebuilt}};
+  return j;
+}
+
+}  // namespace
+
+void SetupCheck(CLI::App& app) {
+  auto* repair = AddChoiceOption(app, "-r,--repair", opts.repair,
+                                 {{"leaks", RepairMode::kLeaks}, {"all", RepairMode::kAll}},
+                                 "Repair leaked clusters (leaks) or everything (all)");
+  AddOutputOption(app, opts.output);
+  app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
+  app.add_flag("-q,--quiet", opts.quiet, "Print nothing on stdout; the exit code tells");
+  auto* share = app.add_flag("-U,--force-share", opts.force_share,
+                             "Read without QEMU's image lock (the image may be in use)");
+  share->excludes(repair);  // repairing writes: it needs the lock
+  app.add_option("FILE", opts.file, "The image")->required();
+}
+
+int RunCheck() {
+  Progress progress(opts.progress && !opts.quiet, Progress::Unit::kClusters);
+  CheckOptions o;
+  o.repair = opts.repair;
+  o.force_share = opts.force_share;
+  o.progress = progress.fn();
+  auto report = CheckImage(opts.file, std::move(o));
+  if (!report.ok()) {
+    if (!LooksLikeQcow2(opts.file)) {
+      Fail(opts.file, "this image format does not support checks");
+      return kNoChecks;
+    }
+    return Fail(opts.file, report.status());
+  }
+  progress.Finish();
+  if (opts.output == OutputFormat::kJson) {
+    // The findings have no JSON key: stderr, as qemu-img prints them, keeps stdout JSON.
+    for (const std::string& m : report->messages) fmt::print(stderr, "{}\n", m);
+    if (!opts.quiet) PrintJson(CheckJson(*report));
+  } else if (!opts.quiet) {
+    // On stdout, ahead of the summary: a check that fails (exit 1) then
+    // still prints one line on stderr, like every other failure.
+    for (const std::string& m : report->messages) fmt::print("{}\n", m);
+    PrintHuman(*report);
+  }
+  if (report->check_errors)
+    Fail(opts.file, fmt::format("the check could not complete ({} internal errors)", report->check_errors));
+  return CheckExitCode(*report);
+}
+
+}  // namespace qcow2dedup::cli

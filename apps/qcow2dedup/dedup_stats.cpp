@@ -1,0 +1,205 @@
+// dedup-stats: what deduplication saved in an image, or (--simulate) what
+// optimal dedup would store at other cluster sizes.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+
+#include "commands.h"
+#include "progress.h"
+#include "qcow2dedup/stats.h"
+
+namespace qcow2dedup::cli {
+namespace {
+
+struct {
+  std::string file;
+  OutputFormat output = OutputFormat::kHuman;
+  bool force_share = false, simulate = false, progress = false;
+  ImageFormat format = ImageFormat::kAuto;
+  std::vector<uint64_t> cluster_sizes = {4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20};
+} opts;
+
+// Ratios rounded so that the JSON is the same on every machine and readable.
+double Round(double v, int digits) {
+  const double scale = std::pow(10.0, digits);
+  return std::round(v * scale) / scale;
+}
+
+std::string Hex(uint64_t v) { return fmt::format("{:#x}", v); }
+
+std::string RefcountRange(const HistogramBucket& b) {
+  return b.refcount_min == b.refcount_max ? std::to_string(b.refcount_min)
+                                          : fmt::format("{}-{}", b.refcount_min, b.refcount_max);
+}
+
+Json StatsJson(const DedupStats& s) {
+  Json j;
+  j["filename"] = s.filename;
+  j["virtual-size"] = s.virtual_size;
+  j["cluster-size"] = s.cluster_size;
+  j["guest-clusters"] = s.guest_clusters;
+  j["data-clusters"] = s.data_clusters;
+  j["zero-clusters"] = s.zero_clusters;
+  if (s.backing_clusters) j["backing-clusters"] = s.backing_clusters;  // as qemu-img: only when there are any
+  j["stored-clusters"] = s.stored_clusters;
+  j["dedup-ratio"] = Round(s.dedup_ratio, 4);
+  j["saved-bytes"] = s.saved_bytes;
+  j["saving-percent"] = Round(s.saving_percent, 2);
+  j["metadata-bytes"] = {{"l1", s.metadata.l1},
+                         {"l2", s.metadata.l2},
+                         {"refcount", s.metadata.refcount},
+                         {"index", s.metadata.index},
+                         {"total", s.metadata.total()}};
+  Json histogram = Json::array();
+  for (const HistogramBucket& b : s.histogram)
+    histogram.push_back({{"refcount-min", b.refcount_min},
+                         {"refcount-max", b.refcount_max},
+                         {"stored-clusters", b.stored_clusters},
+                         {"references", b.references}});
+  j["histogram"] = histogram;
+  Json top = Json::array();
+  for (const SharedCluster& c : s.top)
+    top.push_back({{"host-offset", c.host_offset}, {"refcount", c.refcount}, {"guest-offsets", c.guest_offsets}});
+  j["top"] = top;
+  return j;
+}
+
+void PrintStats(const DedupStats& s) {
+  const uint64_t cs = s.cluster_size;
+  std::vector<std::vector<std::string>> rows = {
+      {"image:", s.filename},
+      {"virtual size:", SizeWithBytes(s.virtual_size)},
+      {"cluster size:", SizeWithBytes(cs)},
+      {"guest clusters:", std::to_string(s.guest_clusters)},
+      {"  with data:", fmt::format("{} ({})", s.data_clusters, HumanSize(s.data_clusters * cs))},
+      {"  reading as zero:", std::to_string(s.zero_clusters)},
+  };
+  if (s.backing_clusters) rows.push_back({"  from the backing file:", std::to_string(s.backing_clusters)});
+  rows.insert(rows.end(), {
+      {"stored clusters:", fmt::format("{} ({})", s.stored_clusters, HumanSize(s.stored_clusters * cs))},
+      {"dedup ratio:", fmt::format("{:.2f}", s.dedup_ratio)},
+      {"saved:", fmt::format("{}, {:.2f}% of the data", SizeWithBytes(s.saved_bytes), s.saving_percent)},
+      {"metadata:", SizeWithBytes(s.metadata.total())},
+      {"  L1 table:", SizeWithBytes(s.metadata.l1)},
+      {"  L2 tables:", SizeWithBytes(s.metadata.l2)},
+      {"  refcounts:", SizeWithBytes(s.metadata.refcount)},
+      {"  dedup index:", SizeWithBytes(s.metadata.index)},
+  });
+  PrintTable(rows, 0);
+  if (!s.histogram.empty()) {
+    fmt::print("\nRefcount histogram:\n");
+    rows = {{"refcount", "stored clusters", "references"}};
+    for (const HistogramBucket& b : s.histogram)
+      rows.push_back({RefcountRange(b), std::to_string(b.stored_clusters), std::to_string(b.references)});
+    PrintTable(rows, 0b111, "  ");
+  }
+  if (!s.top.empty()) {
+    fmt::print("\nMost shared clusters:\n");
+    rows = {{"host offset", "refcount", "guest offsets"}};
+    for (const SharedCluster& c : s.top) {
+      std::string guests;
+      for (uint64_t g : c.guest_offsets) guests += (guests.empty() ? "" : " ") + Hex(g);
+      if (c.guest_offsets.size() < c.refcount) guests += " ...";
+      rows.push_back({Hex(c.host_offset), std::to_string(c.refcount), guests});
+    }
+    PrintTable(rows, 0b011, "  ");
+  }
+}
+
+// The smallest estimated image; on a tie qemu's default 64 KiB, then the
+// larger cluster (less metadata to keep).
+const Simulation& Recommended(const std::vector<Simulation>& sims) {
+  auto key = [](const Simulation& s) {
+    return std::tuple(s.estimated_image_size, s.cluster_size != 65536, ~s.cluster_size);
+  };
+  return *std::min_element(sims.begin(), sims.end(),
+                           [&](const Simulation& a, const Simulation& b) { return key(a) < key(b); });
+}
+
+int RunSimulate() {
+  auto dev = OpenBlockDevice(opts.file, opts.format, opts.force_share);
+  if (!dev.ok()) return Fail(opts.file, dev.status());
+  Progress progress(opts.progress);
+  auto sims = SimulateDedup(**dev, opts.cluster_sizes, progress.fn());
+  if (!sims.ok()) return Fail(opts.file, sims.status());
+  progress.Finish();
+  if (opts.output == OutputFormat::kJson) {
+    Json list = Json::array();
+    for (const Simulation& s : *sims)
+      list.push_back({{"cluster-size", s.cluster_size},
+                      {"clusters", s.clusters},
+                      {"nonzero", s.nonzero},
+                      {"unique", s.unique},
+                      {"ratio", Round(s.ratio, 4)},
+                      {"estimated-image-size", s.estimated_image_size}});
+    PrintJson(Json{{"filename", opts.file}, {"simulations", list}});
+    return 0;
+  }
+  fmt::print("image: {}\nfile format: {}\nvirtual size: {}\n\n", opts.file, (*dev)->format(),
+             SizeWithBytes((*dev)->virtual_size()));
+  std::vector<std::vector<std::string>> rows = {
+      {"cluster size", "clusters", "non-zero", "unique", "ratio", "estimated image size"}};
+  for (const Simulation& s : *sims)
+    rows.push_back({HumanSize(s.cluster_size), std::to_string(s.clusters), std::to_string(s.nonzero),
+                    std::to_string(s.unique), fmt::format("{:.2f}", s.ratio), HumanSize(s.estimated_image_size)});
+  PrintTable(rows, 0b111111);
+  if (!sims->empty())
+    fmt::print("\nRecommended cluster size: {} (smallest estimated image)\n",
+               HumanSize(Recommended(*sims).cluster_size));
+  return 0;
+}
+
+std::vector<uint64_t> ParseClusterSizes(const std::string& text) {
+  std::vector<uint64_t> sizes;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t comma = std::min(text.find(',', pos), text.size());
+    const std::string item = text.substr(pos, comma - pos);
+    pos = comma + 1;
+    auto size = ParseSize(item);
+    if (!size.ok()) throw CLI::ValidationError("--cluster-sizes", size.status().message());
+    if (!std::has_single_bit(*size) || *size < 512 || *size > (2u << 20))
+      throw CLI::ValidationError("--cluster-sizes",
+                                 fmt::format("'{}' is not a power of two between 512 and 2M", item));
+    sizes.push_back(*size);
+  }
+  std::sort(sizes.begin(), sizes.end());
+  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+  return sizes;
+}
+
+}  // namespace
+
+void SetupDedupStats(CLI::App& app) {
+  AddOutputOption(app, opts.output);
+  AddForceShareOption(app, opts.force_share);
+  auto* simulate = app.add_flag("--simulate", opts.simulate,
+                                "Read any image (raw too) and estimate what optimal dedup stores at each cluster size");
+  auto* sizes = app.add_option_function<std::string>(
+                       "--cluster-sizes", [](const std::string& t) { opts.cluster_sizes = ParseClusterSizes(t); },
+                       "With --simulate: the cluster sizes to try (default 4K,16K,64K,256K,1M)")
+                    ->option_text("SIZE,...");
+  auto* progress = app.add_flag("-p,--progress", opts.progress, "With --simulate: show progress on stderr");
+  auto* format = AddFormatOption(app, opts.format, "With --simulate: image format (default: probe)");
+  for (CLI::Option* o : {sizes, progress, format}) o->needs(simulate);
+  app.add_option("FILE", opts.file, "The image")->required();
+}
+
+int RunDedupStats() {
+  if (opts.simulate) return RunSimulate();
+  auto stats = ComputeDedupStats(opts.file, 10, opts.force_share);
+  if (!stats.ok()) {
+    if (!LooksLikeQcow2(opts.file))
+      return Fail(opts.file, stats.status().message() + "; dedup-stats --simulate reads any image");
+    return Fail(opts.file, stats.status());
+  }
+  if (opts.output == OutputFormat::kJson)
+    PrintJson(StatsJson(*stats));
+  else
+    PrintStats(*stats);
+  return 0;
+}
+
+}  // namespace qcow2dedup::cli

@@ -1,0 +1,161 @@
+// check: open, examine, and when asked repair and examine again, the way
+// qemu-img check -r does it (the fixed counts come from the repairing pass,
+// the rest of the report from the check that follows it).
+//
+// The dedup index is judged apart from the qcow2 structure: its findings do
+// not enter `corruptions` (which therefore matches qemu-img's count for the
+// same file), but an in-sync index that is wrong makes the exit code 2.
+#include <fmt/format.h>
+
+#include "check/index_audit.h"
+#include "check/passes.h"
+#include "qcow2dedup/check.h"
+
+namespace qcow2dedup {
+namespace check {
+namespace {
+
+struct Examination {
+  PassResult pass;
+  std::vector<HashedCluster> hashed;
+  CheckReport index_notes;
+};
+
+Result<Examination> Examine(Context& ctx, const ProgressFn& progress) {
+  QD_ASSIGN_OR_RETURN(PassResult pass, RunPass(ctx, RepairMode::kNone));
+  Examination e{std::move(pass), {}, {}};
+  QD_ASSIGN_OR_RETURN(e.hashed, HashDataClusters(ctx, e.pass.refs, progress));
+  QD_RETURN_IF_ERROR(AuditIndex(ctx, e.hashed, e.pass.report.dedup, e.index_notes));
+  return e;
+}
+
+CheckReport Report(Examination& e) {
+  CheckReport r = std::move(e.pass.report);
+  for (std::string& m : e.index_notes.messages) Note(r, std::move(m));
+  return r;
+}
+
+Status OpenContext(Context& ctx) {
+  QD_ASSIGN_OR_RETURN(ctx.file_size, ctx.file->Size());
+  std::vector<uint8_t> head(std::min<uint64_t>(ctx.file_size, 1u << kMaxClusterBits));
+  QD_RETURN_IF_ERROR(ctx.file->ReadAt(0, head));
+  // QEMU opens an image whose tables lie past the end of the file (they
+  // read as zeros) and lets the check report them; it only refuses offsets
+  // past INT64_MAX. Every read of check stops at the real end of the file.
+  constexpr uint64_t kQemuLimit = uint64_t(INT64_MAX);
+  QD_ASSIGN_OR_RETURN(ctx.header, ParseHeader(head, std::max(ctx.file_size, kQemuLimit)));
+  // ...and it refuses a misaligned snapshot table even when there are no snapshots.
+  const Header& h = ctx.header;
+  if (h.snapshots_offset % ctx.cs() || h.snapshots_offset > kQemuLimit - uint64_t(h.nb_snapshots) * 40)
+    return Status::Corruption("snapshot table offset invalid");
+  if (ctx.header.nb_snapshots) {
+    QD_ASSIGN_OR_RETURN(ctx.snapshots, ReadSnapshotTable(*ctx.file, ctx.header, ctx.file_size));
+  }
+  return Status::Ok();
+}
+
+Status WriteFeatureBits(Context& ctx, uint64_t incompatible, uint64_t autoclear) {
+  if (ctx.header.version < 3) return Status::Ok();  // version 2 has neither field
+  QD_RETURN_IF_ERROR(ctx.WriteHeaderField(kHeaderIncompatibleAt, incompatible, 8));
+  QD_RETURN_IF_ERROR(ctx.WriteHeaderField(kHeaderAutoclearAt, autoclear, 8));
+  QD_RETURN_IF_ERROR(ctx.file->Sync());
+  ctx.header.incompatible = incompatible;
+  ctx.header.autoclear = autoclear;
+  return Status::Ok();
+}
+
+bool NeedsRepair(const Context& ctx, const CheckReport& r, RepairMode mode) {
+  if (r.leaks || r.corruptions || r.check_errors) return true;
+  if (ctx.header.incompatible & (kIncompatDirty | kIncompatCorrupt)) return true;
+  const DedupFindings& d = r.dedup;
+  return mode == RepairMode::kAll && d.present && (!d.in_sync || !d.index_loaded || d.errors());
+}
+
+Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, const ProgressFn& progress) {
+  const uint64_t incompatible = ctx.header.incompatible, autoclear = ctx.header.autoclear;
+  const DedupFindings before = first.pass.report.dedup;
+  // Until the repair is done the image says so: a crash half way leaves it
+  // dirty (to be repaired again) and its index out of sync (to be rebuilt).
+  QD_RETURN_IF_ERROR(WriteFeatureBits(ctx, incompatible | kIncompatDirty, autoclear & ~kAutoclearDedupInSync));
+
+  CheckReport moved;
+  if (mode == RepairMode::kAll) {
+    StoredRefcounts stored(ctx);
+    QD_RETURN_IF_ERROR(stored.Load());
+    QD_ASSIGN_OR_RETURN(uint64_t n, MoveDataOffMetadata(ctx, first.pass.refs, stored, moved));
+    (void)n;
+  }
+  QD_ASSIGN_OR_RETURN(PassResult fixed, RunPass(ctx, mode));
+  const CheckReport& f = fixed.report;
+  const bool clean = !f.corruptions && !f.check_errors;
+
+  // QEMU marks the image clean and consistent when the repair left no
+  // corruption; otherwise it stays as it was.
+  const uint64_t new_incompatible = clean ? incompatible & ~(kIncompatDirty | kIncompatCorrupt) : incompatible;
+  // The refcount fixes of -r leaks leave data and index alone, so an index
+  // that was right stays right; -r all may rebuild the refcount structure
+  // where the index lay, and rebuilds the index instead.
+  const bool keep_index = mode == RepairMode::kLeaks && before.in_sync && before.index_loaded && !before.errors();
+  QD_RETURN_IF_ERROR(WriteFeatureBits(ctx, new_incompatible, keep_index ? autoclear : autoclear & ~kAutoclearDedupInSync));
+
+  QD_ASSIGN_OR_RETURN(Examination last, Examine(ctx, progress));
+  bool rebuilt = false;
+  if (mode == RepairMode::kAll && clean && ctx.header.dedup && !last.pass.report.corruptions &&
+      !last.pass.report.check_errors) {
+    StoredRefcounts stored(ctx);
+    QD_RETURN_IF_ERROR(stored.Load());
+    QD_RETURN_IF_ERROR(SaveRebuiltIndex(ctx, last.hashed, stored));
+    last.index_notes = CheckReport{};
+    QD_RETURN_IF_ERROR(AuditIndex(ctx, last.hashed, last.pass.report.dedup, last.index_notes));
+    rebuilt = true;
+  }
+
+  CheckReport r;
+  for (std::string& m : first.index_notes.messages)
+    if (rebuilt) Note(r, std::move(m));
+  for (std::string& m : moved.messages) Note(r, std::move(m));
+  for (const std::string& m : f.messages) Note(r, m);
+  CheckReport final_report = Report(last);
+  for (std::string& m : final_report.messages) Note(r, std::move(m));
+  final_report.messages = std::move(r.messages);
+  final_report.leaks_fixed = f.leaks_fixed;
+  final_report.corruptions_fixed = f.corruptions_fixed + moved.corruptions_fixed;
+  final_report.dedup.rebuilt = rebuilt;
+  return final_report;
+}
+
+}  // namespace
+}  // namespace check
+
+Result<CheckReport> CheckImage(const std::string& path, CheckOptions options) {
+  const bool repair = options.repair != RepairMode::kNone;
+  std::unique_ptr<File> file = std::move(options.file);
+  if (!file) {
+    QD_ASSIGN_OR_RETURN(file, OpenPosixFile(path, repair ? OpenMode::kReadWrite : OpenMode::kReadOnly));
+  }
+  if (repair) QD_RETURN_IF_ERROR(file->Lock(LockMode::kExclusive));
+  else if (!options.force_share) QD_RETURN_IF_ERROR(file->Lock(LockMode::kShared));
+
+  check::Context ctx;
+  ctx.file = file.get();
+  ctx.writable = repair;
+  QD_RETURN_IF_ERROR(check::OpenContext(ctx));
+  QD_ASSIGN_OR_RETURN(check::Examination first, check::Examine(ctx, options.progress));
+  CheckReport r;
+  if (repair && check::NeedsRepair(ctx, first.pass.report, options.repair)) {
+    QD_ASSIGN_OR_RETURN(r, check::Repair(ctx, first, options.repair, options.progress));
+  } else {
+    r = check::Report(first);
+  }
+  r.filename = path;
+  return r;
+}
+
+int CheckExitCode(const CheckReport& r) {
+  if (r.check_errors) return 1;  // qemu-img: the check could not complete
+  if (r.corruptions || r.dedup.errors()) return 2;
+  if (r.leaks) return 3;
+  return 0;
+}
+
+}  // namespace qcow2dedup

@@ -1,0 +1,56 @@
+// What every part of check works on: the file, the header as it stands on
+// disk (repair changes it as it goes), and the report a pass fills in.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "format/header.h"
+#include "format/snapshot.h"
+#include "qcow2dedup/check.h"
+#include "qcow2dedup/file.h"
+
+namespace qcow2dedup::check {
+
+// QEMU's masks (block/qcow2.h): an entry's reserved bits differ by table.
+constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ull;
+constexpr uint64_t kL1EntryReserved = 0x7f000000000001ffull;
+constexpr uint64_t kL2EntryReserved = 0x3f000000000001feull;
+constexpr uint64_t kRefTableOffsetMask = 0xfffffffffffffe00ull;
+constexpr uint64_t kRefTableEntryReserved = 0x1ffull;
+// Extended L2 bitmaps: low half allocated, high half reads-as-zero.
+constexpr uint64_t kSubclustersAllocated = 0xffffffffull;
+
+// Header fields repair patches in place (byte offsets in cluster 0).
+constexpr uint64_t kHeaderRefTableAt = 48;
+constexpr uint64_t kHeaderIncompatibleAt = 72;
+constexpr uint64_t kHeaderAutoclearAt = 88;
+
+struct Context {
+  File* file = nullptr;
+  Header header;
+  uint64_t file_size = 0;
+  SnapshotTable snapshots;
+  bool writable = false;
+
+  uint64_t cs() const { return header.cluster_size(); }
+  uint32_t bits() const { return header.cluster_bits; }
+  // Clusters the file holds, the last one perhaps partly.
+  uint64_t FileClusters() const { return (file_size + cs() - 1) / cs(); }
+
+  // Reads only what lies inside the file: an offset taken from a damaged
+  // table may be anywhere below 2^64, and past the end everything is zero
+  // (as QEMU's block layer reads it).
+  Status Read(uint64_t offset, std::span<uint8_t> buf);
+  Status Write(uint64_t offset, std::span<const uint8_t> data);
+  // Rewrites one big-endian header field; the rest of cluster 0 stays as is.
+  Status WriteHeaderField(uint64_t at, uint64_t value, int bytes);
+  Result<uint64_t> RefreshFileSize();
+};
+
+// Adds one finding to a report. The list is bounded: a hostile image can
+// produce a finding for every cluster of a huge file.
+void Note(CheckReport& r, std::string line);
+
+}  // namespace qcow2dedup::check

@@ -1,0 +1,293 @@
+// The recount's outer structures: header, L1 tables, snapshot table,
+// refcount table and blocks. L2 tables and bitmaps have files of their own.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "check/references.h"
+#include "format/endian.h"
+
+namespace qcow2dedup::check {
+
+const char kMetaL2Table[] = "an L2 table";
+const char kMetaRefblock[] = "a refcount block";
+
+ReferenceCounts::ReferenceCounts(uint64_t clusters, uint64_t max_refcount)
+    : counts_(clusters, 0), max_(std::min<uint64_t>(max_refcount, UINT32_MAX)) {}
+
+uint64_t ReferenceCounts::Add(uint64_t c, uint64_t n) {
+  if (c >= counts_.size()) counts_.resize(c + 1, 0);
+  const uint64_t room = max_ - counts_[c];
+  const uint64_t added = std::min(room, n);
+  counts_[c] = uint32_t(counts_[c] + added);
+  return n - added;
+}
+
+void ReferenceCounts::Set(uint64_t c, uint64_t v) {
+  if (c >= counts_.size()) counts_.resize(c + 1, 0);
+  counts_[c] = uint32_t(std::min(v, max_));
+}
+
+uint64_t ReferenceCounts::End() const {
+  for (uint64_t c = counts_.size(); c-- > 0;)
+    if (counts_[c]) return c + 1;
+  return 0;
+}
+
+void Recount::Inc(uint64_t offset, uint64_t size, uint64_t n) {
+  if (size == 0 || n == 0) return;
+  const uint64_t cs = ctx_.cs();
+  // QEMU tolerates a reference into the partly written last cluster, not
+  // one a whole cluster or more past the end of the file.
+  if (offset + size >= ctx_.file_size + cs || offset + size < offset) {
+    r_.corruptions += n;
+    Note(r_, fmt::format("ERROR: counting reference for region exceeding the end of the file by one cluster "
+                         "or more: offset {:#x} size {:#x}",
+                         offset, size));
+    return;
+  }
+  for (uint64_t c = offset / cs; c <= (offset + size - 1) / cs; ++c) {
+    if (uint64_t over = refs_.counts.Add(c, n)) {
+      r_.corruptions += over;
+      Note(r_, fmt::format("ERROR: overflow cluster offset={:#x}", c * cs));
+      Note(r_, "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean "
+               "copy if the image cannot be opened for writing");
+    }
+  }
+}
+
+namespace {
+
+bool Shareable(const char* kind) { return kind == kMetaL2Table; }
+
+}  // namespace
+
+void Recount::MarkMeta(uint64_t offset, uint64_t size, const char* kind, uint64_t n) {
+  const uint64_t cs = ctx_.cs();
+  if (size == 0 || n == 0 || offset >= ctx_.file_size) return;
+  const uint64_t last = std::min((offset + size - 1) / cs, ctx_.FileClusters() - 1);
+  for (uint64_t c = offset / cs; c <= last; ++c) {
+    auto [it, fresh] = refs_.meta.try_emplace(c, MetaCluster{kind});
+    if ((!fresh || n > 1) && !(Shareable(kind) && it->second.kind == kind)) it->second.mixed = true;
+    it->second.expected += n;
+  }
+}
+
+namespace {
+
+class OuterWalk {
+ public:
+  OuterWalk(Context& ctx, CheckReport& r, References& refs) : ctx_(ctx), r_(r), refs_(refs), rc_(ctx, r, refs) {}
+
+  // check_refcounts_l1 for one L1 table that n snapshots (or the active
+  // image) share: the L2 tables it names are walked later, once each.
+  Status CountL1(uint64_t offset, uint32_t entries, uint64_t n, bool active, const char* kind) {
+    if (entries == 0) return Status::Ok();
+    rc_.Inc(offset, uint64_t(entries) * 8, n);
+    rc_.MarkMeta(offset, uint64_t(entries) * 8, kind, n);
+    std::vector<uint8_t> raw(uint64_t(entries) * 8);
+    QD_RETURN_IF_ERROR(ctx_.Read(offset, raw));
+    const uint64_t cs = ctx_.cs();
+    for (uint32_t i = 0; i < entries; ++i) {
+      const uint64_t e = LoadBe64(&raw[uint64_t(i) * 8]);
+      if (!e) continue;
+      if (e & kL1EntryReserved) {
+        r_.corruptions += n;
+        Note(r_, fmt::format("ERROR found L1 entry with reserved bits set: {:x}", e));
+      }
+      const uint64_t l2 = e & kL1OffsetMask;
+      rc_.Inc(l2, cs, n);
+      if (l2 % cs) {
+        r_.corruptions += n;
+        Note(r_, fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2));
+        continue;  // not walked: a misaligned table is garbage, and reading it costs a cluster each
+      }
+      if (l2 >= ctx_.file_size) continue;  // reads as zeros: nothing to walk
+      L2Use& use = refs_.l2_tables[l2];
+      (active ? use.active : use.inactive) += n;
+      rc_.MarkMeta(l2, cs, kMetaL2Table, n);
+    }
+    return Status::Ok();
+  }
+
+  Status CountSnapshots() {
+    // Identical snapshot L1 tables are walked once; distinct ones only as far
+    // as the file could hold them side by side (a valid image's L1 tables
+    // never overlap), which bounds the work a hostile table can ask for.
+    std::map<std::pair<uint64_t, uint32_t>, uint64_t> tables;
+    for (const Snapshot& s : ctx_.snapshots.snapshots) ++tables[{s.l1_offset, s.l1_size}];
+    uint64_t budget = ctx_.file_size;
+    for (auto& [key, n] : tables) {
+      const uint64_t bytes = uint64_t(key.second) * 8;
+      if (bytes > budget) {
+        ++r_.check_errors;
+        Note(r_, fmt::format("ERROR snapshot L1 tables overlap beyond what the file can hold; the one at {:#x} "
+                             "is not checked",
+                             key.first));
+        continue;
+      }
+      budget -= bytes;
+      QD_RETURN_IF_ERROR(CountL1(key.first, key.second, n, false, "a snapshot's L1 table"));
+    }
+    return Status::Ok();
+  }
+
+  Result<std::vector<uint64_t>> ReadRefTable() {
+    const Header& h = ctx_.header;
+    std::vector<uint8_t> raw(uint64_t(h.reftable_clusters) * ctx_.cs());
+    QD_RETURN_IF_ERROR(ctx_.Read(h.reftable_offset, raw));
+    std::vector<uint64_t> table(raw.size() / 8);
+    for (size_t i = 0; i < table.size(); ++i) table[i] = LoadBe64(&raw[i * 8]);
+    return table;
+  }
+
+  // check_refblocks: each block is referenced once, by the table, and
+  // anything else there means the structure must be rebuilt.
+  void CheckRefblocks(const std::vector<uint64_t>& table, RepairMode fix, bool* rebuild) {
+    const uint64_t cs = ctx_.cs();
+    for (uint64_t i = 0; i < table.size(); ++i) {
+      const uint64_t offset = table[i] & kRefTableOffsetMask, cluster = offset / cs;
+      if (table[i] & kRefTableEntryReserved) {
+        Note(r_, fmt::format("ERROR refcount table entry {} has reserved bits set", i));
+        ++r_.corruptions;
+        *rebuild = true;
+        continue;
+      }
+      if (offset % cs) {
+        Note(r_, fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry corrupted", i));
+        ++r_.corruptions;
+        *rebuild = true;
+        continue;
+      }
+      if (cluster >= refs_.counts.size()) {
+        // QEMU grows the file to hold the block; a rebuild puts it back
+        // inside the image instead.
+        ++r_.corruptions;
+        Note(r_, fmt::format("{} refcount block {} is outside image", fix == RepairMode::kAll ? "Repairing" : "ERROR", i));
+        if (fix == RepairMode::kAll) *rebuild = true;
+        continue;
+      }
+      if (offset != 0) {
+        rc_.Inc(offset, cs);
+        if (refs_.counts.Get(cluster) != 1) {
+          Note(r_, fmt::format("ERROR refcount block {} refcount={}", i, refs_.counts.Get(cluster)));
+          ++r_.corruptions;
+          *rebuild = true;
+        }
+      }
+    }
+  }
+
+  void MarkRefblocks(const std::vector<uint64_t>& table) {
+    const uint64_t cs = ctx_.cs();
+    for (uint64_t e : table) {
+      const uint64_t offset = e & kRefTableOffsetMask;
+      if (offset && offset % cs == 0 && !(e & kRefTableEntryReserved)) rc_.MarkMeta(offset, cs, kMetaRefblock);
+    }
+  }
+
+  Recount& rc() { return rc_; }
+
+ private:
+  Context& ctx_;
+  CheckReport& r_;
+  References& refs_;
+  Recount rc_;
+};
+
+}  // namespace
+
+namespace {
+
+Result<References> CountOnce(Context& ctx, CheckReport& r, const CountOptions& o, bool* rebuild,
+                             std::vector<L2Fix>* fixes) {
+  const Header& h = ctx.header;
+  const uint64_t cs = ctx.cs();
+  References refs(ctx.FileClusters(), h.max_refcount());
+  OuterWalk walk(ctx, r, refs);
+  Recount& rc = walk.rc();
+
+  // Metadata first, so that every later step knows what a cluster holds.
+  QD_ASSIGN_OR_RETURN(std::vector<uint64_t> reftable, walk.ReadRefTable());
+  if (o.refcount_structures) {
+    walk.MarkRefblocks(reftable);
+    rc.MarkMeta(h.reftable_offset, uint64_t(h.reftable_clusters) * cs, "the refcount table");
+  }
+  rc.Inc(0, cs);
+  rc.MarkMeta(0, cs, "the header");
+  QD_RETURN_IF_ERROR(walk.CountL1(h.l1_offset, h.l1_size, 1, true, "the active L1 table"));
+  QD_RETURN_IF_ERROR(walk.CountSnapshots());
+  rc.Inc(h.snapshots_offset, ctx.snapshots.bytes);
+  rc.MarkMeta(h.snapshots_offset, ctx.snapshots.bytes, "the snapshot table");
+  if (o.refcount_structures) rc.Inc(h.reftable_offset, uint64_t(h.reftable_clusters) * cs);
+  QD_RETURN_IF_ERROR(rc.CountBitmaps());
+  QD_RETURN_IF_ERROR(rc.CountL2Tables(fixes));
+  if (o.refcount_structures) walk.CheckRefblocks(reftable, o.fix, rebuild);
+  return refs;
+}
+
+void Merge(CheckReport& into, const CheckReport& from) {
+  into.check_errors += from.check_errors;
+  into.corruptions += from.corruptions;
+  into.leaks += from.leaks;
+  into.corruptions_fixed += from.corruptions_fixed;
+  into.leaks_fixed += from.leaks_fixed;
+  into.allocated_clusters += from.allocated_clusters;
+  into.fragmented_clusters += from.fragmented_clusters;
+  into.compressed_clusters += from.compressed_clusters;
+  for (const std::string& m : from.messages) Note(into, m);
+}
+
+// Mends the entries that can be mended in place, where nothing but the L2
+// table itself lives in its cluster (the counts are whole by now).
+Result<uint64_t> ApplyL2Fixes(Context& ctx, const References& refs, const std::vector<L2Fix>& fixes,
+                              CheckReport& r) {
+  const Header& h = ctx.header;
+  const uint64_t cs = ctx.cs();
+  uint64_t applied = 0;
+  std::vector<uint8_t> table(cs);
+  for (size_t i = 0; i < fixes.size();) {
+    const uint64_t l2 = fixes[i].table;
+    size_t end = i;
+    while (end < fixes.size() && fixes[end].table == l2) ++end;
+    if (PureL2Table(refs, l2, cs)) {
+      QD_RETURN_IF_ERROR(ctx.Read(l2, table));
+      for (size_t k = i; k < end; ++k) {
+        uint8_t* p = &table[fixes[k].index * h.l2_entry_bytes()];
+        StoreBe64(p, fixes[k].entry);
+        if (h.extended_l2()) StoreBe64(p + 8, fixes[k].bitmap);
+        Note(r, fixes[k].message);
+        ++r.corruptions_fixed;
+        ++applied;
+      }
+      QD_RETURN_IF_ERROR(ctx.Write(l2, table));
+    }
+    i = end;
+  }
+  if (applied) QD_RETURN_IF_ERROR(ctx.file->Sync());
+  return applied;
+}
+
+}  // namespace
+
+Result<References> CountReferences(Context& ctx, CheckReport& r, const CountOptions& o, bool* rebuild) {
+  std::vector<L2Fix> fixes;
+  CheckReport first;
+  bool first_rebuild = false;
+  QD_ASSIGN_OR_RETURN(References refs, CountOnce(ctx, first, o, &first_rebuild, &fixes));
+  uint64_t applied = 0;
+  if (o.fix == RepairMode::kAll && !fixes.empty()) {
+    QD_ASSIGN_OR_RETURN(applied, ApplyL2Fixes(ctx, refs, fixes, r));
+  }
+  if (!applied) {
+    Merge(r, first);
+    *rebuild |= first_rebuild;
+    return refs;
+  }
+  // The mended entries no longer reference anything: count again.
+  fixes.clear();
+  return CountOnce(ctx, r, o, rebuild, &fixes);
+}
+
+}  // namespace qcow2dedup::check

@@ -1,0 +1,160 @@
+#include "check/index_audit.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "dedup/hasher.h"
+#include "dedup/index.h"
+#include "dedup/index_store.h"
+#include "dedup/sha256.h"
+#include "format/endian.h"
+
+namespace qcow2dedup::check {
+namespace {
+
+using Key = std::array<uint8_t, 20>;
+
+Key KeyOf(const uint8_t* p) {
+  Key k;
+  std::memcpy(k.data(), p, k.size());
+  return k;
+}
+
+const HashedCluster* FindCluster(const std::vector<HashedCluster>& hashed, uint64_t cluster) {
+  auto it = std::lower_bound(hashed.begin(), hashed.end(), cluster,
+                             [](const HashedCluster& h, uint64_t c) { return h.cluster < c; });
+  return it != hashed.end() && it->cluster == cluster ? &*it : nullptr;
+}
+
+// The stored index bytes, if they are whole: the same tests LoadIndex
+// makes before the writer trusts them. The empty string means whole.
+std::string ReadIndex(Context& ctx, const DedupExtension& ext, std::vector<uint8_t>& bytes) {
+  const uint64_t cs = ctx.cs();
+  if (ext.hash_algorithm != kHashSha256) return fmt::format("unknown hash algorithm {}", ext.hash_algorithm);
+  if (ext.index_entries == 0)
+    return ext.index_offset == 0 ? "" : "an empty index with an offset";
+  if (ext.index_entries > ctx.file_size / cs || ext.index_offset % cs != 0 || ext.index_offset < cs ||
+      ext.index_offset > ctx.file_size || ext.index_entries * kIndexEntryBytes > ctx.file_size - ext.index_offset)
+    return fmt::format("{} entries at {:#x} do not fit in the file", ext.index_entries, ext.index_offset);
+  bytes.resize(ext.index_entries * kIndexEntryBytes);
+  if (!ctx.Read(ext.index_offset, bytes).ok()) return "it cannot be read";
+  if (Sha256(bytes) != ext.index_digest) return "its bytes do not match the digest in the header";
+  return "";
+}
+
+}  // namespace
+
+Result<std::vector<HashedCluster>> HashDataClusters(Context& ctx, const References& refs,
+                                                    const ProgressFn& progress) {
+  const uint64_t cs = ctx.cs();
+  std::vector<uint64_t> clusters;
+  for (uint64_t c : refs.active_data)
+    if (!refs.meta.count(c)) clusters.push_back(c);
+  std::vector<HashedCluster> hashed(clusters.size());
+  const size_t batch = std::max<size_t>(64, (8u << 20) / cs);
+  std::vector<uint8_t> buf(std::min(batch, clusters.size()) * cs);
+  std::vector<Status> errors(batch);
+  for (size_t start = 0; start < clusters.size(); start += batch) {
+    const size_t n = std::min(batch, clusters.size() - start);
+    ParallelFor(n, 8, [&](size_t k) {
+      std::span<uint8_t> c(&buf[k * cs], cs);
+      errors[k] = ctx.Read(clusters[start + k] * cs, c);
+      const Digest d = Sha256(c);
+      hashed[start + k] = {clusters[start + k], KeyOf(d.data())};
+    });
+    for (size_t k = 0; k < n; ++k) QD_RETURN_IF_ERROR(errors[k]);
+    if (progress) progress(start + n, clusters.size());
+  }
+  return hashed;
+}
+
+Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupFindings& d, CheckReport& notes) {
+  const Header& h = ctx.header;
+  const uint64_t cs = ctx.cs();
+  d = DedupFindings{};
+  d.present = h.dedup.has_value();
+  d.in_sync = h.dedup_in_sync();
+  d.stored_clusters = hashed.size();
+
+  // Distinct contents, each with the lowest cluster that the index could
+  // name (it holds 32-bit cluster numbers).
+  std::vector<std::pair<Key, uint64_t>> contents;
+  contents.reserve(hashed.size());
+  for (const HashedCluster& hc : hashed) contents.emplace_back(hc.key, hc.cluster);
+  std::sort(contents.begin(), contents.end());
+  std::vector<std::pair<Key, uint64_t>> distinct;
+  for (const auto& c : contents) {
+    if (!distinct.empty() && distinct.back().first == c.first) {
+      ++d.duplicates;
+      continue;
+    }
+    distinct.push_back(c);
+  }
+  if (!d.in_sync) return Status::Ok();
+
+  std::vector<uint8_t> bytes;
+  const std::string broken = ReadIndex(ctx, *h.dedup, bytes);
+  if (!broken.empty()) {
+    Note(notes, "ERROR dedup index: " + broken);
+    if (h.dedup->hash_algorithm != kHashSha256) return Status::Ok();  // a newer tool's index: not ours to judge
+    d.stale = h.dedup->index_entries;
+    for (const auto& c : distinct)
+      if (c.second <= DedupIndex::kMaxCluster) ++d.missing;
+    return Status::Ok();
+  }
+  d.index_loaded = true;
+  d.indexed = h.dedup->index_entries;
+
+  std::vector<Key> good;
+  for (uint64_t i = 0; i < d.indexed; ++i) {
+    const uint8_t* p = &bytes[i * kIndexEntryBytes];
+    const uint64_t offset = LoadBe64(p);
+    const Key key = KeyOf(p + 8);
+    const HashedCluster* hc = offset % cs == 0 && offset >= cs && offset < h.dedup->index_offset
+                                  ? FindCluster(hashed, offset / cs)
+                                  : nullptr;
+    if (!hc) {
+      ++d.stale;
+      Note(notes, fmt::format("ERROR dedup index entry for offset {:#x}: the cluster holds no guest data", offset));
+    } else if (hc->key != key) {
+      ++d.mismatched;
+      Note(notes, fmt::format("ERROR dedup index entry for cluster {}: the data there does not match the hash",
+                              offset / cs));
+    } else {
+      good.push_back(key);
+    }
+  }
+  std::sort(good.begin(), good.end());
+  for (const auto& [key, cluster] : distinct) {
+    if (cluster > DedupIndex::kMaxCluster || std::binary_search(good.begin(), good.end(), key)) continue;
+    ++d.missing;
+    Note(notes, fmt::format("ERROR dedup index lacks the data stored in cluster {}", cluster));
+  }
+  return Status::Ok();
+}
+
+Status SaveRebuiltIndex(Context& ctx, const std::vector<HashedCluster>& hashed, StoredRefcounts& stored) {
+  const uint64_t cs = ctx.cs();
+  DedupIndex index;
+  for (const HashedCluster& hc : hashed) {  // ascending: the lowest copy of each content wins
+    Digest d{};
+    std::memcpy(d.data(), hc.key.data(), hc.key.size());
+    if (!index.Find(d)) index.Insert(d, hc.cluster);
+  }
+  QD_ASSIGN_OR_RETURN(uint64_t end, stored.EndCluster());
+  const uint64_t at = std::max<uint64_t>(end, 1) * cs;
+  QD_ASSIGN_OR_RETURN(DedupExtension ext, SaveIndex(*ctx.file, index, ctx.bits(), at));
+  const uint64_t size = ext.index_offset ? at + ext.index_entries * kIndexEntryBytes : at;
+  QD_RETURN_IF_ERROR(ctx.file->Truncate(std::max(size, cs)));
+  QD_RETURN_IF_ERROR(ctx.RefreshFileSize().status());
+  QD_RETURN_IF_ERROR(ctx.file->Sync());
+  ctx.header.dedup = ext;
+  ctx.header.autoclear |= kAutoclearDedupInSync;
+  QD_ASSIGN_OR_RETURN(std::vector<uint8_t> head, EncodeHeader(ctx.header));
+  QD_RETURN_IF_ERROR(ctx.Write(0, head));
+  return ctx.file->Sync();
+}
+
+}  // namespace qcow2dedup::check

@@ -1,0 +1,109 @@
+// The recount's L2 step, as QEMU's check_refcounts_l2(): each table is read
+// once however many L1 entries name it, and what it finds counts as often
+// as QEMU, which walks it once per L1 entry, would count it.
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "check/references.h"
+#include "format/endian.h"
+#include "format/entries.h"
+
+namespace qcow2dedup::check {
+
+Status Recount::CountL2Tables(std::vector<L2Fix>* fixes) {
+  for (const auto& [offset, use] : refs_.l2_tables) QD_RETURN_IF_ERROR(CountL2Table(offset, use, fixes));
+  auto& data = refs_.active_data;
+  std::sort(data.begin(), data.end());
+  data.erase(std::unique(data.begin(), data.end()), data.end());
+  return Status::Ok();
+}
+
+Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* fixes) {
+  const Header& h = ctx_.header;
+  const uint64_t cs = ctx_.cs();
+  const uint64_t n = use.active + use.inactive, a = use.active;
+  const bool ext = h.extended_l2();
+  const uint32_t eb = h.l2_entry_bytes();
+  std::vector<uint8_t> table(cs);
+  QD_RETURN_IF_ERROR(ctx_.Read(l2, table));
+
+  // Allocation statistics come from the active walks only.
+  uint64_t next_contiguous = 0;
+  for (uint64_t i = 0; i < h.l2_entries(); ++i) {
+    const uint8_t* p = &table[i * eb];
+    const uint64_t e = LoadBe64(p);
+    const uint64_t bitmap = ext ? LoadBe64(p + 8) : 0;
+    const bool compressed = IsCompressed(e);
+
+    if (!compressed && (e & kL2EntryReserved)) {
+      r_.corruptions += n;
+      Note(r_, fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
+    }
+
+    if (compressed) {
+      const CompressedDescriptor d = DecodeCompressed(e, h.cluster_bits);
+      if (e & kFlagCopied) {
+        r_.corruptions += n;
+        Note(r_, fmt::format("ERROR: coffset={:#x}: copied flag must never be set for compressed clusters", d.offset));
+        fixes->push_back({l2, i, e & ~kFlagCopied, bitmap,
+                          fmt::format("Repairing coffset={:#x}: copied flag must never be set for compressed clusters",
+                                      d.offset)});
+      }
+      if (bitmap) {
+        r_.corruptions += n;
+        Note(r_, fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, entry={:#x}",
+                             i, e));
+        continue;
+      }
+      Inc(d.offset, d.bytes, n);
+      // Compressed clusters are fragmented by nature (QEMU's words).
+      r_.allocated_clusters += a;
+      r_.compressed_clusters += a;
+      r_.fragmented_clusters += a;
+      continue;
+    }
+
+    const bool zero_flag = !ext && (e & kFlagZero);
+    const uint64_t offset = e & kOffsetMask;
+    if (offset == 0) {
+      if (!zero_flag && (bitmap & kSubclustersAllocated)) {
+        r_.corruptions += n;
+        Note(r_, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
+      }
+      continue;
+    }
+
+    // A standard cluster, or a preallocated zero cluster.
+    if ((bitmap >> 32) & bitmap) {
+      r_.corruptions += n;
+      Note(r_, fmt::format("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation bitmap", offset));
+    }
+    if (offset % cs) {
+      r_.corruptions += n;
+      const bool contains_data = ext ? (bitmap & kSubclustersAllocated) != 0 : !zero_flag;
+      if (!contains_data) {
+        Note(r_, fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+                             offset));
+        // Reads as zero either way: a plain zero entry loses nothing.
+        const uint64_t zero_bitmap = (bitmap | (bitmap << 32)) & ~kSubclustersAllocated;
+        fixes->push_back({l2, i, ext ? 0 : kFlagZero, ext ? zero_bitmap : 0,
+                          fmt::format("Repairing offset={:x}: Preallocated cluster is not properly aligned; L2 entry "
+                                      "corrupted.",
+                                      offset)});
+      } else {
+        Note(r_, fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry corrupted.", offset));
+      }
+    }
+    if (a) {
+      r_.allocated_clusters += a;
+      if (next_contiguous && offset != next_contiguous) r_.fragmented_clusters += a;
+      next_contiguous = offset + cs;
+    }
+    Inc(offset, cs, n);
+    if (a && !zero_flag && offset % cs == 0 && offset < ctx_.file_size) refs_.active_data.push_back(offset / cs);
+  }
+  return Status::Ok();
+}
+
+}  // namespace qcow2dedup::check

@@ -1,0 +1,468 @@
+// Hostile images: truncated files and malformed headers. Whatever the bytes,
+// `qcow2dedup info` and `qcow2dedup convert -O raw` either succeed or fail
+// with one line on stderr naming the file; they never crash, hang, eat
+// unbounded memory or change the file they read.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "support/process.h"
+#include "support/qemu_images.h"
+#include "support/temp_dir.h"
+
+using namespace testing;
+using namespace testing::images;
+
+namespace {
+
+constexpr uint64_t KiB = 1024, MiB = 1024 * 1024;
+std::string N(uint64_t v) { return std::to_string(v); }
+
+// Header field offsets (docs/interop/qcow2.rst).
+constexpr uint64_t kMagic = 0, kVersion = 4, kBackingOffset = 8, kBackingSize = 16, kClusterBits = 20,
+                   kSize = 24, kCryptMethod = 32, kL1Size = 36, kL1Offset = 40, kRefTableOffset = 48,
+                   kRefTableClusters = 56, kNbSnapshots = 60, kSnapshotsOffset = 64, kIncompatible = 72,
+                   kRefcountOrder = 96, kHeaderLength = 100;
+
+// Memory a run may take: virtual (ulimit -v, KiB) and resident (KiB).
+constexpr uint64_t kVirtualLimitKiB = 1000000;
+constexpr uint64_t kMaxRssKiB = 256 * 1024;
+
+// ulimit -v breaks sanitizer builds (their shadow memory is huge): use it
+// only if the tool starts under it.
+bool UlimitWorks() {
+  static const bool works =
+      Run("ulimit -v " + N(kVirtualLimitKiB) + " && " + Tool() + " --help >/dev/null").exit_code == 0;
+  return works;
+}
+
+struct Outcome {
+  std::string cmd;
+  RunResult r;
+  uint64_t max_rss_kib = 0;
+};
+
+// Runs the tool with its arguments under a time and memory bound; with
+// measure, /usr/bin/time reports the peak resident memory too (the loops
+// over thousands of cuts leave it out to stay fast).
+Outcome RunBounded(const std::string& args, bool measure = true) {
+  std::string cmd;
+  if (UlimitWorks()) cmd = "ulimit -v " + N(kVirtualLimitKiB) + " && ";
+  if (!measure) {
+    cmd += "exec timeout 10 " + Tool() + " " + args;
+    return Outcome{cmd, Run(cmd), 0};
+  }
+  TempDir t;
+  const std::string rss = t / "rss";
+  cmd += "/usr/bin/time -f 'maxrss %M' -o " + Sh(rss) + " timeout 10 " + Tool() + " " + args;
+  Outcome o{cmd, Run(cmd), 0};
+  for (const std::string& line : Lines(ReadBytes(rss)))
+    if (line.rfind("maxrss ", 0) == 0) o.max_rss_kib = std::stoull(line.substr(7));
+  return o;
+}
+
+#define OUTCOME_INFO(o)                  \
+  INFO("command: ", (o).cmd);            \
+  INFO("exit code: ", (o).r.exit_code);  \
+  INFO("stdout: ", (o).r.out.substr(0, 2000)); \
+  INFO("stderr: ", (o).r.err);           \
+  INFO("max RSS KiB: ", (o).max_rss_kib)
+
+// Success, or a clean failure: an exit code below 128 (not a signal, not
+// timeout's 124) and one stderr line naming one of names.
+void CheckSucceedsOrFailsCleanly(const Outcome& o, const std::vector<std::string>& names) {
+  OUTCOME_INFO(o);
+  CHECK(o.r.exit_code != 124);  // timeout: a hang
+  CHECK(o.r.exit_code < 124);   // >= 128: killed by a signal
+  CHECK(o.max_rss_kib <= kMaxRssKiB);
+  if (o.r.exit_code != 0 && o.r.exit_code < 124) {
+    CHECK(IsOneErrorLine(o.r.err));
+    bool named = false;
+    for (const auto& n : names) named = named || o.r.err.rfind("qcow2dedup: " + n + ":", 0) == 0;
+    CHECK_MESSAGE(named, "the error line does not start with qcow2dedup: <file>:");
+  }
+}
+
+void CheckFailsCleanly(const Outcome& o, const std::vector<std::string>& names) {
+  OUTCOME_INFO(o);
+  CHECK(o.r.exit_code != 0);
+  CheckSucceedsOrFailsCleanly(o, names);
+}
+
+std::string ReadHeader(const std::string& path) { return ReadBytes(path).substr(0, 4096); }
+
+// A small image with data in it, for cutting and patching: qcow2dedup's own
+// (created, then written by QEMU) or stock qemu-img's.
+std::string MakeImage(const TempDir& dir, const std::string& name, bool ours, uint64_t cluster_size) {
+  const std::string img = dir / name;
+  if (ours) {
+    MustRun(Tool() + " create -q -o cluster_size=" + N(cluster_size) + " " + Sh(img) + " 1M");
+  } else {
+    MustRun("qemu-img create -q -f qcow2 -o cluster_size=" + N(cluster_size) + " " + Sh(img) + " 1M");
+  }
+  QemuIo(img, {"write -q -P 0x11 0 4k", "write -q -P 0x22 " + N(300 * KiB) + " 3000",
+               "write -q -P 0x11 " + N(512 * KiB) + " 4k", "write -q -z " + N(700 * KiB) + " 8k",
+               "write -q -P 0x33 " + N(1 * MiB - 512) + " 512"});
+  return img;
+}
+
+}  // namespace
+
+TEST_CASE("hostile: every truncation of the first cluster (512-byte clusters), info and convert") {
+  for (bool ours : {true, false}) {
+    SUBCASE(ours ? "qcow2dedup create" : "qemu-img create") {
+      TempDir dir;
+      const std::string original = ReadBytes(MakeImage(dir, "orig.qcow2", ours, 512));
+      const std::string cut = dir / "cut.qcow2", out = dir / "out.raw";
+      // Every length of the first cluster, then a cut either side of every
+      // later cluster boundary.
+      std::vector<size_t> lengths;
+      for (size_t n = 0; n <= 512; ++n) lengths.push_back(n);
+      for (size_t b = 1024; ours && b <= original.size(); b += 512) {
+        lengths.push_back(b - 1);
+        lengths.push_back(b);
+        if (b + 1 <= original.size()) lengths.push_back(b + 1);
+      }
+      if (lengths.back() != original.size()) lengths.push_back(original.size());
+      int failures = 0;
+      for (size_t n : lengths) {
+        CAPTURE(n);
+        const std::string bytes = original.substr(0, n);
+        WriteBytes(cut, bytes);
+        std::filesystem::remove(out);
+        Outcome info = RunBounded("info --output=json " + Sh(cut), false);
+        CheckSucceedsOrFailsCleanly(info, {cut});
+        Outcome conv = RunBounded("convert -O raw " + Sh(cut) + " " + Sh(out), false);
+        CheckSucceedsOrFailsCleanly(conv, {cut});
+        CHECK_MESSAGE(ReadBytes(cut) == bytes, "the cut image changed");
+        if (n == original.size()) {
+          CHECK(info.r.exit_code == 0);
+          CHECK(conv.r.exit_code == 0);
+        }
+        if (info.r.exit_code >= 124 || conv.r.exit_code >= 124) ++failures;
+        if (failures > 20) FAIL("too many crashes; stopping");
+      }
+    }
+  }
+}
+
+TEST_CASE("hostile: truncations of a 64 KiB-cluster image, info only") {
+  TempDir dir;
+  const std::string original = ReadBytes(MakeImage(dir, "orig.qcow2", false, 64 * KiB));
+  const std::string cut = dir / "cut.qcow2";
+  std::vector<size_t> lengths;
+  // Every length up to past the header extensions, then a stride through
+  // the rest of the first clusters (L1, refcount table, refcount block).
+  for (size_t n = 0; n <= 640; ++n) lengths.push_back(n);
+  for (size_t n = 640 + 1021; n < std::min<size_t>(original.size(), 4 * 64 * KiB); n += 1021) lengths.push_back(n);
+  lengths.push_back(original.size());
+  int failures = 0;
+  for (size_t n : lengths) {
+    CAPTURE(n);
+    const std::string bytes = original.substr(0, n);
+    WriteBytes(cut, bytes);
+    Outcome info = RunBounded("info " + Sh(cut), false);
+    CheckSucceedsOrFailsCleanly(info, {cut});
+    CHECK_MESSAGE(ReadBytes(cut) == bytes, "the cut image changed");
+    if (info.r.exit_code >= 124 && ++failures > 20) FAIL("too many crashes; stopping");
+  }
+}
+
+namespace {
+
+struct Patch {
+  const char* what;
+  // Returns (offset, bytes) to write over the image; header is its first 4 KiB.
+  std::function<std::vector<std::pair<uint64_t, std::string>>(const std::string& header, uint64_t file_size)>
+      patch;
+  // A word the error message must contain (case-insensitive), or empty.
+  std::string must_mention;
+};
+
+uint64_t ClusterSize(const std::string& h) { return uint64_t(1) << GetBE(h, kClusterBits, 4); }
+
+std::string Lower(std::string s) {
+  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+using Edits = std::vector<std::pair<uint64_t, std::string>>;
+
+const std::vector<Patch>& Patches() {
+  static const std::vector<Patch> patches = {
+      {"version 1", [](auto&, auto) { return Edits{{kVersion, BE32(1)}}; }, ""},
+      {"version 4", [](auto&, auto) { return Edits{{kVersion, BE32(4)}}; }, ""},
+      {"version 0", [](auto&, auto) { return Edits{{kVersion, BE32(0)}}; }, ""},
+      {"cluster_bits 8", [](auto&, auto) { return Edits{{kClusterBits, BE32(8)}}; }, ""},
+      {"cluster_bits 22", [](auto&, auto) { return Edits{{kClusterBits, BE32(22)}}; }, ""},
+      {"cluster_bits 63", [](auto&, auto) { return Edits{{kClusterBits, BE32(63)}}; }, ""},
+      {"cluster_bits 0xffffffff", [](auto&, auto) { return Edits{{kClusterBits, BE32(0xffffffff)}}; }, ""},
+      {"l1_size 0x7fffffff", [](auto&, auto) { return Edits{{kL1Size, BE32(0x7fffffff)}}; }, ""},
+      {"l1_size 0xffffffff", [](auto&, auto) { return Edits{{kL1Size, BE32(0xffffffff)}}; }, ""},
+      {"l1_size 0 (too small for the disk)", [](auto&, auto) { return Edits{{kL1Size, BE32(0)}}; }, ""},
+      {"l1_table_offset beyond EOF",
+       [](auto& h, uint64_t fs) {
+         uint64_t cs = ClusterSize(h);
+         return Edits{{kL1Offset, BE64((fs / cs + 16) * cs)}};
+       },
+       ""},
+      {"l1_table_offset misaligned",
+       [](auto& h, auto) { return Edits{{kL1Offset, BE64(GetBE(h, kL1Offset, 8) + 8)}}; }, ""},
+      {"l1_table_offset 0", [](auto&, auto) { return Edits{{kL1Offset, BE64(0)}}; }, ""},
+      {"l1_table_offset 2^62",
+       [](auto& h, auto) { return Edits{{kL1Offset, BE64((uint64_t(1) << 62) - ClusterSize(h))}}; }, ""},
+      {"refcount_table_offset misaligned",
+       [](auto& h, auto) { return Edits{{kRefTableOffset, BE64(GetBE(h, kRefTableOffset, 8) + 8)}}; }, ""},
+      {"refcount_table_offset beyond EOF",
+       [](auto& h, uint64_t fs) {
+         uint64_t cs = ClusterSize(h);
+         return Edits{{kRefTableOffset, BE64((fs / cs + 16) * cs)}};
+       },
+       ""},
+      {"refcount_table_clusters 0xffffffff",
+       [](auto&, auto) { return Edits{{kRefTableClusters, BE32(0xffffffff)}}; }, ""},
+      {"header_length 100", [](auto&, auto) { return Edits{{kHeaderLength, BE32(100)}}; }, ""},
+      {"header_length 0xffff", [](auto&, auto) { return Edits{{kHeaderLength, BE32(0xffff)}}; }, ""},
+      {"header_length 0xfffffff8", [](auto&, auto) { return Edits{{kHeaderLength, BE32(0xfffffff8)}}; }, ""},
+      {"header extension longer than the cluster",
+       [](auto& h, auto) {
+         uint64_t at = GetBE(h, kHeaderLength, 4);
+         REQUIRE_MESSAGE(GetBE(h, at, 4) != 0, "the image has no header extension to damage");
+         return Edits{{at + 4, BE32(uint32_t(ClusterSize(h)))}};
+       },
+       ""},
+      {"header extension length 0xffffffff",
+       [](auto& h, auto) {
+         uint64_t at = GetBE(h, kHeaderLength, 4);
+         REQUIRE_MESSAGE(GetBE(h, at, 4) != 0, "the image has no header extension to damage");
+         return Edits{{at + 4, BE32(0xffffffff)}};
+       },
+       ""},
+      {"refcount_order 7", [](auto&, auto) { return Edits{{kRefcountOrder, BE32(7)}}; }, ""},
+      {"refcount_order 0xffffffff", [](auto&, auto) { return Edits{{kRefcountOrder, BE32(0xffffffff)}}; }, ""},
+      {"virtual size 2^63", [](auto&, auto) { return Edits{{kSize, BE64(uint64_t(1) << 63)}}; }, ""},
+      {"virtual size 2^64-1", [](auto&, auto) { return Edits{{kSize, BE64(~uint64_t(0))}}; }, ""},
+      {"virtual size 2^63 with a matching l1_size",
+       // Passes the L1-size consistency test: only a size limit stops it.
+       [](auto& h, auto) {
+         uint64_t cs = ClusterSize(h);
+         uint64_t per_l1 = cs * (cs / 8);
+         uint64_t l1 = ((uint64_t(1) << 62) / per_l1) * 2;
+         return Edits{{kSize, BE64(uint64_t(1) << 63)}, {kL1Size, BE32(uint32_t(std::min<uint64_t>(l1, 0xffffffff)))}};
+       },
+       ""},
+      {"unknown incompatible feature bit 9",
+       [](auto& h, auto) { return Edits{{kIncompatible, BE64(GetBE(h, kIncompatible, 8) | (uint64_t(1) << 9))}}; },
+       "9"},
+      {"unknown incompatible feature bit 63",
+       [](auto& h, auto) { return Edits{{kIncompatible, BE64(GetBE(h, kIncompatible, 8) | (uint64_t(1) << 63))}}; },
+       "63"},
+      {"external data file bit",
+       [](auto& h, auto) { return Edits{{kIncompatible, BE64(GetBE(h, kIncompatible, 8) | 4)}}; }, ""},
+      {"encrypted (crypt_method 1)", [](auto&, auto) { return Edits{{kCryptMethod, BE32(1)}}; }, ""},
+      {"crypt_method 7", [](auto&, auto) { return Edits{{kCryptMethod, BE32(7)}}; }, ""},
+      {"nb_snapshots 0xffffffff past EOF",
+       [](auto& h, uint64_t fs) {
+         uint64_t cs = ClusterSize(h);
+         return Edits{{kNbSnapshots, BE32(0xffffffff)}, {kSnapshotsOffset, BE64((fs / cs + 4) * cs)}};
+       },
+       ""},
+      {"snapshots_offset misaligned",
+       [](auto&, auto) { return Edits{{kNbSnapshots, BE32(1)}, {kSnapshotsOffset, BE64(12345)}}; }, ""},
+      {"backing file name past the first cluster",
+       [](auto& h, auto) {
+         return Edits{{kBackingOffset, BE64(ClusterSize(h) - 4)}, {kBackingSize, BE32(100)}};
+       },
+       ""},
+      {"backing file name length 0xffffffff",
+       [](auto&, auto) { return Edits{{kBackingOffset, BE64(400)}, {kBackingSize, BE32(0xffffffff)}}; }, ""},
+  };
+  return patches;
+}
+
+// Runs info (both outputs) and convert on img, each of which must fail
+// cleanly, naming one of names; img and the files in also_unchanged keep
+// their bytes. Returns the outcomes.
+std::vector<Outcome> CheckAllFail(const TempDir& dir, const std::string& img, const std::vector<std::string>& names,
+                                  const std::vector<std::string>& also_unchanged = {},
+                                  bool info_may_succeed = false) {
+  std::vector<std::string> files = also_unchanged;
+  files.insert(files.begin(), img);
+  std::vector<std::string> before;
+  for (const auto& f : files) before.push_back(FileDigest(f));
+  const std::string out = dir / "out.raw";
+  std::filesystem::remove(out);
+  std::vector<Outcome> outcomes = {RunBounded("info --output=json " + Sh(img)), RunBounded("info " + Sh(img)),
+                                   RunBounded("convert -O raw " + Sh(img) + " " + Sh(out)),
+                                   RunBounded("convert -f qcow2 -O raw " + Sh(img) + " " + Sh(out + "2"))};
+  for (size_t i = 0; i < outcomes.size(); ++i) {
+    if (i < 2 && info_may_succeed) CheckSucceedsOrFailsCleanly(outcomes[i], names);
+    else CheckFailsCleanly(outcomes[i], names);
+  }
+  for (size_t i = 0; i < files.size(); ++i) CHECK_MESSAGE(FileDigest(files[i]) == before[i], files[i], " changed");
+  return outcomes;
+}
+
+}  // namespace
+
+TEST_CASE("hostile: malformed headers") {
+  struct Base {
+    const char* name;
+    bool ours;
+    uint64_t cluster_size;
+  };
+  for (Base b : {Base{"qemu-img, 64 KiB clusters", false, 64 * KiB}, Base{"qcow2dedup, 512-byte clusters", true, 512},
+                 Base{"qcow2dedup, 64 KiB clusters", true, 64 * KiB}}) {
+    for (const Patch& p : Patches()) {
+      std::string name = std::string(b.name) + ": " + p.what;
+      SUBCASE(name.c_str()) {
+        TempDir dir;
+        const std::string img = MakeImage(dir, "img.qcow2", b.ours, b.cluster_size);
+        // The undamaged image reads.
+        MustRun(Tool() + " info " + Sh(img));
+        const std::string header = ReadHeader(img);
+        for (auto& [off, bytes] : p.patch(header, ReadBytes(img).size())) PatchFile(img, off, bytes);
+        auto outcomes = CheckAllFail(dir, img, {img});
+        if (!p.must_mention.empty()) {
+          for (const Outcome& o : outcomes) {
+            OUTCOME_INFO(o);
+            // The path may contain digits: look only at what follows it.
+            std::string msg = o.r.err;
+            if (auto at = msg.find(img); at != std::string::npos) msg = msg.substr(at + img.size());
+            CHECK_MESSAGE(std::regex_search(msg, std::regex("\\b" + p.must_mention + "\\b")),
+                          "the message does not name feature bit ", p.must_mention);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("hostile: an unknown incompatible feature named in the feature table") {
+  // QEMU names unknown features from the image's own feature name table.
+  TempDir dir;
+  const std::string img = MakeImage(dir, "img.qcow2", false, 64 * KiB);
+  std::string h = ReadHeader(img);
+  uint64_t at = GetBE(h, kHeaderLength, 4);
+  bool patched = false;
+  while (at + 8 <= h.size()) {
+    uint32_t magic = uint32_t(GetBE(h, at, 4)), len = uint32_t(GetBE(h, at + 4, 4));
+    if (magic == 0) break;
+    if (magic == 0x6803f857 && len >= 48) {
+      std::string entry(48, '\0');
+      entry[0] = 0;  // incompatible
+      entry[1] = 9;  // bit 9
+      std::string name = "frobnicated blocks";
+      entry.replace(2, name.size(), name);
+      PatchFile(img, at + 8, entry);
+      patched = true;
+      break;
+    }
+    at += 8 + ((len + 7) / 8) * 8;
+  }
+  REQUIRE_MESSAGE(patched, "qemu-img wrote no feature name table");
+  PatchFile(img, kIncompatible, BE64(GetBE(h, kIncompatible, 8) | (uint64_t(1) << 9)));
+  auto outcomes = CheckAllFail(dir, img, {img});
+  for (const Outcome& o : outcomes) {
+    OUTCOME_INFO(o);
+    CHECK(o.r.err.find("frobnicated blocks") != std::string::npos);
+  }
+}
+
+TEST_CASE("hostile: bad magic") {
+  // Without the magic the file is not qcow2: info and convert may take it as
+  // raw (as qemu-img does), but convert -f qcow2 must refuse it.
+  TempDir dir;
+  const std::string img = MakeImage(dir, "img.qcow2", false, 64 * KiB);
+  PatchFile(img, kMagic, "QFIX");
+  const std::string before = FileDigest(img);
+  Outcome info = RunBounded("info --output=json " + Sh(img));
+  CheckSucceedsOrFailsCleanly(info, {img});
+  if (info.r.exit_code == 0) {
+    OUTCOME_INFO(info);
+    auto j = nlohmann::json::parse(info.r.out, nullptr, false);
+    CHECK(!j.is_discarded());
+    if (!j.is_discarded()) CHECK(j.value("format", "") == "raw");
+  }
+  Outcome conv = RunBounded("convert -f qcow2 -O raw " + Sh(img) + " " + Sh(dir / "out.raw"));
+  CheckFailsCleanly(conv, {img});
+  CHECK(FileDigest(img) == before);
+}
+
+TEST_CASE("hostile: backing file problems") {
+  auto make = [](const TempDir& dir, const std::string& name) {
+    const std::string img = dir / name;
+    MustRun("qemu-img create -q -f qcow2 " + Sh(img) + " 4M");
+    QemuIo(img, {"write -q -P 0x44 0 64k"});
+    return img;
+  };
+  // qemu-img info does not open backing files, so it succeeds on each of
+  // these; qcow2dedup info may succeed too. convert must fail.
+  SUBCASE("backing file is the image itself") {
+    TempDir dir;
+    const std::string img = make(dir, "self.qcow2");
+    MustRun("qemu-img rebase -u -F qcow2 -b self.qcow2 " + Sh(img));
+    auto outcomes = CheckAllFail(dir, img, {img}, {}, /*info_may_succeed=*/true);
+    for (const Outcome& o : outcomes) {
+      OUTCOME_INFO(o);
+      if (o.r.exit_code != 0) CHECK(Lower(o.r.err).find("loop") != std::string::npos);
+    }
+  }
+  SUBCASE("two images that back each other") {
+    TempDir dir;
+    const std::string a = make(dir, "a.qcow2"), b = make(dir, "b.qcow2");
+    MustRun("qemu-img rebase -u -F qcow2 -b b.qcow2 " + Sh(a));
+    MustRun("qemu-img rebase -u -F qcow2 -b a.qcow2 " + Sh(b));
+    auto outcomes = CheckAllFail(dir, a, {a, b, "b.qcow2", "./b.qcow2", "a.qcow2", "./a.qcow2"}, {b},
+                                 /*info_may_succeed=*/true);
+    for (const Outcome& o : outcomes) {
+      OUTCOME_INFO(o);
+      if (o.r.exit_code != 0) CHECK(Lower(o.r.err).find("loop") != std::string::npos);
+    }
+  }
+  SUBCASE("a long chain that loops at its end") {
+    TempDir dir;
+    std::vector<std::string> imgs;
+    for (int i = 0; i < 6; ++i) imgs.push_back(make(dir, "c" + N(i) + ".qcow2"));
+    for (int i = 0; i < 6; ++i)
+      MustRun("qemu-img rebase -u -F qcow2 -b c" + N(i == 5 ? 3 : i + 1) + ".qcow2 " + Sh(imgs[size_t(i)]));
+    auto outcomes = CheckAllFail(dir, imgs[0], imgs, {imgs.begin() + 1, imgs.end()}, true);
+    for (const Outcome& o : outcomes) {
+      OUTCOME_INFO(o);
+      if (o.r.exit_code != 0) CHECK(Lower(o.r.err).find("loop") != std::string::npos);
+    }
+  }
+  SUBCASE("backing file missing") {
+    TempDir dir;
+    const std::string img = make(dir, "img.qcow2");
+    MustRun("qemu-img rebase -u -F qcow2 -b missing.qcow2 " + Sh(img));
+    auto outcomes = CheckAllFail(dir, img, {img, dir / "missing.qcow2", "missing.qcow2", "./missing.qcow2"}, {}, true);
+    Outcome info = outcomes[0];
+    if (info.r.exit_code == 0) {
+      // Then it says what qemu-img says.
+      CompareInfo(nlohmann::json::parse(info.r.out), QemuInfo(img));
+    }
+    for (const Outcome& o : outcomes) {
+      OUTCOME_INFO(o);
+      if (o.r.exit_code != 0) CHECK(o.r.err.find("missing.qcow2") != std::string::npos);
+    }
+  }
+  SUBCASE("backing file is a directory") {
+    TempDir dir;
+    const std::string img = make(dir, "img.qcow2");
+    std::filesystem::create_directory(dir / "adir");
+    MustRun("qemu-img rebase -u -F raw -b adir " + Sh(img));
+    CheckAllFail(dir, img, {img, dir / "adir", "adir", "./adir"}, {}, true);
+  }
+  SUBCASE("backing file is a damaged qcow2 image") {
+    TempDir dir;
+    const std::string base = make(dir, "base.qcow2");
+    const std::string img = make(dir, "img.qcow2");
+    MustRun("qemu-img rebase -u -F qcow2 -b base.qcow2 " + Sh(img));
+    PatchFile(base, kClusterBits, BE32(40));
+    CheckAllFail(dir, img, {img, base, "base.qcow2", "./base.qcow2"}, {base}, true);
+  }
+}

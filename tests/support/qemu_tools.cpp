@@ -1,0 +1,102 @@
+#include "support/qemu_tools.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+namespace testing {
+
+QemuCheckResult QemuImgCheck(const std::string& path) {
+  QemuCheckResult c;
+  RunResult r = Run("qemu-img check -f qcow2 --output=json " + Sh(path));
+  c.exit_code = r.exit_code;
+  c.out = r.out;
+  c.err = r.err;
+  c.json = nlohmann::json::parse(r.out, nullptr, /*allow_exceptions=*/false);
+  if (c.json.is_discarded()) c.json = nullptr;
+  return c;
+}
+
+nlohmann::json QemuImgInfo(const std::string& path, RunResult* out) {
+  RunResult r = Run("qemu-img info -f qcow2 --output=json " + Sh(path));
+  if (out) *out = r;
+  if (r.exit_code != 0) return nullptr;
+  nlohmann::json j = nlohmann::json::parse(r.out, nullptr, false);
+  return j.is_discarded() ? nlohmann::json(nullptr) : j;
+}
+
+RunResult QemuImgCompare(const std::string& image, const std::string& raw) {
+  return Run("qemu-img compare -f qcow2 -F raw " + Sh(image) + " " + Sh(raw));
+}
+
+void CheckQemuClean(const std::string& path) {
+  QemuCheckResult c = QemuImgCheck(path);
+  INFO("qemu-img check " << path << "\nstdout: " << c.out << "\nstderr: " << c.err);
+  CHECK(c.exit_code == 0);
+  REQUIRE(c.json.is_object());
+  CHECK(c.Get("check-errors") == 0);
+  CHECK(c.Get("leaks") == 0);
+  CHECK(c.Get("corruptions") == 0);
+  RunResult ir;
+  nlohmann::json info = QemuImgInfo(path, &ir);
+  INFO("qemu-img info: " << ir.out << ir.err);
+  REQUIRE(info.is_object());
+  CHECK(info["format"] == "qcow2");
+  CHECK(info["dirty-flag"] == false);
+  CHECK(info["format-specific"]["data"]["corrupt"] == false);
+  CHECK(info["format-specific"]["data"]["compat"] == "1.1");
+}
+
+void CheckQemuIdentical(const std::string& image, const std::string& raw) {
+  RunResult r = QemuImgCompare(image, raw);
+  INFO("qemu-img compare " << image << " " << raw << "\nstdout: " << r.out << "\nstderr: " << r.err);
+  CHECK(r.exit_code == 0);
+  CHECK(r.out.find("Images are identical") != std::string::npos);
+}
+
+int LineCount(const std::string& s) {
+  if (s.empty()) return 0;
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return s.back() == '\n' ? n : n + 1;
+}
+
+BackgroundProcess::BackgroundProcess(const std::string& cmd) {
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    ::setpgid(0, 0);
+    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  if (pid_ > 0) ::setpgid(pid_, pid_);  // either side may win the race
+}
+
+BackgroundProcess::~BackgroundProcess() { Kill(); }
+
+bool BackgroundProcess::Running() {
+  if (pid_ <= 0 || reaped_) return false;
+  pid_t r = ::waitpid(pid_, &status_, WNOHANG);
+  if (r == pid_) reaped_ = true;
+  return !reaped_;
+}
+
+int BackgroundProcess::Wait(double timeout_seconds) {
+  if (pid_ <= 0) return -1;
+  if (!WaitFor([&] { return !Running(); }, timeout_seconds)) return -1;
+  return WIFEXITED(status_) ? WEXITSTATUS(status_) : 128 + WTERMSIG(status_);
+}
+
+void BackgroundProcess::Kill() {
+  if (pid_ <= 0) return;
+  // The group we created (its id is our child's pid): the shell and whatever
+  // it started, even after the shell itself has exited.
+  ::kill(-pid_, SIGKILL);
+  if (!reaped_) {
+    ::waitpid(pid_, &status_, 0);
+    reaped_ = true;
+  }
+}
+
+}  // namespace testing

@@ -45,9 +45,9 @@ int Main(int argc, char** argv) {
   KeepStandardDescriptorsOpen();
   CLI::App app{"qcow2dedup: write deduplicated qcow2 images", "qcow2dedup"};
   app.require_subcommand(1, 1);
-  app.failure_message([](const CLI::App*, const CLI::Error& e) {
-    return fmt::format("qcow2dedup: {}\nRun with --help for more information.\n", e.what());
-  });
+  // One line, like every other failure (scripts and tests count on it).
+  app.failure_message(
+      [](const CLI::App*, const CLI::Error& e) { return fmt::format("qcow2dedup: {}\n", e.what()); });
   std::vector<std::pair<CLI::App*, const Command*>> subcommands;
   for (const Command& c : kCommands) {
     CLI::App* sub = app.add_subcommand(c.name, c.help);

@@ -20,9 +20,9 @@ void Progress::EndLine() {
 }
 
 void Progress::Restart(Unit unit) {
-  unit_ = unit;
-  if (g_stderr_line_open) Draw();
+  if (g_stderr_line_open) Draw();  // the last phase's final state
   EndLine();
+  unit_ = unit;
   start_ = Clock::now();
   drawn_ = finished_ = false;
   done_ = total_ = 0;

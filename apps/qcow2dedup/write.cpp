@@ -154,8 +154,9 @@ int RunWrite() {
   };
   const uint64_t size = img->virtual_size();
   if (opts.offset > size || length > size - opts.offset)
-    return close_and_fail(opts.image, fmt::format("cannot write {} bytes at offset {}: the virtual size is {}",
-                                                  length, opts.offset, size));
+    // Nothing written yet: leave the file exactly as it was (no Close).
+    return Fail(opts.image, fmt::format("cannot write {} bytes at offset {}: the virtual size is {}", length,
+                                        opts.offset, size));
   std::vector<uint8_t> buf(std::min<uint64_t>(kChunk, length), uint8_t(opts.pattern));
   for (uint64_t done = 0; done < length;) {
     std::span<uint8_t> chunk(buf.data(), std::min<uint64_t>(buf.size(), length - done));

@@ -284,8 +284,9 @@ def header_cases(c, plain):
         [(OFF_SNAPSHOTS_OFFSET, be64(0x1234567890ABCDEF)), (OFF_NB_SNAPSHOTS, be32(0))])
     add("hdr_snapshots_at_header.qcow2", "one snapshot whose table is the header",
         [(OFF_SNAPSHOTS_OFFSET, be64(0)), (OFF_NB_SNAPSHOTS, be32(1))])
-    add("hdr_snapshots_beyond_eof.qcow2", "65536 snapshots past the end of the file (the count limit)",
-        [(OFF_SNAPSHOTS_OFFSET, be64(16 << 20)), (OFF_NB_SNAPSHOTS, be32(0x10000))])
+    # (65536, the limit, takes qemu-img, the judge, half a minute.)
+    add("hdr_snapshots_beyond_eof.qcow2", "4096 snapshots past the end of the file",
+        [(OFF_SNAPSHOTS_OFFSET, be64(16 << 20)), (OFF_NB_SNAPSHOTS, be32(0x1000))])
     add("hdr_l1_size_ffffffff.qcow2", "l1_size 0xffffffff", [(OFF_L1_SIZE, be32(0xFFFFFFFF))])
     add("hdr_l1_size_7fffffff.qcow2", "l1_size 0x7fffffff", [(OFF_L1_SIZE, be32(0x7FFFFFFF))])
     add("hdr_l1_size_4m_entries.qcow2", "l1_size 4M entries (the 32 MiB limit) past the end of the file",
@@ -515,6 +516,16 @@ def bitmap_cases(c, bitmap):
     add("bitmaps_dir_at_l1.qcow2", "bitmap directory is the L1 table", [(off + 16, be64(im.l1_offset))])
 
 
+def encode_exts(exts, room):
+    """Header extensions (magic, payload) and the end marker, padded to room bytes."""
+    out = b""
+    for m, payload in exts:
+        out += be32(m) + be32(len(payload)) + payload + b"\x00" * (-len(payload) % 8)
+    out += be64(0)
+    assert len(out) <= room
+    return out + b"\x00" * (room - len(out))
+
+
 def sha256(b):
     return hashlib.sha256(b).digest()
 
@@ -626,12 +637,19 @@ def dedup_cases(c):
           n=CS // 32, digest=sha256(l2_bytes))
     lying("idx_all_point_at_c.qcow2", "every entry points at C's cluster (digest recomputed)",
           es=[bytearray(be64(host_of["C"]) + e[8:32]) for e in entries])
-    # Our extension too short to hold its fields, autoclear set.
-    c.add("idx_ext_short.qcow2", base, "our extension shortened to 40 bytes",
-          [(ext_off - 4, be32(40))], group="index", write=wr)
+    # Our extension too short to hold its fields (the extensions after it
+    # moved up), autoclear set.
+    exts = []
+    for m, off, length in im.exts:
+        payload = bytes(im.data[off: off + length])
+        exts.append((m, payload[:40] if m == EXT_DEDUP else payload))
+    c.add("idx_ext_short.qcow2", base, "our extension cut to 40 bytes", [(im.header_length, encode_exts(exts, CS - im.header_length))],
+          group="index", write=wr)
     # Our extension present but the image dirty (a crash): the index must not be used.
-    lying("idx_dirty_image.qcow2", "dirty bit set with the index in sync (digest recomputed, A -> C)",
-          es=remap("A", host_of["C"]), extra_patches=[(OFF_INCOMPAT, be64(1))])
+    # Not only the index: a dirty image may be refused by write.
+    body = index_bytes(remap("A", host_of["C"]))
+    c.add("idx_dirty_image.qcow2", base, "dirty bit set with the index in sync (digest recomputed, A -> C)",
+          [(idx_off, body), (ext_off + 24, sha256(body)), (OFF_INCOMPAT, be64(1))], write=wr)
     # Refcount of A's cluster at the maximum: sharing must not overflow it.
     lying("idx_refcount_at_max.qcow2", "A's cluster has refcount 0xffff (leak; sharing must not overflow)",
           extra_patches=[(im.refcount_entry_offset(host_of["A"] // CS), be16(0xFFFF))])

@@ -264,15 +264,15 @@ TEST_CASE("refcount_bits=1 stores every copy") {
   }
 }
 
-TEST_CASE("refcount_bits=2 shares up to its limit, then stores a new copy") {
+TEST_CASE("refcount_bits=4 shares up to half its maximum, then stores a new copy") {
   TempDir dir;
   const std::string img_path = dir / "img.qcow2";
   const uint64_t vsize = 2ull << 20;
   Mirror m(vsize);
   const std::vector<uint8_t> d = RandomBytes(kCs, 5);
   {
-    auto img = CreateImage(img_path, vsize, /*refcount_bits=*/2);
-    for (uint64_t g = 0; g < 7; ++g) {
+    auto img = CreateImage(img_path, vsize, /*refcount_bits=*/4);
+    for (uint64_t g = 0; g < 12; ++g) {
       MustWrite(*img, g * kCs, d);
       m.Put(g * kCs, d);
     }
@@ -281,7 +281,7 @@ TEST_CASE("refcount_bits=2 shares up to its limit, then stores a new copy") {
   }
   {
     auto img = OpenWritable(img_path);
-    for (uint64_t g = 10; g < 13; ++g) {
+    for (uint64_t g = 20; g < 28; ++g) {
       MustWrite(*img, g * kCs, d);
       m.Put(g * kCs, d);
     }
@@ -289,31 +289,48 @@ TEST_CASE("refcount_bits=2 shares up to its limit, then stores a new copy") {
   }
   Judge(img_path, m, dir);
   const Qcow2Layout l = Layout(img_path);
-  CHECK(l.refcount_bits == 2);
-  // 10 references; a 2-bit refcount holds at most 3, and sharing stops
-  // before the maximum (qcow2-facts.md) so that a snapshot still fits.
-  CHECK(l.data_references() == 10);
-  CHECK(l.max_sharing() == 2);
-  for (const auto& [c, r] : l.refcounts) CHECK(r <= 2);
-  CHECK(l.stored_data_clusters() == 5);
+  CHECK(l.refcount_bits == 4);
+  // 20 references; a 4-bit refcount holds at most 15, and sharing stops at
+  // half of that so that an internal snapshot (which doubles it) still fits.
+  CHECK(l.data_references() == 20);
+  CHECK(l.max_sharing() == 7);
+  for (const auto& [c, r] : l.refcounts) CHECK(r <= 7);
+  CHECK(l.stored_data_clusters() == 3);
 }
 
-// The writer stops sharing one short of the width's maximum "leaving room
-// for snapshots QEMU may take" (writer.cpp). But an internal snapshot adds
-// one reference per L2 entry, so a cluster shared n times needs room for 2n:
-// stock QEMU must be able to snapshot an image we wrote.
+TEST_CASE("refcount_bits=2 shares nothing: half its maximum is one") {
+  TempDir dir;
+  const std::string img_path = dir / "img.qcow2";
+  Mirror m(1 << 20);
+  const std::vector<uint8_t> d = RandomBytes(kCs, 6);
+  {
+    auto img = CreateImage(img_path, 1 << 20, /*refcount_bits=*/2);
+    for (uint64_t g = 0; g < 4; ++g) {
+      MustWrite(*img, g * kCs, d);
+      m.Put(g * kCs, d);
+    }
+    MustClose(*img);
+  }
+  Judge(img_path, m, dir);
+  CHECK(Layout(img_path).max_sharing() == 1);
+  CHECK(Layout(img_path).stored_data_clusters() == 4);
+}
+
+// An internal snapshot adds one reference per L2 entry, so a cluster shared
+// n times needs room for 2n: stock QEMU must be able to snapshot an image we
+// wrote.
 TEST_CASE("qemu-img snapshot -c works on a dedup image with shared clusters") {
   TempDir dir;
   const std::string img_path = dir / "img.qcow2";
   uint64_t copies = 0, cs = kCs;
   uint32_t bits = 16;
-  SUBCASE("refcount_bits=2, a cluster shared to the writer's limit") {
-    bits = 2;
-    copies = 2;
+  SUBCASE("refcount_bits=4, a cluster shared to the writer's limit") {
+    bits = 4;
+    copies = 7;
   }
-  SUBCASE("refcount_bits=16, a cluster shared 40000 times") {
+  SUBCASE("refcount_bits=16, a cluster shared 30000 times") {
     bits = 16;
-    copies = 40000;
+    copies = 30000;
     cs = 4096;
   }
   const uint64_t vsize = (copies + 1) * cs;

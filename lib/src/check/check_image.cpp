@@ -48,10 +48,7 @@ Status OpenContext(Context& ctx) {
   const Header& h = ctx.header;
   if (h.snapshots_offset % ctx.cs() || h.snapshots_offset > kQemuLimit - uint64_t(h.nb_snapshots) * 40)
     return Status::Corruption("snapshot table offset invalid");
-  if (ctx.header.nb_snapshots) {
-    QD_ASSIGN_OR_RETURN(ctx.snapshots, ReadSnapshotTable(*ctx.file, ctx.header, ctx.file_size));
-  }
-  return Status::Ok();
+  return ReadSnapshots(ctx);
 }
 
 Status WriteFeatureBits(Context& ctx, uint64_t incompatible, uint64_t autoclear) {

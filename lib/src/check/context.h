@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "format/header.h"
 #include "format/snapshot.h"
@@ -32,6 +33,7 @@ struct Context {
   Header header;
   uint64_t file_size = 0;
   SnapshotTable snapshots;
+  std::vector<bool> snapshot_incomplete;  // entries without the extra data v3 requires
   bool writable = false;
 
   uint64_t cs() const { return header.cluster_size(); }
@@ -48,6 +50,10 @@ struct Context {
   Status WriteHeaderField(uint64_t at, uint64_t value, int bytes);
   Result<uint64_t> RefreshFileSize();
 };
+
+// Reads the snapshot table leniently (snapshots.cpp): what QEMU opens,
+// check must be able to report on.
+Status ReadSnapshots(Context& ctx);
 
 // Adds one finding to a report. The list is bounded: a hostile image can
 // produce a finding for every cluster of a huge file.

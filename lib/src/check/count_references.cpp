@@ -86,11 +86,12 @@ class OuterWalk {
     if (entries == 0) return Status::Ok();
     rc_.Inc(offset, uint64_t(entries) * 8, n);
     rc_.MarkMeta(offset, uint64_t(entries) * 8, kind, n);
-    std::vector<uint8_t> raw(uint64_t(entries) * 8);
+    if (offset >= ctx_.file_size) return Status::Ok();  // all zeros: no entries
+    std::vector<uint8_t> raw(std::min<uint64_t>(uint64_t(entries) * 8, (ctx_.file_size - offset + 7) & ~7ull));
     QD_RETURN_IF_ERROR(ctx_.Read(offset, raw));
     const uint64_t cs = ctx_.cs();
-    for (uint32_t i = 0; i < entries; ++i) {
-      const uint64_t e = LoadBe64(&raw[uint64_t(i) * 8]);
+    for (uint64_t i = 0; i + 8 <= raw.size(); i += 8) {
+      const uint64_t e = LoadBe64(&raw[i]);
       if (!e) continue;
       if (e & kL1EntryReserved) {
         r_.corruptions += n;
@@ -112,22 +113,46 @@ class OuterWalk {
   }
 
   Status CountSnapshots() {
+    const uint64_t cs = ctx_.cs();
+    for (size_t i = 0; i < ctx_.snapshot_incomplete.size(); ++i) {
+      if (!ctx_.snapshot_incomplete[i]) continue;
+      ++r_.corruptions;
+      Note(r_, fmt::format("ERROR snapshot table entry {} is incomplete", i));
+    }
     // Identical snapshot L1 tables are walked once; distinct ones only as far
     // as the file could hold them side by side (a valid image's L1 tables
     // never overlap), which bounds the work a hostile table can ask for.
     std::map<std::pair<uint64_t, uint32_t>, uint64_t> tables;
-    for (const Snapshot& s : ctx_.snapshots.snapshots) ++tables[{s.l1_offset, s.l1_size}];
+    for (const Snapshot& s : ctx_.snapshots.snapshots) {
+      if (s.l1_offset % cs) {
+        Note(r_, fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot "
+                             "table entry corrupted",
+                             s.info.id, s.info.name, s.l1_offset));
+        ++r_.corruptions;
+        continue;
+      }
+      if (uint64_t(s.l1_size) * 8 > kMaxL1Bytes) {
+        Note(r_, fmt::format("ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry "
+                             "corrupted",
+                             s.info.id, s.info.name, s.l1_size));
+        ++r_.corruptions;
+        continue;
+      }
+      ++tables[{s.l1_offset, s.l1_size}];
+    }
     uint64_t budget = ctx_.file_size;
     for (auto& [key, n] : tables) {
+      // Only the part inside the file costs a read.
       const uint64_t bytes = uint64_t(key.second) * 8;
-      if (bytes > budget) {
+      const uint64_t inside = key.first >= ctx_.file_size ? 0 : std::min(bytes, ctx_.file_size - key.first);
+      if (inside > budget) {
         ++r_.check_errors;
         Note(r_, fmt::format("ERROR snapshot L1 tables overlap beyond what the file can hold; the one at {:#x} "
                              "is not checked",
                              key.first));
         continue;
       }
-      budget -= bytes;
+      budget -= inside;
       QD_RETURN_IF_ERROR(CountL1(key.first, key.second, n, false, "a snapshot's L1 table"));
     }
     return Status::Ok();

@@ -9,6 +9,9 @@ namespace qcow2dedup::check {
 namespace {
 // Blocks kept in memory at once; beyond this the cache starts over.
 constexpr uint64_t kCacheBytes = 64u << 20;
+// QEMU's block layer fails any request past BDRV_MAX_LENGTH (INT64_MAX
+// rounded down to 1 GiB) instead of reading zeros.
+constexpr uint64_t kBdrvMaxLength = uint64_t(INT64_MAX) & ~((1ull << 30) - 1);
 }  // namespace
 
 Status StoredRefcounts::Load() {
@@ -27,6 +30,8 @@ Result<uint64_t> StoredRefcounts::BlockOffset(uint64_t b) const {
   const uint64_t offset = table_[b] & kRefTableOffsetMask;
   if (offset % ctx_.cs())
     return Status::IOError(fmt::format("refcount block {} at {:#x} is not cluster aligned", b, offset));
+  if (offset > kBdrvMaxLength - ctx_.cs())
+    return Status::IOError(fmt::format("refcount block {} at {:#x} is beyond any file", b, offset));
   return offset;
 }
 

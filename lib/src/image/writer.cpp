@@ -14,9 +14,11 @@
 namespace qcow2dedup {
 namespace {
 
-// Share a cluster only while its refcount stays below this (never reaching
-// the width's maximum, and leaving room for snapshots QEMU may take).
-uint64_t ShareLimit(const Header& h) { return h.max_refcount() <= 1 ? 1 : h.max_refcount() - 1; }
+// Share a cluster only while its refcount stays at or below this, far from
+// the width's maximum.
+// An internal snapshot (qemu-img snapshot -c) adds one reference per L2
+// entry, doubling a shared cluster's refcount: so share only up to half.
+uint64_t ShareLimit(const Header& h) { return std::max<uint64_t>(1, h.max_refcount() / 2); }
 
 // Marks the image dirty and the index out of sync on disk before the first
 // change, so a crash from here on is repaired and the index rebuilt.
@@ -119,7 +121,7 @@ Status WriteOne(ImageState& s, const ClusterWrite& w) {
 // Sets COPIED on every L2 entry exactly when its cluster's refcount is 1,
 // for the clusters whose refcount crossed 1 since the last fix-up.
 Status FixCopiedFlags(ImageState& s) {
-  if (s.copied_fixups.empty()) return Status::Ok();
+  if (s.copied_fixups.empty() && !s.fix_all_copied) return Status::Ok();
   const uint32_t bits = s.header.cluster_bits;
   const auto& l1 = s.map->l1();
   for (uint64_t i = 0; i < l1.size(); ++i) {
@@ -129,7 +131,8 @@ Status FixCopiedFlags(ImageState& s) {
     bool changed = false;
     for (uint64_t j = 0; j < s.header.l2_entries(); ++j) {
       uint64_t e = LoadBe64(t->data() + j * 8);
-      if (IsCompressed(e) || L2Offset(e) == 0 || !s.copied_fixups.count(L2Offset(e) >> bits)) continue;
+      if (IsCompressed(e) || L2Offset(e) == 0) continue;
+      if (!s.fix_all_copied && !s.copied_fixups.count(L2Offset(e) >> bits)) continue;
       QD_ASSIGN_OR_RETURN(uint64_t rc, s.refcounts->Get(L2Offset(e) >> bits));
       uint64_t want = rc == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied);
       if (want != e) {
@@ -140,6 +143,7 @@ Status FixCopiedFlags(ImageState& s) {
     if (changed) s.map->cache().MarkDirty(table);
   }
   s.copied_fixups.clear();
+  s.fix_all_copied = false;
   return Status::Ok();
 }
 
@@ -190,6 +194,9 @@ Status PrepareForWriting(ImageState& s, const ProgressFn& progress) {
   if (!loaded) {
     QD_RETURN_IF_ERROR(RebuildIndex(s, progress));
     s.index_changed = true;
+    // Someone else wrote the image: QEMU's copy-on-write of a cluster shared
+    // twice leaves the other reference's COPIED flag clear. Mend them all.
+    s.fix_all_copied = true;
   }
   return Status::Ok();
 }

@@ -1,0 +1,321 @@
+// Real crashes: SIGKILL the qcow2dedup binary at random (seeded) moments of
+// a `convert` and of a `write`, then repair (our `check -r all` and
+// `qemu-img check -r all` by turns), and judge with qemu-img: the image is
+// clean, every guest cluster holds its old or its new content, and a
+// further `write` into the repaired image works and gives the right data.
+//
+// The seed is printed; QCOW2DEDUP_KILL_SEED=N reruns the same kill times
+// (the moments themselves still depend on the machine's speed).
+#include <doctest/doctest.h>
+
+#include <signal.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <thread>
+
+#include "support/process.h"
+#include "support/qemu_tools.h"
+#include "support/temp_dir.h"
+
+using testing::BackgroundProcess;
+static double Now(){return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();}
+static testing::RunResult Run(const std::string& c, const std::string& in = ""){double t=Now(); auto r=testing::Run(c,in); fprintf(stderr,"%.3f %s\n",Now()-t,c.substr(0,90).c_str()); return r;}
+using testing::RunResult;
+using testing::Sh;
+using testing::TempDir;
+using testing::Tool;
+namespace fs = std::filesystem;
+
+namespace {
+
+using Bytes = std::string;
+
+uint64_t Seed() {
+  const char* s = std::getenv("QCOW2DEDUP_KILL_SEED");
+  return s && *s ? std::strtoull(s, nullptr, 0) : 20240611;
+}
+
+struct SplitMix {
+  uint64_t x;
+  uint64_t Next() {
+    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  void Fill(char* p, size_t n) {
+    for (size_t i = 0; i < n; i += 8) {
+      uint64_t v = Next();
+      std::memcpy(p + i, &v, std::min<size_t>(8, n - i));
+    }
+  }
+};
+
+// Content that dedups at 4K and at 64K: 64K segments that are unique random
+// data, copies from a pool of 64K blocks, mixes of pooled and random 4K
+// blocks, or zeros.
+Bytes MakeContent(uint64_t size, uint64_t seed) {
+  SplitMix rng{seed};
+  Bytes pool64(16 * 65536, '\0'), pool4(64 * 4096, '\0');
+  rng.Fill(pool64.data(), pool64.size());
+  rng.Fill(pool4.data(), pool4.size());
+  Bytes d(size, '\0');
+  for (uint64_t seg = 0; seg < size; seg += 65536) {
+    const uint64_t kind = rng.Next() % 10;
+    char* p = &d[seg];
+    if (kind < 3) {
+      rng.Fill(p, 65536);
+    } else if (kind < 6) {
+      std::memcpy(p, &pool64[(rng.Next() % 16) * 65536], 65536);
+    } else if (kind < 8) {
+      for (uint64_t c = 0; c < 65536; c += 4096) {
+        if (rng.Next() % 3) std::memcpy(p + c, &pool4[(rng.Next() % 64) * 4096], 4096);
+        else rng.Fill(p + c, 4096);
+      }
+    }  // else zeros
+  }
+  return d;
+}
+
+Bytes Slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return Bytes(std::istreambuf_iterator<char>(f), {});
+}
+
+void Spit(const std::string& path, const Bytes& b) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(b.data(), std::streamsize(b.size()));
+  REQUIRE(f.good());
+}
+
+bool HasQcow2Magic(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  char m[4] = {};
+  f.read(m, 4);
+  return f.gcount() == 4 && std::memcmp(m, "QFI\xfb", 4) == 0;
+}
+
+// qemu-img's view of an image's guest data.
+Bytes QemuView(const std::string& img, const std::string& scratch) {
+  fs::remove(scratch);
+  RunResult r = Run("qemu-img convert -f qcow2 -O raw " + Sh(img) + " " + Sh(scratch));
+  INFO("qemu-img convert " << img << ": " << r.err);
+  REQUIRE(r.exit_code == 0);
+  Bytes b = Slurp(scratch);
+  fs::remove(scratch);
+  return b;
+}
+
+// Every cluster of got equals the same cluster of old or of new_; the
+// number of clusters that hold the new content where it differs.
+uint64_t CheckOldOrNew(const Bytes& got, const Bytes& old, const Bytes& new_, uint64_t cs, const std::string& what) {
+  REQUIRE_MESSAGE(got.size() == new_.size(), what, ": qemu-img sees ", got.size(), " bytes, expected ", new_.size());
+  uint64_t bad = 0, first_bad = 0, became_new = 0;
+  for (uint64_t off = 0; off < got.size(); off += cs) {
+    const uint64_t n = std::min<uint64_t>(cs, got.size() - off);
+    const bool is_old = std::memcmp(&got[off], &old[off], n) == 0;
+    const bool is_new = std::memcmp(&got[off], &new_[off], n) == 0;
+    if (!is_old && !is_new && bad++ == 0) first_bad = off / cs;
+    if (is_new && !is_old) ++became_new;
+  }
+  CHECK_MESSAGE(bad == 0, what, ": ", bad, " clusters hold neither old nor new content (first: guest cluster ",
+                first_bad, ")");
+  return became_new;
+}
+
+struct Outcome {
+  bool killed = false;
+  bool no_image = false;  // killed before the header was on disk
+};
+
+// Starts cmd, kills it with SIGKILL after delay seconds if it still runs.
+Outcome RunAndKill(const std::string& cmd, double delay) {
+  Outcome o;
+  // exec: the process killed and reaped is qcow2dedup itself, not a shell.
+  BackgroundProcess p("exec " + cmd + " >/dev/null 2>&1");
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(delay);
+  while (std::chrono::steady_clock::now() < end && p.Running())
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  if (p.Running()) {
+    p.Kill();
+    o.killed = true;
+    // Nothing of the group may be left (holding the image's locks).
+    CHECK(testing::WaitFor([&] { return ::kill(-p.pid(), 0) != 0; }, 10));
+  } else {
+    CHECK_MESSAGE(p.Wait(0) == 0, "`", cmd, "` finished before its kill but failed");
+  }
+  return o;
+}
+
+double TimeRun(const std::string& cmd) {
+  const auto t0 = std::chrono::steady_clock::now();
+  RunResult r = Run(cmd);
+  INFO(cmd << "\n" << r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Repairs img with ours (even i) or qemu-img (odd i), then qemu-img must
+// find it clean.
+void Repair(const std::string& img, int i) {
+  const std::string repairer = i % 2 == 0 ? Tool() : std::string("qemu-img");
+  RunResult r = Run(repairer + " check -r all " + Sh(img));
+  INFO(repairer << " check -r all " << img << "\nstdout: " << r.out << "\nstderr: " << r.err);
+  CHECK(r.exit_code == 0);
+  testing::CheckQemuClean(img);
+}
+
+// A further write into the repaired image: new data and a copy of data
+// already stored, over clusters that may be shared; judged with qemu-img.
+void WriteAfterRepair(const std::string& img, const Bytes& before, uint64_t cs, SplitMix& rng, const TempDir& dir) {
+  const uint64_t size = before.size();
+  Bytes patch(4 * cs, '\0');
+  rng.Fill(patch.data(), 2 * cs);
+  const uint64_t src = (rng.Next() % (size / cs)) * cs;
+  std::memcpy(&patch[2 * cs], &before[src], 2 * cs <= size - src ? 2 * cs : size - src);
+  const uint64_t at = (rng.Next() % (size / cs - 8)) * cs + cs / 2;  // not cluster aligned
+  Spit(dir / "patch.bin", patch);
+  RunResult r = Run(Tool() + " write --input " + Sh(dir / "patch.bin") + " " + Sh(img) + " " + std::to_string(at));
+  INFO("write into the repaired image: " << r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  Bytes expect = before;
+  expect.replace(at, patch.size(), patch);
+  Spit(dir / "expect.raw", expect);
+  testing::CheckQemuIdentical(img, dir / "expect.raw");
+  testing::CheckQemuClean(img);
+  fs::remove(dir / "expect.raw");
+}
+
+struct Tally {
+  int kills = 0, finished = 0, no_image = 0;
+};
+
+// (a) Kills during `convert` of a raw file into a new image.
+Tally KillConvert(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
+  TempDir dir;
+  const std::string src = dir / "src.raw", img = dir / "img.qcow2";
+  const Bytes content = MakeContent(size, seed);
+  Spit(src, content);
+  const Bytes zeros(size, '\0');
+  const std::string cmd =
+      Tool() + " convert -f raw -o cluster_size=" + std::to_string(cs) + " " + Sh(src) + " " + Sh(img);
+  // One whole run: how long a convert takes, and that it is right.
+  const double full = TimeRun(cmd);
+  testing::CheckQemuIdentical(img, src);
+  SplitMix rng{seed ^ 0xabcdef};
+  std::mt19937_64 times(seed);
+  Tally t;
+  for (int i = 0; t.kills < kills && i < 3 * kills; ++i) {
+    fs::remove(img);
+    const double delay = std::uniform_real_distribution<double>(0.0, full)(times);
+    const std::string what = "convert (cluster size " + std::to_string(cs) + ") killed after " +
+                             std::to_string(delay) + " s of " + std::to_string(full) + " (iteration " +
+                             std::to_string(i) + ")";
+    INFO(what);
+    Outcome o = RunAndKill(cmd, delay);
+    o.killed ? ++t.kills : ++t.finished;
+    if (!o.killed) {
+      testing::CheckQemuClean(img);
+      testing::CheckQemuIdentical(img, src);
+      continue;
+    }
+    if (!fs::exists(img) || !HasQcow2Magic(img)) {
+      // Killed before the header was written: the file must be no image
+      // at all (nothing that could pass for a finished convert).
+      ++t.no_image;
+      if (fs::exists(img))
+        CHECK_MESSAGE(Run("qemu-img info -f qcow2 " + Sh(img)).exit_code != 0,
+                      "a file without a qcow2 header opens as qcow2");
+      continue;
+    }
+    Repair(img, i);
+    const Bytes got = QemuView(img, dir / "view.raw");
+    CheckOldOrNew(got, zeros, content, cs, what);
+    WriteAfterRepair(img, got, cs, rng, dir);
+  }
+  CHECK_MESSAGE(t.kills >= kills / 2, "too few runs were still going when killed: ", t.kills, " of ", kills);
+  return t;
+}
+
+// (b) Kills during `write --input big.bin IMAGE OFF` into a dedup image
+// holding old data; the input overwrites shared clusters.
+Tally KillWrite(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
+  TempDir dir;
+  const std::string old_raw = dir / "old.raw", base = dir / "base.qcow2", img = dir / "img.qcow2",
+                    input = dir / "big.bin";
+  const Bytes old = MakeContent(size, seed);
+  Spit(old_raw, old);
+  RunResult conv = Run(Tool() + " convert -f raw -o cluster_size=" + std::to_string(cs) + " " + Sh(old_raw) + " " +
+                       Sh(base));
+  REQUIRE_MESSAGE(conv.exit_code == 0, conv.err);
+  // The input: fresh content mixed with copies of old clusters (so that
+  // writes share clusters already stored) and zeros, over the middle of the
+  // disk, starting and ending inside a cluster.
+  const uint64_t off = size / 8 + cs / 2, len = size * 3 / 4;
+  Bytes in = MakeContent(len, seed * 7 + 1);
+  SplitMix rng{seed ^ 0x5555};
+  for (uint64_t c = 0; c + cs <= len; c += cs)
+    if (rng.Next() % 4 == 0) {
+      const uint64_t from = (rng.Next() % (size / cs)) * cs;
+      std::memcpy(&in[c], &old[from], cs);
+    }
+  Spit(input, in);
+  Bytes fresh = old;
+  fresh.replace(off, len, in);
+  const std::string cmd = Tool() + " write --input " + Sh(input) + " " + Sh(img) + " " + std::to_string(off);
+  fs::copy_file(base, img, fs::copy_options::overwrite_existing);
+  const double full = TimeRun(cmd);
+  {
+    Spit(dir / "fresh.raw", fresh);
+    testing::CheckQemuIdentical(img, dir / "fresh.raw");
+    fs::remove(dir / "fresh.raw");
+  }
+  std::mt19937_64 times(seed);
+  Tally t;
+  for (int i = 0; t.kills < kills && i < 3 * kills; ++i) {
+    fs::copy_file(base, img, fs::copy_options::overwrite_existing);
+    const double delay = std::uniform_real_distribution<double>(0.0, full)(times);
+    const std::string what = "write (cluster size " + std::to_string(cs) + ") killed after " +
+                             std::to_string(delay) + " s of " + std::to_string(full) + " (iteration " +
+                             std::to_string(i) + ")";
+    INFO(what);
+    Outcome o = RunAndKill(cmd, delay);
+    o.killed ? ++t.kills : ++t.finished;
+    Repair(img, i);
+    const Bytes got = QemuView(img, dir / "view.raw");
+    if (!o.killed) CHECK_MESSAGE(got == fresh, what, ": a write that finished left other data");
+    CheckOldOrNew(got, old, fresh, cs, what);
+    WriteAfterRepair(img, got, cs, rng, dir);
+  }
+  CHECK_MESSAGE(t.kills >= kills / 2, "too few runs were still going when killed: ", t.kills, " of ", kills);
+  return t;
+}
+
+void Report(const char* what, const Tally& t, uint64_t seed) {
+  MESSAGE(what, ": ", t.kills, " kills (", t.no_image, " before the header existed), ", t.finished,
+          " runs finished first; seed ", seed);
+  std::cout << what << ": " << t.kills << " kills (" << t.no_image << " before the header existed), " << t.finished
+            << " runs finished first; seed " << seed << "\n";
+}
+
+}  // namespace
+
+TEST_CASE("SIGKILL during convert: repairable, every cluster zero or the source") {
+  REQUIRE(testing::HaveCommand("qemu-img"));
+  const uint64_t seed = Seed();
+  Report("convert, 4K clusters", KillConvert(4096, 96ull << 20, 10, seed), seed);
+  Report("convert, 64K clusters", KillConvert(65536, 128ull << 20, 10, seed + 1), seed + 1);
+}
+
+TEST_CASE("SIGKILL during write: repairable, every cluster old or new") {
+  REQUIRE(testing::HaveCommand("qemu-img"));
+  const uint64_t seed = Seed();
+  Report("write, 4K clusters", KillWrite(4096, 64ull << 20, 10, seed + 2), seed + 2);
+  Report("write, 64K clusters", KillWrite(65536, 96ull << 20, 10, seed + 3), seed + 3);
+}

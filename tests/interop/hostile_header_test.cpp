@@ -4,7 +4,11 @@
 // unbounded memory or change the file they read.
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <bit>
 #include <filesystem>
+#include <fstream>
+#include <thread>
 #include <regex>
 #include <string>
 #include <vector>
@@ -109,6 +113,68 @@ std::string MakeImage(const TempDir& dir, const std::string& name, bool ours, ui
   return img;
 }
 
+
+// One cut of an image and what the tool made of it.
+struct CutResult {
+  size_t length = 0;
+  std::string path;  // the cut file the tool read
+  std::vector<Outcome> outcomes;
+  bool unchanged = true;
+};
+
+// Cuts original at every length (each worker thread has its own file) and
+// runs the tool with each of commands ("%s" stands for the cut file, "%o"
+// for an output file). Only the main thread asserts.
+std::vector<CutResult> RunCuts(const TempDir& dir, const std::string& original, const std::vector<size_t>& lengths,
+                               const std::vector<std::string>& commands) {
+  std::vector<CutResult> results(lengths.size());
+  std::atomic<size_t> next{0};
+  std::atomic<int> crashes{0};
+  auto worker = [&](int id) {
+    const std::string cut = dir / ("cut" + N(uint64_t(id)) + ".qcow2");
+    const std::string out = dir / ("out" + N(uint64_t(id)) + ".raw");
+    for (size_t i; (i = next++) < lengths.size() && crashes < 20;) {
+      CutResult& r = results[i];
+      r.length = lengths[i];
+      r.path = cut;
+      const std::string bytes = original.substr(0, lengths[i]);
+      {
+        std::ofstream f(cut, std::ios::binary | std::ios::trunc);
+        f.write(bytes.data(), std::streamsize(bytes.size()));
+      }
+      for (std::string c : commands) {
+        std::filesystem::remove(out);
+        for (auto [key, value] : {std::pair<std::string, std::string>{"%s", Sh(cut)}, {"%o", Sh(out)}})
+          if (auto at = c.find(key); at != std::string::npos) c.replace(at, 2, value);
+        r.outcomes.push_back(RunBounded(c, false));
+        if (r.outcomes.back().r.exit_code >= 124) ++crashes;
+      }
+      r.unchanged = ReadBytes(cut) == bytes;
+    }
+  };
+  std::vector<std::thread> threads;
+  const int n = int(std::max(2u, std::thread::hardware_concurrency()));
+  for (int i = 0; i < n; ++i) threads.emplace_back(worker, i);
+  for (auto& t : threads) t.join();
+  CHECK_MESSAGE(crashes < 20, "stopped after 20 crashes or hangs");
+  return results;
+}
+
+void CheckCuts(const std::vector<CutResult>& results, size_t full_length) {
+  for (const CutResult& r : results) {
+    if (r.outcomes.empty()) continue;  // not run: stopped early
+    CAPTURE(r.length);
+    for (const Outcome& o : r.outcomes) {
+      CheckSucceedsOrFailsCleanly(o, {r.path});
+      if (r.length == full_length) {
+        OUTCOME_INFO(o);
+        CHECK_MESSAGE(o.r.exit_code == 0, "the whole image must read");
+      }
+    }
+    CHECK_MESSAGE(r.unchanged, "the cut image changed");
+  }
+}
+
 }  // namespace
 
 TEST_CASE("hostile: every truncation of the first cluster (512-byte clusters), info and convert") {
@@ -116,9 +182,8 @@ TEST_CASE("hostile: every truncation of the first cluster (512-byte clusters), i
     SUBCASE(ours ? "qcow2dedup create" : "qemu-img create") {
       TempDir dir;
       const std::string original = ReadBytes(MakeImage(dir, "orig.qcow2", ours, 512));
-      const std::string cut = dir / "cut.qcow2", out = dir / "out.raw";
-      // Every length of the first cluster, then a cut either side of every
-      // later cluster boundary.
+      // Every length of the first cluster, then (for our image) a cut
+      // either side of every later cluster boundary.
       std::vector<size_t> lengths;
       for (size_t n = 0; n <= 512; ++n) lengths.push_back(n);
       for (size_t b = 1024; ours && b <= original.size(); b += 512) {
@@ -127,24 +192,8 @@ TEST_CASE("hostile: every truncation of the first cluster (512-byte clusters), i
         if (b + 1 <= original.size()) lengths.push_back(b + 1);
       }
       if (lengths.back() != original.size()) lengths.push_back(original.size());
-      int failures = 0;
-      for (size_t n : lengths) {
-        CAPTURE(n);
-        const std::string bytes = original.substr(0, n);
-        WriteBytes(cut, bytes);
-        std::filesystem::remove(out);
-        Outcome info = RunBounded("info --output=json " + Sh(cut), false);
-        CheckSucceedsOrFailsCleanly(info, {cut});
-        Outcome conv = RunBounded("convert -O raw " + Sh(cut) + " " + Sh(out), false);
-        CheckSucceedsOrFailsCleanly(conv, {cut});
-        CHECK_MESSAGE(ReadBytes(cut) == bytes, "the cut image changed");
-        if (n == original.size()) {
-          CHECK(info.r.exit_code == 0);
-          CHECK(conv.r.exit_code == 0);
-        }
-        if (info.r.exit_code >= 124 || conv.r.exit_code >= 124) ++failures;
-        if (failures > 20) FAIL("too many crashes; stopping");
-      }
+      CheckCuts(RunCuts(dir, original, lengths, {"info --output=json %s", "convert -O raw %s %o"}),
+                original.size());
     }
   }
 }
@@ -152,23 +201,13 @@ TEST_CASE("hostile: every truncation of the first cluster (512-byte clusters), i
 TEST_CASE("hostile: truncations of a 64 KiB-cluster image, info only") {
   TempDir dir;
   const std::string original = ReadBytes(MakeImage(dir, "orig.qcow2", false, 64 * KiB));
-  const std::string cut = dir / "cut.qcow2";
   std::vector<size_t> lengths;
   // Every length up to past the header extensions, then a stride through
   // the rest of the first clusters (L1, refcount table, refcount block).
   for (size_t n = 0; n <= 640; ++n) lengths.push_back(n);
   for (size_t n = 640 + 1021; n < std::min<size_t>(original.size(), 4 * 64 * KiB); n += 1021) lengths.push_back(n);
   lengths.push_back(original.size());
-  int failures = 0;
-  for (size_t n : lengths) {
-    CAPTURE(n);
-    const std::string bytes = original.substr(0, n);
-    WriteBytes(cut, bytes);
-    Outcome info = RunBounded("info " + Sh(cut), false);
-    CheckSucceedsOrFailsCleanly(info, {cut});
-    CHECK_MESSAGE(ReadBytes(cut) == bytes, "the cut image changed");
-    if (info.r.exit_code >= 124 && ++failures > 20) FAIL("too many crashes; stopping");
-  }
+  CheckCuts(RunCuts(dir, original, lengths, {"info %s"}), original.size());
 }
 
 namespace {
@@ -464,5 +503,123 @@ TEST_CASE("hostile: backing file problems") {
     MustRun("qemu-img rebase -u -F qcow2 -b base.qcow2 " + Sh(img));
     PatchFile(base, kClusterBits, BE32(40));
     CheckAllFail(dir, img, {img, base, "base.qcow2", "./base.qcow2"}, {base}, true);
+  }
+}
+
+namespace {
+
+constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;
+
+// Where things are in an image with data at guest offset 0.
+struct Tables {
+  uint64_t cluster_size, l1, l2, data, file_size;
+};
+
+Tables FindTables(const std::string& img) {
+  const std::string bytes = ReadBytes(img);
+  Tables t;
+  t.cluster_size = ClusterSize(bytes);
+  t.l1 = GetBE(bytes, kL1Offset, 8);
+  t.l2 = GetBE(bytes, t.l1, 8) & kOffsetMask;
+  REQUIRE(t.l2 != 0);
+  t.data = GetBE(bytes, t.l2, 8) & kOffsetMask;
+  REQUIRE(t.data != 0);
+  t.file_size = bytes.size();
+  return t;
+}
+
+struct TablePatch {
+  const char* what;
+  std::function<Edits(const Tables&)> patch;
+  bool must_fail;  // else: success or a clean failure
+  bool big_clusters_only = false;  // misalignment needs clusters above 512 bytes
+};
+
+}  // namespace
+
+TEST_CASE("hostile: damaged L1/L2 tables and snapshot table") {
+  const uint64_t kCopied = uint64_t(1) << 63, kCompressed = uint64_t(1) << 62;
+  const std::vector<TablePatch> patches = {
+      {"L2 table offset not cluster aligned",
+       [=](const Tables& t) { return Edits{{t.l1, BE64((t.l2 + 512) | kCopied)}}; }, true, true},
+      {"L2 table beyond the end of the file",
+       [=](const Tables& t) { return Edits{{t.l1, BE64((t.file_size / t.cluster_size + 100) * t.cluster_size | kCopied)}}; },
+       false},
+      {"L2 table at 2^55",
+       [=](const Tables& t) { return Edits{{t.l1, BE64((uint64_t(1) << 55) | kCopied)}}; }, false},
+      {"L2 table is the header cluster",
+       [=](const Tables& t) { return Edits{{t.l1, BE64(t.cluster_size * 0 + 0 | kCopied)}, {t.l1 + 8, BE64(0)}}; },
+       false},
+      {"L2 table is the L1 table",
+       [=](const Tables& t) { return Edits{{t.l1, BE64((t.l1 / t.cluster_size * t.cluster_size) | kCopied)}}; },
+       false},
+      {"data cluster not aligned",
+       [=](const Tables& t) { return Edits{{t.l2, BE64((t.data + 512) | kCopied)}}; }, true, true},
+      {"data cluster beyond the end of the file",
+       [=](const Tables& t) { return Edits{{t.l2, BE64((t.file_size / t.cluster_size + 100) * t.cluster_size | kCopied)}}; },
+       false},
+      {"data cluster at 2^55 - cluster",
+       [=](const Tables& t) { return Edits{{t.l2, BE64(((uint64_t(1) << 55) - t.cluster_size) | kCopied)}}; }, false},
+      {"compressed cluster of garbage (the header)",
+       [=](const Tables& t) { return Edits{{t.l2, BE64(kCompressed | 0)}}; }, false},
+      {"compressed cluster with the largest sector count, beyond EOF",
+       [=](const Tables& t) {
+         int x = 62 - (int(std::countr_zero(t.cluster_size)) - 8);
+         uint64_t sectors = (uint64_t(1) << (62 - x)) - 1;
+         return Edits{{t.l2, BE64(kCompressed | (sectors << x) | (t.file_size - 512))}};
+       },
+       false},
+      {"every reserved bit of an L2 entry",
+       [=](const Tables& t) { return Edits{{t.l2, BE64(t.data | kCopied | 0x3f000000000001feull)}}; }, false},
+      {"every reserved bit of an L1 entry",
+       [=](const Tables& t) { return Edits{{t.l1, BE64(t.l2 | kCopied | 0x7f000000000001ffull)}}; }, false},
+  };
+  for (const TablePatch& p : patches) {
+    for (uint64_t cs : {uint64_t(512), 64 * KiB}) {
+      if (p.big_clusters_only && cs == 512) continue;
+      std::string name = std::string(p.what) + " cluster_size=" + N(cs);
+      SUBCASE(name.c_str()) {
+        TempDir dir;
+        const std::string img = MakeImage(dir, "img.qcow2", false, cs);
+        Tables t = FindTables(img);
+        for (auto& [off, bytes] : p.patch(t)) PatchFile(img, off, bytes);
+        const std::string before = FileDigest(img);
+        const std::string out = dir / "out.raw";
+        for (const std::string& args : {"info --output=json " + Sh(img), "convert -O raw " + Sh(img) + " " + Sh(out),
+                                        "convert -O qcow2 " + Sh(img) + " " + Sh(dir / "dd.qcow2")}) {
+          Outcome o = RunBounded(args);
+          bool reads_data = args.rfind("convert", 0) == 0;
+          if (p.must_fail && reads_data) CheckFailsCleanly(o, {img});
+          else CheckSucceedsOrFailsCleanly(o, {img});
+        }
+        CHECK(FileDigest(img) == before);
+      }
+    }
+  }
+
+  SUBCASE("snapshot table entries that overrun") {
+    struct S {
+      const char* what;
+      uint64_t field_offset;  // within the snapshot header
+      std::string bytes;
+    };
+    for (S s : {S{"extra_data_size 0xffffffff", 36, BE32(0xffffffff)}, S{"id_str_size 0xffff", 12, BE16(0xffff)},
+                S{"name_size 0xffff", 14, BE16(0xffff)}, S{"snapshot l1_size 0xffffffff", 8, BE32(0xffffffff)},
+                S{"snapshot l1 offset misaligned", 0, BE64(12345)}}) {
+      CAPTURE(s.what);
+      TempDir dir;
+      const std::string img = MakeImage(dir, "img.qcow2", false, 64 * KiB);
+      MustRun("qemu-img snapshot -c s1 " + Sh(img));
+      MustRun("qemu-img snapshot -c s2 " + Sh(img));
+      const std::string h = ReadHeader(img);
+      uint64_t table = GetBE(h, kSnapshotsOffset, 8);
+      PatchFile(img, table + s.field_offset, s.bytes);
+      const std::string before = FileDigest(img);
+      Outcome info = RunBounded("info --output=json " + Sh(img));
+      CheckSucceedsOrFailsCleanly(info, {img});
+      Outcome conv = RunBounded("convert -O raw " + Sh(img) + " " + Sh(dir / "out.raw"));
+      CheckSucceedsOrFailsCleanly(conv, {img});
+      CHECK(FileDigest(img) == before);
+    }
   }
 }

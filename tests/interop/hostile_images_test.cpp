@@ -186,6 +186,8 @@ class Harness {
         CHECK_MESSAGE(c.exit_code == 0, label, ": check -r all says clean, qemu-img check does not: ", c.out, c.err);
       }
       if (index_only) CHECK_MESSAGE(r.exit_code == 0, label, ": check -r all did not repair: ", r.out, r.err);
+      // Could not check: nothing was repaired, so nothing may have changed.
+      if (r.exit_code == 1) CHECK_MESSAGE(Slurp(copy) == before, label, ": check -r all failed but changed the file");
       fs::remove(copy);
     }
     // write on a copy: data stored elsewhere in the image, over other data.
@@ -197,6 +199,8 @@ class Harness {
       ++runs_;
       Verdict(label, "write", r, false);
       if (index_only) CHECK_MESSAGE(r.exit_code == 0, label, ": write failed: ", r.err);
+      // A refused write leaves the file as it was.
+      if (r.exit_code != 0) CHECK_MESSAGE(Slurp(copy) == before, label, ": write failed but changed the file");
       if (r.exit_code == 0) {
         if (q.check == 0) {
           RunResult c = QemuCheck(copy);

@@ -9,6 +9,7 @@
 
 #include "check/index_audit.h"
 #include "check/passes.h"
+#include "format/endian.h"
 #include "qcow2dedup/check.h"
 
 namespace qcow2dedup {
@@ -35,19 +36,46 @@ CheckReport Report(Examination& e) {
   return r;
 }
 
+// Parses the header as QEMU's check sees it. The library's parser refuses
+// tables at offset 0, an empty refcount table and tables past the end of
+// the file; QEMU opens such an image and its check reports the damage (it
+// refuses only offsets past INT64_MAX). So the parser gets a copy with
+// those fields made harmless, and the real values are put back after.
+Result<Header> ParseLeniently(std::vector<uint8_t> head, uint64_t file_size) {
+  constexpr uint64_t kQemuLimit = uint64_t(INT64_MAX);
+  const bool room = head.size() >= 60;
+  uint32_t cluster_bits = 0;
+  uint64_t l1 = 0, reftable = 0;
+  uint32_t reftable_clusters = 0;
+  if (room) {
+    cluster_bits = uint32_t(LoadBe64(&head[16]) & 0xffffffffu);
+    l1 = LoadBe64(&head[40]);
+    reftable = LoadBe64(&head[48]);
+    reftable_clusters = uint32_t(LoadBe64(&head[52]) & 0xffffffffu);
+    if (cluster_bits >= kMinClusterBits && cluster_bits <= kMaxClusterBits) {
+      const uint64_t cs = 1ull << cluster_bits;
+      if (l1 == 0) StoreBe64(&head[40], cs);
+      if (reftable == 0) StoreBe64(&head[48], cs);
+      if (reftable_clusters == 0) head[59] = 1;
+    }
+  }
+  QD_ASSIGN_OR_RETURN(Header h, ParseHeader(head, std::max(file_size, kQemuLimit)));
+  if (room) {
+    h.l1_offset = l1;
+    h.reftable_offset = reftable;
+    h.reftable_clusters = reftable_clusters;
+  }
+  // QEMU refuses a misaligned snapshot table even when there are no snapshots.
+  if (h.snapshots_offset % h.cluster_size() || h.snapshots_offset > kQemuLimit - uint64_t(h.nb_snapshots) * 40)
+    return Status::Corruption("snapshot table offset invalid");
+  return h;
+}
+
 Status OpenContext(Context& ctx) {
   QD_ASSIGN_OR_RETURN(ctx.file_size, ctx.file->Size());
   std::vector<uint8_t> head(std::min<uint64_t>(ctx.file_size, 1u << kMaxClusterBits));
   QD_RETURN_IF_ERROR(ctx.file->ReadAt(0, head));
-  // QEMU opens an image whose tables lie past the end of the file (they
-  // read as zeros) and lets the check report them; it only refuses offsets
-  // past INT64_MAX. Every read of check stops at the real end of the file.
-  constexpr uint64_t kQemuLimit = uint64_t(INT64_MAX);
-  QD_ASSIGN_OR_RETURN(ctx.header, ParseHeader(head, std::max(ctx.file_size, kQemuLimit)));
-  // ...and it refuses a misaligned snapshot table even when there are no snapshots.
-  const Header& h = ctx.header;
-  if (h.snapshots_offset % ctx.cs() || h.snapshots_offset > kQemuLimit - uint64_t(h.nb_snapshots) * 40)
-    return Status::Corruption("snapshot table offset invalid");
+  QD_ASSIGN_OR_RETURN(ctx.header, ParseLeniently(std::move(head), ctx.file_size));
   return ReadSnapshots(ctx);
 }
 
@@ -75,11 +103,16 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   // dirty (to be repaired again) and its index out of sync (to be rebuilt).
   QD_RETURN_IF_ERROR(WriteFeatureBits(ctx, incompatible | kIncompatDirty, autoclear & ~kAutoclearDedupInSync));
 
+  // What a refcount fix cannot mend goes first: then the pass below
+  // counts the references of the mended image.
   CheckReport moved;
   if (mode == RepairMode::kAll) {
     StoredRefcounts stored(ctx);
     QD_RETURN_IF_ERROR(stored.Load());
-    QD_ASSIGN_OR_RETURN(uint64_t n, MoveDataOffMetadata(ctx, first.pass.refs, stored, moved));
+    FreshClusters fresh(ctx, stored, std::max<uint64_t>(first.pass.refs.counts.End(), 1));
+    QD_ASSIGN_OR_RETURN(uint64_t completed, RewriteSnapshotTable(ctx, stored, fresh, moved));
+    QD_ASSIGN_OR_RETURN(uint64_t n, MoveDataOffMetadata(ctx, first.pass.refs, stored, fresh, moved));
+    (void)completed;
     (void)n;
   }
   QD_ASSIGN_OR_RETURN(PassResult fixed, RunPass(ctx, mode));

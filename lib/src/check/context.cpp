@@ -10,6 +10,7 @@ constexpr size_t kMaxMessages = 20000;
 }
 
 Status Context::Read(uint64_t offset, std::span<uint8_t> buf) {
+  if (buf.empty()) return Status::Ok();
   const uint64_t inside = offset >= file_size ? 0 : std::min<uint64_t>(buf.size(), file_size - offset);
   if (inside) QD_RETURN_IF_ERROR(file->ReadAt(offset, buf.first(inside)));
   std::memset(buf.data() + inside, 0, buf.size() - inside);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <map>
 
+#include "check/fresh_clusters.h"
 #include "check/passes.h"
 #include "format/endian.h"
 #include "format/entries.h"
@@ -37,47 +38,6 @@ Status ReportOverlaps(Context& ctx, const References& refs, StoredRefcounts& sto
 
 namespace {
 
-// Free clusters for moved data: past every reference, with refcount 0
-// (the dedup index may lie there: repair rebuilds it anyway), and inside a
-// refcount block that exists, so that their refcount can be set right away.
-// Without such a block the refcount stays 0 and the pass that follows
-// rebuilds the refcount structure.
-class FreshClusters {
- public:
-  FreshClusters(Context& ctx, StoredRefcounts& stored, uint64_t start) : ctx_(ctx), stored_(stored), next_(start) {}
-
-  // n contiguous clusters (a compressed cluster may span more than one).
-  Result<uint64_t> Take(uint64_t n) {
-    for (;;) {
-      const uint64_t start = next_;
-      uint64_t k = 0;
-      while (k < n && Usable(start + k)) ++k;
-      if (k < n) {
-        next_ = start + k + 1;
-        continue;
-      }
-      for (uint64_t c = start; c < start + n; ++c) {
-        auto offset = stored_.BlockOffset(c / stored_.per_block());
-        if (*offset != 0 && *offset < ctx_.file_size) QD_RETURN_IF_ERROR(stored_.Set(c, 1));
-      }
-      next_ = start + n;
-      return start;
-    }
-  }
-
- private:
-  bool Usable(uint64_t c) {
-    auto offset = stored_.BlockOffset(c / stored_.per_block());
-    auto rc = stored_.Get(c);
-    // Not the block itself, nor a leaked cluster (another pass decides about those).
-    return offset.ok() && rc.ok() && *offset != c * ctx_.cs() && *rc == 0;
-  }
-
-  Context& ctx_;
-  StoredRefcounts& stored_;
-  uint64_t next_;
-};
-
 struct Move {
   uint64_t table, index, entry;
   uint64_t first, last;  // the host clusters the entry's data touches
@@ -93,7 +53,7 @@ bool L2Only(const References& refs, uint64_t table, uint64_t cs) {
 }  // namespace
 
 Result<uint64_t> MoveDataOffMetadata(Context& ctx, const References& refs, StoredRefcounts& stored,
-                                     CheckReport& r) {
+                                     FreshClusters& fresh, CheckReport& r) {
   const Header& h = ctx.header;
   const uint64_t cs = ctx.cs();
   const uint32_t bits = ctx.bits();
@@ -151,7 +111,6 @@ Result<uint64_t> MoveDataOffMetadata(Context& ctx, const References& refs, Store
   if (moves.empty()) return uint64_t(0);
 
   // Copies first, from the bytes as they are now; then the tables.
-  FreshClusters fresh(ctx, stored, std::max<uint64_t>(refs.counts.End(), 1));
   std::vector<uint8_t> data;
   std::map<uint64_t, std::vector<std::pair<uint64_t, uint64_t>>> rewrites;  // table -> (index, entry)
   for (const Move& m : moves) {

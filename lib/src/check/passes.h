@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "check/context.h"
+#include "check/fresh_clusters.h"
 #include "check/references.h"
 #include "check/stored_refcounts.h"
 
@@ -36,7 +37,12 @@ Status ReportOverlaps(Context& ctx, const References& refs, StoredRefcounts& sto
 
 // Moves guest data that sits on metadata to fresh clusters (the guest reads
 // the same bytes afterwards); returns how many L2 entries it moved.
-Result<uint64_t> MoveDataOffMetadata(Context& ctx, const References& refs, StoredRefcounts& stored, CheckReport& r);
+Result<uint64_t> MoveDataOffMetadata(Context& ctx, const References& refs, StoredRefcounts& stored,
+                                     FreshClusters& fresh, CheckReport& r);
+
+// Writes the snapshot table anew when entries lack the extra data version 3
+// requires; returns how many entries it completed.
+Result<uint64_t> RewriteSnapshotTable(Context& ctx, StoredRefcounts& stored, FreshClusters& fresh, CheckReport& r);
 
 struct PassResult {
   CheckReport report;

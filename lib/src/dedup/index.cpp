@@ -12,13 +12,16 @@ void DedupIndex::Insert(const Digest& d, uint64_t cluster) {
       }
     }
   }
-  if (live_ + 1 > buckets_.size()) Rehash(std::max<size_t>(1024, buckets_.size() * 2));
+  // Two entries a bucket on average: chains stay short, buckets cost 2-4 bytes.
+  if (live_ + 1 > 2 * buckets_.size()) Rehash(std::max<size_t>(1024, buckets_.size() * 2));
   uint32_t slot;
   if (!free_.empty()) {
     slot = free_.back();
     free_.pop_back();
   } else {
     slot = uint32_t(entries_.size());
+    // Grow by a quarter, not double: the entries are most of the index.
+    if (entries_.size() == entries_.capacity()) entries_.reserve(entries_.size() + entries_.size() / 4 + 1024);
     entries_.push_back({});
   }
   Entry& e = entries_[slot];
@@ -59,9 +62,9 @@ void DedupIndex::RemoveCluster(uint64_t cluster) {
 }
 
 void DedupIndex::Clear() {
-  entries_ = {};
-  buckets_ = {};
-  free_ = {};
+  std::vector<Entry>().swap(entries_);
+  std::vector<uint32_t>().swap(buckets_);
+  std::vector<uint32_t>().swap(free_);
   live_ = 0;
 }
 

@@ -123,8 +123,10 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
   if (h.version != 2 && h.version != 3)
     return Status::Unsupported(fmt::format("qcow2 version {} is not supported", h.version));
   h.cluster_bits = raw.cluster_bits;
-  if (h.cluster_bits < kMinClusterBits || h.cluster_bits > kMaxClusterBits)
+  if (h.cluster_bits < kMinClusterBits)
     return Status::Corruption(fmt::format("cluster_bits {} is out of range (9 to 21)", h.cluster_bits));
+  if (h.cluster_bits > kMaxClusterBits)  // the format allows more; QEMU and we do not
+    return Status::Unsupported(fmt::format("cluster_bits {} is out of range (9 to 21)", h.cluster_bits));
   const uint64_t cs = h.cluster_size();
 
   if (h.version == 2) {
@@ -143,6 +145,9 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
     if (h.refcount_order > 6)
       return Status::Corruption(fmt::format("refcount_order {} is above 6", h.refcount_order));
     if (h.header_length > 104) h.compression = CompressionType(raw.compression_type);
+    // Fields of later versions of the format: kept as they are.
+    if (h.header_length > sizeof(RawHeader))
+      h.header_tail.assign(head.begin() + sizeof(RawHeader), head.begin() + h.header_length);
   }
 
   h.virtual_size = raw.size;
@@ -169,7 +174,8 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
     ext_end = std::min<uint64_t>(ext_end, backing_offset);
     h.backing_file.assign(reinterpret_cast<const char*>(&head[backing_offset]), backing_size);
   }
-  if (h.version == 3) QD_RETURN_IF_ERROR(ParseExtensions(head, h.header_length, ext_end, h));
+  // Version 2 images carry extensions too, right after the 72-byte header.
+  QD_RETURN_IF_ERROR(ParseExtensions(head, h.header_length, ext_end, h));
 
   uint64_t unknown = h.incompatible & ~kIncompatKnown;
   if (unknown)
@@ -215,7 +221,7 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
   };
   if (h.version == 2) out.resize(kV2HeaderLength);
   else out.resize(h.header_length, 0);
-  if (h.version == 3) {
+  {  // both versions carry extensions
     if (h.backing_format)
       put_ext(kExtBackingFormat, {reinterpret_cast<const uint8_t*>(h.backing_format->data()),
                                   h.backing_format->size()});
@@ -273,6 +279,9 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
   raw.header_length = h.header_length;
   raw.compression_type = uint8_t(h.compression);
   std::memcpy(out.data(), &raw, h.version == 2 ? kV2HeaderLength : std::min<size_t>(h.header_length, sizeof raw));
+  if (h.version == 3 && h.header_length > sizeof raw)
+    std::memcpy(out.data() + sizeof raw, h.header_tail.data(),
+                std::min<size_t>(h.header_tail.size(), h.header_length - sizeof raw));
   return out;
 }
 

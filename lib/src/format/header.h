@@ -113,6 +113,7 @@ struct Header {
   uint32_t refcount_order = 4;
   uint32_t header_length = sizeof(RawHeader);
   CompressionType compression = CompressionType::kDeflate;
+  std::vector<uint8_t> header_tail;  // header bytes past RawHeader, kept verbatim
 
   std::string backing_file;
   std::optional<std::string> backing_format;

@@ -51,7 +51,8 @@ class ImageState {
   bool index_changed = false;     // the index must be saved at close
   bool header_changed = false;    // size or L1 moved: rewrite the header on flush
   std::unordered_set<uint64_t> copied_fixups;  // host clusters whose refcount crossed 1
-  bool fix_all_copied = false;    // recheck COPIED on every L2 entry at the next flush
+  bool fix_all_copied = false;
+  std::vector<bool> unverified;   // host clusters whose index entry came from disk, unchecked    // recheck COPIED on every L2 entry at the next flush
   std::vector<uint8_t> scratch;   // one cluster
 
   uint64_t cs() const { return header.cluster_size(); }

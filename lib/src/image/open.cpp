@@ -70,7 +70,9 @@ Status OpenBacking(ImageState& s, bool force_share, Chain& chain) {
   if (name.find(':') != std::string::npos && name.rfind("file:", 0) == 0) name = name.substr(5);
   if (name.empty() || name.find('\0') != std::string::npos)
     return Status::Corruption("backing file name is not a plain file name");
-  std::string full = name[0] == '/' ? name : Directory(s.path) + "/" + name;
+  // Relative names are relative to the image's directory (as QEMU shows them).
+  const bool bare = s.path.find('/') == std::string::npos;
+  std::string full = name[0] == '/' || bare ? name : Directory(s.path) + "/" + name;
   s.full_backing_path = full;
   if (++chain.depth > kMaxBackingDepth) return Status::Corruption("backing chain is too deep");
   ImageFormat fmt = ImageFormat::kAuto;

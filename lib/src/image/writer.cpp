@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "check/context.h"
+#include "check/passes.h"
 #include "dedup/hasher.h"
 #include "dedup/index_store.h"
 
@@ -69,6 +71,17 @@ Result<bool> CanShare(ImageState& s, uint64_t c, const ClusterWrite& w) {
     return false;
   }
   if (rc + 1 > ShareLimit(s.header)) return false;
+  if (c < s.unverified.size() && s.unverified[c]) {
+    // An entry from disk: believe it only once the data says the same.
+    QD_RETURN_IF_ERROR(s.data.Flush());
+    s.scratch.resize(s.cs());
+    QD_RETURN_IF_ERROR(s.file->ReadAt(c * s.cs(), s.scratch));
+    s.unverified[c] = false;
+    if (std::memcmp(Sha256(s.scratch).data(), w.digest.data(), DedupIndex::kKeyBytes) != 0) {
+      s.index.RemoveCluster(c);
+      return false;
+    }
+  }
   if (s.verify) {
     QD_RETURN_IF_ERROR(s.data.Flush());
     s.scratch.resize(s.cs());
@@ -109,6 +122,7 @@ Status WriteOne(ImageState& s, const ClusterWrite& w) {
       QD_RETURN_IF_ERROR(s.data.Write(host, w.data));
       s.map->NoteFileEnd(host + cs);
       s.index.Insert(w.digest, host / cs);
+      if (host / cs < s.unverified.size()) s.unverified[host / cs] = false;
       entry = host | kFlagCopied;
       ++s.stats.new_clusters;
     }
@@ -177,6 +191,27 @@ Status WriteHeader(ImageState& s) {
   return s.file->WriteAt(0, bytes);
 }
 
+// Before the first write, the same reference count that check makes (no
+// hashing, metadata only): writing into an image whose tables overlap or
+// whose refcounts are too low would spread the damage to good data.
+Status VetStructure(ImageState& s) {
+  check::Context ctx;
+  ctx.file = s.file.get();
+  ctx.header = s.header;
+  ctx.file_size = s.file_size;
+  QD_ASSIGN_OR_RETURN(check::PassResult pass, check::RunPass(ctx, RepairMode::kNone));
+  // A COPIED flag left clear by QEMU's copy-on-write of a shared cluster is
+  // harmless and mended at our next flush; anything else stops the write.
+  uint64_t copied = 0;
+  for (const std::string& m : pass.report.messages) copied += m.rfind("ERROR OFLAG_COPIED", 0) == 0;
+  const uint64_t serious = pass.report.corruptions - std::min(copied, pass.report.corruptions);
+  if (serious > 0 || pass.report.check_errors > 0)
+    return Status::Corruption(fmt::format("the image has {} corruptions; repair it with 'check -r all' first",
+                                          serious + pass.report.check_errors));
+  if (copied) s.fix_all_copied = true;
+  return Status::Ok();
+}
+
 Status PrepareForWriting(ImageState& s, const ProgressFn& progress) {
   const Header& h = s.header;
   if (h.version < 3) return Status::Unsupported("writing qcow2 version 2 images is not supported; convert it first");
@@ -190,8 +225,14 @@ Status PrepareForWriting(ImageState& s, const ProgressFn& progress) {
   s.map->cache().set_on_full([&s] { return FlushState(s); });
   s.refcounts->cache().set_on_full([&s] { return FlushState(s); });
   QD_RETURN_IF_ERROR(s.refcounts->Load(s.file_size));
+  QD_RETURN_IF_ERROR(VetStructure(s));
   QD_ASSIGN_OR_RETURN(bool loaded, LoadIndex(*s.file, h, s.file_size, s.index));
-  if (!loaded) {
+  if (loaded) {
+    s.unverified.assign(s.file_size / s.cs() + 1, false);
+    s.index.ForEach([&](const uint8_t*, uint64_t c) {
+      if (c < s.unverified.size()) s.unverified[c] = true;
+    });
+  } else {
     QD_RETURN_IF_ERROR(RebuildIndex(s, progress));
     s.index_changed = true;
     // Someone else wrote the image: QEMU's copy-on-write of a cluster shared

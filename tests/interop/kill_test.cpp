@@ -171,6 +171,9 @@ void Repair(const std::string& img, int i) {
   INFO(repairer << " check -r all " << img << "\nstdout: " << r.out << "\nstderr: " << r.err);
   CHECK(r.exit_code == 0);
   testing::CheckQemuClean(img);
+  // And our own check agrees, whoever repaired.
+  RunResult ours = Run(Tool() + " check " + Sh(img));
+  CHECK_MESSAGE(ours.exit_code == 0, "qcow2dedup check after the repair: ", ours.out, ours.err);
 }
 
 // A further write into the repaired image: new data and a copy of data

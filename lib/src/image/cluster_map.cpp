@@ -128,8 +128,13 @@ Status ClusterMap::SetEntry(uint64_t guest_cluster, uint64_t entry, Refcounts& r
     l1_dirty_ = true;
     file_size_ = std::max(file_size_, table + h_->cluster_size());
   } else {
-    if (!(l1_[l1_index] & kFlagCopied))
-      return Status::Unsupported("L2 table is shared (internal snapshot); writing it is not supported");
+    if (!(l1_[l1_index] & kFlagCopied)) {
+      // A clear flag on an L2 table only we use is a stale flag: mend it.
+      QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts.Get(table >> h_->cluster_bits));
+      if (rc != 1) return Status::Unsupported("L2 table is shared (internal snapshot); writing it is not supported");
+      l1_[l1_index] |= kFlagCopied;
+      l1_dirty_ = true;
+    }
     QD_ASSIGN_OR_RETURN(t, l2_.Get(table));
   }
   StoreBe64(t->data() + (guest_cluster % h_->l2_entries()) * 8, entry);

@@ -43,20 +43,22 @@ CheckReport Report(Examination& e) {
 // those fields made harmless, and the real values are put back after.
 Result<Header> ParseLeniently(std::vector<uint8_t> head, uint64_t file_size) {
   constexpr uint64_t kQemuLimit = uint64_t(INT64_MAX);
-  const bool room = head.size() >= 60;
+  const bool room = head.size() >= 72;
   uint32_t cluster_bits = 0;
-  uint64_t l1 = 0, reftable = 0;
+  uint64_t l1 = 0, reftable = 0, snapshots = 0;
   uint32_t reftable_clusters = 0;
   if (room) {
     cluster_bits = uint32_t(LoadBe64(&head[16]) & 0xffffffffu);
     l1 = LoadBe64(&head[40]);
     reftable = LoadBe64(&head[48]);
     reftable_clusters = uint32_t(LoadBe64(&head[52]) & 0xffffffffu);
+    snapshots = LoadBe64(&head[64]);
     if (cluster_bits >= kMinClusterBits && cluster_bits <= kMaxClusterBits) {
       const uint64_t cs = 1ull << cluster_bits;
       if (l1 == 0) StoreBe64(&head[40], cs);
       if (reftable == 0) StoreBe64(&head[48], cs);
       if (reftable_clusters == 0) head[59] = 1;
+      if (snapshots == 0) StoreBe64(&head[64], cs);
     }
   }
   QD_ASSIGN_OR_RETURN(Header h, ParseHeader(head, std::max(file_size, kQemuLimit)));
@@ -64,6 +66,7 @@ Result<Header> ParseLeniently(std::vector<uint8_t> head, uint64_t file_size) {
     h.l1_offset = l1;
     h.reftable_offset = reftable;
     h.reftable_clusters = reftable_clusters;
+    h.snapshots_offset = snapshots;
   }
   // QEMU refuses a misaligned snapshot table even when there are no snapshots.
   if (h.snapshots_offset % h.cluster_size() || h.snapshots_offset > kQemuLimit - uint64_t(h.nb_snapshots) * 40)

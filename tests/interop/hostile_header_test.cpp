@@ -512,7 +512,7 @@ constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;
 
 // Where things are in an image with data at guest offset 0.
 struct Tables {
-  uint64_t cluster_size, l1, l2, data, file_size;
+  uint64_t cluster_size, l1, l2, data, reftable, file_size;
 };
 
 Tables FindTables(const std::string& img) {
@@ -524,6 +524,7 @@ Tables FindTables(const std::string& img) {
   REQUIRE(t.l2 != 0);
   t.data = GetBE(bytes, t.l2, 8) & kOffsetMask;
   REQUIRE(t.data != 0);
+  t.reftable = GetBE(bytes, kRefTableOffset, 8);
   t.file_size = bytes.size();
   return t;
 }
@@ -543,20 +544,19 @@ TEST_CASE("hostile: damaged L1/L2 tables and snapshot table") {
       {"L2 table offset not cluster aligned",
        [=](const Tables& t) { return Edits{{t.l1, BE64((t.l2 + 512) | kCopied)}}; }, true, true},
       {"L2 table beyond the end of the file",
-       [=](const Tables& t) { return Edits{{t.l1, BE64((t.file_size / t.cluster_size + 100) * t.cluster_size | kCopied)}}; },
+       [=](const Tables& t) { return Edits{{t.l1, BE64(((t.file_size / t.cluster_size + 100) * t.cluster_size) | kCopied)}}; },
        false},
       {"L2 table at 2^55",
        [=](const Tables& t) { return Edits{{t.l1, BE64((uint64_t(1) << 55) | kCopied)}}; }, false},
-      {"L2 table is the header cluster",
-       [=](const Tables& t) { return Edits{{t.l1, BE64(t.cluster_size * 0 + 0 | kCopied)}, {t.l1 + 8, BE64(0)}}; },
-       false},
+      {"L2 table is the refcount table",
+       [=](const Tables& t) { return Edits{{t.l1, BE64(t.reftable | kCopied)}}; }, false},
       {"L2 table is the L1 table",
        [=](const Tables& t) { return Edits{{t.l1, BE64((t.l1 / t.cluster_size * t.cluster_size) | kCopied)}}; },
        false},
       {"data cluster not aligned",
        [=](const Tables& t) { return Edits{{t.l2, BE64((t.data + 512) | kCopied)}}; }, true, true},
       {"data cluster beyond the end of the file",
-       [=](const Tables& t) { return Edits{{t.l2, BE64((t.file_size / t.cluster_size + 100) * t.cluster_size | kCopied)}}; },
+       [=](const Tables& t) { return Edits{{t.l2, BE64(((t.file_size / t.cluster_size + 100) * t.cluster_size) | kCopied)}}; },
        false},
       {"data cluster at 2^55 - cluster",
        [=](const Tables& t) { return Edits{{t.l2, BE64(((uint64_t(1) << 55) - t.cluster_size) | kCopied)}}; }, false},

@@ -38,6 +38,10 @@ Status Recount::CountBitmaps() {
   std::vector<uint8_t> dir(dir_size);
   QD_RETURN_IF_ERROR(ctx_.Read(dir_offset, dir));
   const uint64_t cs = ctx_.cs();
+  // Valid bitmap tables lie side by side in the file: more than the file
+  // holds means they overlap, and reading them again and again is what a
+  // hostile directory would want.
+  uint64_t budget = ctx_.file_size;
   size_t pos = 0;
   for (uint32_t b = 0; b < nb; ++b) {
     if (pos + kDirEntryBytes > dir.size()) {
@@ -60,6 +64,13 @@ Status Recount::CountBitmaps() {
       Note(r_, fmt::format("ERROR bitmap table at {:#x} lies outside the image", table_offset));
       continue;
     }
+    if (table_bytes > budget) {
+      ++r_.check_errors;
+      Note(r_, fmt::format("ERROR bitmap tables overlap beyond what the file can hold; the one at {:#x} is not checked",
+                           table_offset));
+      continue;
+    }
+    budget -= table_bytes;
     std::vector<uint8_t> table(table_bytes);
     QD_RETURN_IF_ERROR(ctx_.Read(table_offset, table));
     for (uint32_t i = 0; i < table_size; ++i) {

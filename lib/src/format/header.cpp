@@ -279,7 +279,7 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
   raw.header_length = h.header_length;
   raw.compression_type = uint8_t(h.compression);
   std::memcpy(out.data(), &raw, h.version == 2 ? kV2HeaderLength : std::min<size_t>(h.header_length, sizeof raw));
-  if (h.version == 3 && h.header_length > sizeof raw)
+  if (h.version == 3 && h.header_length > sizeof raw && !h.header_tail.empty())
     std::memcpy(out.data() + sizeof raw, h.header_tail.data(),
                 std::min<size_t>(h.header_tail.size(), h.header_length - sizeof raw));
   return out;

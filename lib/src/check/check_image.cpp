@@ -175,7 +175,13 @@ Result<CheckReport> CheckImage(const std::string& path, CheckOptions options) {
   QD_RETURN_IF_ERROR(check::OpenContext(ctx));
   QD_ASSIGN_OR_RETURN(check::Examination first, check::Examine(ctx, options.progress));
   CheckReport r;
-  if (repair && check::NeedsRepair(ctx, first.pass.report, options.repair)) {
+  if (options.repair == RepairMode::kLeaks && first.pass.needs_rebuild) {
+    // Only -r all can rebuild: qemu-img gives up here (exit 1) and so do
+    // we, before writing anything.
+    r = check::Report(first);
+    check::Note(r, "ERROR need to rebuild refcount structures");
+    ++r.check_errors;
+  } else if (repair && check::NeedsRepair(ctx, first.pass.report, options.repair)) {
     QD_ASSIGN_OR_RETURN(r, check::Repair(ctx, first, options.repair, options.progress));
   } else {
     r = check::Report(first);

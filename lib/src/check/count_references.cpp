@@ -3,76 +3,11 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "check/references.h"
 #include "format/endian.h"
 
 namespace qcow2dedup::check {
-
-const char kMetaL2Table[] = "an L2 table";
-const char kMetaRefblock[] = "a refcount block";
-
-ReferenceCounts::ReferenceCounts(uint64_t clusters, uint64_t max_refcount)
-    : counts_(clusters, 0), max_(std::min<uint64_t>(max_refcount, UINT32_MAX)) {}
-
-uint64_t ReferenceCounts::Add(uint64_t c, uint64_t n) {
-  if (c >= counts_.size()) counts_.resize(c + 1, 0);
-  const uint64_t room = max_ - counts_[c];
-  const uint64_t added = std::min(room, n);
-  counts_[c] = uint32_t(counts_[c] + added);
-  return n - added;
-}
-
-void ReferenceCounts::Set(uint64_t c, uint64_t v) {
-  if (c >= counts_.size()) counts_.resize(c + 1, 0);
-  counts_[c] = uint32_t(std::min(v, max_));
-}
-
-uint64_t ReferenceCounts::End() const {
-  for (uint64_t c = counts_.size(); c-- > 0;)
-    if (counts_[c]) return c + 1;
-  return 0;
-}
-
-void Recount::Inc(uint64_t offset, uint64_t size, uint64_t n) {
-  if (size == 0 || n == 0) return;
-  const uint64_t cs = ctx_.cs();
-  // QEMU tolerates a reference into the partly written last cluster, not
-  // one a whole cluster or more past the end of the file.
-  if (offset + size >= ctx_.file_size + cs || offset + size < offset) {
-    r_.corruptions += n;
-    Note(r_, fmt::format("ERROR: counting reference for region exceeding the end of the file by one cluster "
-                         "or more: offset {:#x} size {:#x}",
-                         offset, size));
-    return;
-  }
-  for (uint64_t c = offset / cs; c <= (offset + size - 1) / cs; ++c) {
-    if (uint64_t over = refs_.counts.Add(c, n)) {
-      r_.corruptions += over;
-      Note(r_, fmt::format("ERROR: overflow cluster offset={:#x}", c * cs));
-      Note(r_, "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean "
-               "copy if the image cannot be opened for writing");
-    }
-  }
-}
-
-namespace {
-
-bool Shareable(const char* kind) { return kind == kMetaL2Table; }
-
-}  // namespace
-
-void Recount::MarkMeta(uint64_t offset, uint64_t size, const char* kind, uint64_t n) {
-  const uint64_t cs = ctx_.cs();
-  if (size == 0 || n == 0 || offset >= ctx_.file_size) return;
-  const uint64_t last = std::min((offset + size - 1) / cs, ctx_.FileClusters() - 1);
-  for (uint64_t c = offset / cs; c <= last; ++c) {
-    auto [it, fresh] = refs_.meta.try_emplace(c, MetaCluster{kind});
-    if ((!fresh || n > 1) && !(Shareable(kind) && it->second.kind == kind)) it->second.mixed = true;
-    it->second.expected += n;
-  }
-}
 
 namespace {
 
@@ -262,36 +197,6 @@ void Merge(CheckReport& into, const CheckReport& from) {
   into.fragmented_clusters += from.fragmented_clusters;
   into.compressed_clusters += from.compressed_clusters;
   for (const std::string& m : from.messages) Note(into, m);
-}
-
-// Mends the entries that can be mended in place, where nothing but the L2
-// table itself lives in its cluster (the counts are whole by now).
-Result<uint64_t> ApplyL2Fixes(Context& ctx, const References& refs, const std::vector<L2Fix>& fixes,
-                              CheckReport& r) {
-  const Header& h = ctx.header;
-  const uint64_t cs = ctx.cs();
-  uint64_t applied = 0;
-  std::vector<uint8_t> table(cs);
-  for (size_t i = 0; i < fixes.size();) {
-    const uint64_t l2 = fixes[i].table;
-    size_t end = i;
-    while (end < fixes.size() && fixes[end].table == l2) ++end;
-    if (PureL2Table(refs, l2, cs)) {
-      QD_RETURN_IF_ERROR(ctx.Read(l2, table));
-      for (size_t k = i; k < end; ++k) {
-        uint8_t* p = &table[fixes[k].index * h.l2_entry_bytes()];
-        StoreBe64(p, fixes[k].entry);
-        if (h.extended_l2()) StoreBe64(p + 8, fixes[k].bitmap);
-        Note(r, fixes[k].message);
-        ++r.corruptions_fixed;
-        ++applied;
-      }
-      QD_RETURN_IF_ERROR(ctx.Write(l2, table));
-    }
-    i = end;
-  }
-  if (applied) QD_RETURN_IF_ERROR(ctx.file->Sync());
-  return applied;
 }
 
 }  // namespace

@@ -106,4 +106,34 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
   return Status::Ok();
 }
 
+// Mends the entries that can be mended in place, where nothing but the L2
+// table itself lives in its cluster (the counts are whole by now).
+Result<uint64_t> ApplyL2Fixes(Context& ctx, const References& refs, const std::vector<L2Fix>& fixes,
+                              CheckReport& r) {
+  const Header& h = ctx.header;
+  const uint64_t cs = ctx.cs();
+  uint64_t applied = 0;
+  std::vector<uint8_t> table(cs);
+  for (size_t i = 0; i < fixes.size();) {
+    const uint64_t l2 = fixes[i].table;
+    size_t end = i;
+    while (end < fixes.size() && fixes[end].table == l2) ++end;
+    if (PureL2Table(refs, l2, cs)) {
+      QD_RETURN_IF_ERROR(ctx.Read(l2, table));
+      for (size_t k = i; k < end; ++k) {
+        uint8_t* p = &table[fixes[k].index * h.l2_entry_bytes()];
+        StoreBe64(p, fixes[k].entry);
+        if (h.extended_l2()) StoreBe64(p + 8, fixes[k].bitmap);
+        Note(r, fixes[k].message);
+        ++r.corruptions_fixed;
+        ++applied;
+      }
+      QD_RETURN_IF_ERROR(ctx.Write(l2, table));
+    }
+    i = end;
+  }
+  if (applied) QD_RETURN_IF_ERROR(ctx.file->Sync());
+  return applied;
+}
+
 }  // namespace qcow2dedup::check

@@ -21,8 +21,7 @@ bool Overlapped(const References& refs, uint64_t c, const MetaCluster& m) {
 
 }  // namespace
 
-Status ReportOverlaps(Context& ctx, const References& refs, StoredRefcounts& stored, CheckReport& r) {
-  (void)ctx;
+Status ReportOverlaps(const References& refs, StoredRefcounts& stored, CheckReport& r) {
   for (const auto& [c, m] : refs.meta) {
     // A refcount block's overlaps are check_refblocks' findings already.
     if (m.kind == kMetaRefblock || !Overlapped(refs, c, m)) continue;

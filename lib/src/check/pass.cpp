@@ -35,6 +35,7 @@ Result<PassResult> RunPass(Context& ctx, RepairMode fix) {
   uint64_t highest = 0;
   QD_RETURN_IF_ERROR(CompareRefcounts(ctx, refs, stored, r, RepairMode::kNone, &rebuild, &highest));
 
+  const bool needs_rebuild = rebuild;
   if (rebuild && fix == RepairMode::kAll) {
     const CheckReport old = r;
     CheckReport scratch;
@@ -43,7 +44,7 @@ Result<PassResult> RunPass(Context& ctx, RepairMode fix) {
     if (Status s = RebuildRefcounts(ctx, bare, refs.counts.End(), r); !s.ok()) {
       Note(r, "ERROR " + s.message());
       ++r.check_errors;
-      return PassResult{std::move(r), std::move(refs)};
+      return PassResult{std::move(r), std::move(refs), true};
     }
     QD_RETURN_IF_ERROR(ctx.RefreshFileSize().status());
     QD_RETURN_IF_ERROR(stored.Load());
@@ -64,7 +65,7 @@ Result<PassResult> RunPass(Context& ctx, RepairMode fix) {
     if (rebuild) {
       Note(r, "ERROR need to rebuild refcount structures");
       ++r.check_errors;
-      return PassResult{std::move(r), std::move(refs)};
+      return PassResult{std::move(r), std::move(refs), needs_rebuild};
     }
     if (r.leaks || r.corruptions) {
       std::vector<std::string> messages = std::move(r.messages);
@@ -76,10 +77,10 @@ Result<PassResult> RunPass(Context& ctx, RepairMode fix) {
   }
 
   if (fix != RepairMode::kNone) QD_RETURN_IF_ERROR(DropRefcountsPastEnd(ctx, refs.counts.size(), stored, r));
-  QD_RETURN_IF_ERROR(ReportOverlaps(ctx, refs, stored, r));
+  QD_RETURN_IF_ERROR(ReportOverlaps(refs, stored, r));
   QD_RETURN_IF_ERROR(CheckCopiedFlags(ctx, refs, stored, r, fix));
   r.image_end_offset = (highest + 1) * cs;
-  return PassResult{std::move(r), std::move(refs)};
+  return PassResult{std::move(r), std::move(refs), needs_rebuild};
 }
 
 }  // namespace qcow2dedup::check

@@ -33,7 +33,7 @@ Status CheckCopiedFlags(Context& ctx, const References& refs, StoredRefcounts& s
 
 // Metadata that shares its cluster with other metadata or with guest data.
 // QEMU only notices when the refcount is too low; this finds it always.
-Status ReportOverlaps(Context& ctx, const References& refs, StoredRefcounts& stored, CheckReport& r);
+Status ReportOverlaps(const References& refs, StoredRefcounts& stored, CheckReport& r);
 
 // Moves guest data that sits on metadata to fresh clusters (the guest reads
 // the same bytes afterwards); returns how many L2 entries it moved.
@@ -47,6 +47,8 @@ Result<uint64_t> RewriteSnapshotTable(Context& ctx, StoredRefcounts& stored, Fre
 struct PassResult {
   CheckReport report;
   References refs;  // the counts the pass ended with
+  // Only a rebuild of the refcount structure can mend it (-r all).
+  bool needs_rebuild = false;
 };
 
 // One whole pass; fix says what it may repair.

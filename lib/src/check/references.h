@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <map>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "check/context.h"
@@ -87,6 +86,11 @@ struct L2Fix {
   uint64_t entry, bitmap;
   std::string message;  // the "Repairing ..." line
 };
+
+// Mends the entries of fixes in place where nothing but the L2 table itself
+// lives in its cluster; returns how many it mended.
+Result<uint64_t> ApplyL2Fixes(Context& ctx, const References& refs, const std::vector<L2Fix>& fixes,
+                              CheckReport& r);
 
 // Internals of the recount, one file each.
 class Recount {

@@ -51,8 +51,8 @@ Result<SnapshotTable> ReadSnapshotTable(File& file, const Header& h, uint64_t fi
     if (extra >= 8) s.info.vm_state_size = LoadBe64(&rest[0]);
     s.disk_size = extra >= 16 ? LoadBe64(&rest[8]) : h.virtual_size;
     if (extra >= 24) s.info.icount = LoadBe64(&rest[16]);
-    s.info.id.assign(reinterpret_cast<const char*>(&rest[extra]), id_len);
-    s.info.name.assign(reinterpret_cast<const char*>(&rest[extra + id_len]), name_len);
+    s.info.id.assign(reinterpret_cast<const char*>(rest.data()) + extra, id_len);
+    s.info.name.assign(reinterpret_cast<const char*>(rest.data()) + extra + id_len, name_len);
     if (uint64_t(s.l1_size) * 8 > kMaxL1Bytes)
       return Status::Corruption(fmt::format("snapshot '{}' has an L1 table of {} entries", s.info.name, s.l1_size));
     if (s.l1_offset % cs != 0 || s.l1_offset < cs || s.l1_offset + uint64_t(s.l1_size) * 8 > file_size)

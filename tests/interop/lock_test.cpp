@@ -12,6 +12,7 @@
 #include <cctype>
 #include <cerrno>
 #include <chrono>
+#include <thread>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -66,7 +67,15 @@ void MakeImages(const TempDir& dir) {
 // Runs cmd against an image someone else holds: it must fail with one line
 // that says so, and leave the image as it was.
 void ExpectRefused(const std::string& image, const std::string& cmd) {
-  const std::string before = ReadFileBytes(image);
+  // A QEMU holder rewrites the header (clearing our autoclear bit) just
+  // after it takes its locks: wait until the file stops changing.
+  std::string before = ReadFileBytes(image);
+  for (int i = 0; i < 50; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::string again = ReadFileBytes(image);
+    if (again == before) break;
+    before = std::move(again);
+  }
   const auto t0 = std::chrono::steady_clock::now();
   RunResult r = Run(cmd);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -12,6 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "dedup/index.h"
+#include "dedup/index_store.h"
+#include "dedup/sha256.h"
+#include "format/endian.h"
+#include "format/header.h"
 #include "qcow2dedup/image.h"
 #include "support/process.h"
 #include "support/qcow2_layout.h"
@@ -691,4 +696,95 @@ TEST_CASE("after QEMU copy-on-writes a shared cluster, our next session leaves t
   }
   Judge(img_path, m, dir);
   Layout(img_path);
+}
+
+namespace {
+
+// Rewrites the stored index so that its entry for host cluster `cluster`
+// claims `data`, with a digest that vouches for the lie.
+void LieInIndex(const std::string& path, uint64_t cluster, const std::vector<uint8_t>& data) {
+  std::string bytes = ReadFileBytes(path);
+  auto h = ParseHeader(std::span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()), bytes.size());
+  REQUIRE(h.ok());
+  REQUIRE(h->dedup.has_value());
+  DedupExtension& ext = *h->dedup;
+  auto* index = reinterpret_cast<uint8_t*>(&bytes[ext.index_offset]);
+  bool found = false;
+  for (uint64_t i = 0; i < ext.index_entries; ++i) {
+    uint8_t* e = index + i * kIndexEntryBytes;
+    if (LoadBe64(e) != cluster * kCs) continue;
+    const Digest d = Sha256(data);
+    std::memcpy(e + 8, d.data(), DedupIndex::kKeyBytes);
+    found = true;
+  }
+  REQUIRE(found);
+  ext.index_digest = Sha256(std::span<const uint8_t>(index, ext.index_entries * kIndexEntryBytes));
+  auto head = EncodeHeader(*h);
+  REQUIRE(head.ok());
+  std::memcpy(bytes.data(), head->data(), head->size());
+  WriteFileBytes(path, bytes);
+}
+
+}  // namespace
+
+TEST_CASE("an index entry from disk that lies about the cluster a guest cluster maps is not believed") {
+  TempDir dir;
+  const std::string img_path = dir / "img.qcow2";
+  const uint64_t vsize = 4 * kCs;
+  Mirror m(vsize);
+  const std::vector<uint8_t> e = RandomBytes(kCs, 21), d = RandomBytes(kCs, 22);
+  {
+    auto img = CreateImage(img_path, vsize);
+    MustWrite(*img, 0, e);
+    MustClose(*img);
+  }
+  const uint64_t host = Layout(img_path).HostOffset(0) / kCs;
+  // The index now says guest cluster 0's host cluster holds d: writing d
+  // there must not be taken for "the same data again".
+  LieInIndex(img_path, host, d);
+  {
+    auto img = OpenWritable(img_path);
+    MustWrite(*img, 0, d);
+    MustWrite(*img, kCs, e);  // e is still stored nowhere the index admits
+    MustClose(*img);
+  }
+  m.Put(0, d);
+  m.Put(kCs, e);
+  Judge(img_path, m, dir);
+  RunResult r = Run(Tool() + " check " + Sh(img_path));
+  INFO(r.out << r.err);
+  CHECK(r.exit_code == 0);
+}
+
+TEST_CASE("freeing one copy of data stored twice leaves the other findable") {
+  TempDir dir;
+  const std::string img_path = dir / "img.qcow2";
+  const uint64_t vsize = 8 * kCs;
+  Mirror m(vsize);
+  const std::vector<uint8_t> a = RandomBytes(kCs, 31), b = RandomBytes(kCs, 32);
+  {
+    auto img = CreateImage(img_path, vsize, /*refcount_bits=*/1);  // every copy is stored
+    MustWrite(*img, 0, a);
+    MustWrite(*img, kCs, a);
+    MustClose(*img);
+  }
+  CHECK(Layout(img_path).stored_data_clusters() == 2);
+  for (uint64_t freed : {uint64_t(0), kCs}) {
+    CAPTURE(freed);
+    const std::string copy = dir / "copy.qcow2";
+    WriteFileBytes(copy, ReadFileBytes(img_path));
+    Mirror mm = m;
+    mm.Put(0, a);
+    mm.Put(kCs, a);
+    {
+      auto img = OpenWritable(copy);
+      MustWrite(*img, freed, b);
+      MustClose(*img);
+    }
+    mm.Put(freed, b);
+    Judge(copy, mm, dir);
+    RunResult r = Run(Tool() + " check " + Sh(copy));
+    INFO(r.out << r.err);
+    CHECK(r.exit_code == 0);
+  }
 }

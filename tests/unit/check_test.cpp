@@ -264,12 +264,10 @@ TEST_CASE("a fresh dedup image is clean, as qemu-img says too") {
   }
 }
 
-// Library bug, found by check: when the indexed copy of some data is freed
-// while another copy of the same data stays stored (possible only once a
-// cluster is shared to the writer's limit, or with 1-bit refcounts), the
-// writer drops the digest from the index and leaves it in sync, so the
-// image fails check with one missing entry. Passes once the writer is fixed.
-TEST_CASE("writer: freeing the indexed copy of duplicated data keeps the index whole" * doctest::should_fail()) {
+// Found by check: when the indexed copy of some data was freed while another
+// copy stayed stored (past the share limit, or with 1-bit refcounts), the
+// writer dropped the digest from the index. The index now holds every copy.
+TEST_CASE("writer: freeing the indexed copy of duplicated data keeps the index whole") {
   TempDir dir;
   const std::string img = dir / "writer-missing.qcow2";
   CreateOptions o;

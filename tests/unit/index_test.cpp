@@ -60,12 +60,19 @@ TEST_CASE("Insert, Find, Remove") {
     CHECK(idx.size() == 1);
     CHECK(idx.Find(D(2)) == std::optional<uint64_t>(6));
   }
-  SUBCASE("Insert of a known digest replaces its cluster") {
+  SUBCASE("a second copy of a digest: Find names the newest; freeing either leaves the other") {
     idx.Insert(D(1), 9);
-    CHECK(idx.size() == 2);
+    idx.Insert(D(1), 9);  // the same pair again: no new entry
+    CHECK(idx.size() == 3);
+    CHECK(idx.Find(D(1)) == std::optional<uint64_t>(9));
+    CHECK(idx.Remove(D(1), 9));
+    CHECK(idx.Find(D(1)) == std::optional<uint64_t>(5));
+    idx.Insert(D(1), 9);
+    CHECK(idx.Remove(D(1), 5));
     CHECK(idx.Find(D(1)) == std::optional<uint64_t>(9));
     CHECK_FALSE(idx.Remove(D(1), 5));
     CHECK(idx.Remove(D(1), 9));
+    CHECK_FALSE(idx.Find(D(1)).has_value());
   }
   SUBCASE("removed slots are reused: remove and insert cycles do not grow the index") {
     CHECK(idx.Remove(D(1), 5));
@@ -100,9 +107,11 @@ TEST_CASE("keys are the first 160 bits; the bucket the first 64") {
   CHECK(idx.size() == 2);
   CHECK(idx.Find(b) == std::optional<uint64_t>(1));
   CHECK(idx.Find(c) == std::optional<uint64_t>(3));
-  idx.Insert(b, 2);  // replaces a's entry
-  CHECK(idx.size() == 2);
+  idx.Insert(b, 2);  // the same key: a second copy
+  CHECK(idx.size() == 3);
   CHECK(idx.Find(a) == std::optional<uint64_t>(2));
+  CHECK(idx.Remove(a, 2));
+  CHECK(idx.Find(b) == std::optional<uint64_t>(1));
 }
 
 TEST_CASE("a long chain in one bucket") {
@@ -131,7 +140,7 @@ TEST_CASE("clusters beyond what the index holds are not indexed") {
   CHECK_FALSE(idx.Find(D(2)).has_value());
   CHECK_FALSE(idx.Find(D(3)).has_value());
   CHECK(idx.size() == 1);
-  // Replacing with an unindexable cluster must not leave a wrong mapping.
+  // An unindexable cluster must not leave a wrong mapping.
   idx.Insert(D(1), 1ull << 33);
   auto f = idx.Find(D(1));
   CHECK((!f.has_value() || *f == DedupIndex::kMaxCluster));

@@ -138,10 +138,10 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
 Status SaveRebuiltIndex(Context& ctx, const std::vector<HashedCluster>& hashed, StoredRefcounts& stored) {
   const uint64_t cs = ctx.cs();
   DedupIndex index;
-  for (const HashedCluster& hc : hashed) {  // ascending: the lowest copy of each content wins
+  for (const HashedCluster& hc : hashed) {  // every copy, so freeing one leaves the others findable
     Digest d{};
     std::memcpy(d.data(), hc.key.data(), hc.key.size());
-    if (!index.Find(d)) index.Insert(d, hc.cluster);
+    index.Insert(d, hc.cluster);
   }
   QD_ASSIGN_OR_RETURN(uint64_t end, stored.EndCluster());
   const uint64_t at = std::max<uint64_t>(end, 1) * cs;

@@ -6,13 +6,11 @@ void DedupIndex::Insert(const Digest& d, uint64_t cluster) {
   if (cluster > kMaxCluster) return;  // beyond what we index: only a lost dedup chance
   if (!buckets_.empty()) {
     for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = entries_[i].next) {
-      if (std::memcmp(entries_[i].key, d.data(), kKeyBytes) == 0) {
-        entries_[i].cluster = uint32_t(cluster);
-        return;
-      }
+      if (entries_[i].cluster == cluster && std::memcmp(entries_[i].key, d.data(), kKeyBytes) == 0) return;
     }
   }
   // Two entries a bucket on average: chains stay short, buckets cost 2-4 bytes.
+  // The new entry goes first in its chain, so Find returns the newest copy.
   if (live_ + 1 > 2 * buckets_.size()) Rehash(std::max<size_t>(1024, buckets_.size() * 2));
   uint32_t slot;
   if (!free_.empty()) {
@@ -38,8 +36,7 @@ bool DedupIndex::Remove(const Digest& d, uint64_t cluster) {
   uint32_t* link = &buckets_[Bucket(d)];
   while (*link != kNil) {
     Entry& e = entries_[*link];
-    if (std::memcmp(e.key, d.data(), kKeyBytes) == 0) {
-      if (e.cluster != cluster) return false;
+    if (e.cluster == cluster && std::memcmp(e.key, d.data(), kKeyBytes) == 0) {
       uint32_t slot = *link;
       *link = e.next;
       e.cluster = kNil;

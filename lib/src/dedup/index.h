@@ -1,7 +1,10 @@
-// The dedup index: which host cluster holds the data with a given hash.
+// The dedup index: which host clusters hold the data with a given hash.
+// One entry per stored cluster, so a digest may name several copies (a
+// copy stored again past the share limit, or written by QEMU): freeing one
+// copy must leave the others findable.
 // Kept compact because it grows with the stored data: a key of the first
 // 160 bits of the SHA-256, a 32-bit host cluster number and a chain link,
-// 28 bytes an entry plus 4 to 8 bytes of buckets.
+// 28 bytes an entry plus 2 to 4 bytes of buckets.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +21,8 @@ class DedupIndex {
   static constexpr size_t kKeyBytes = 20;
   static constexpr uint64_t kMaxCluster = 0xfffffffeull;
 
-  // The host cluster holding data with this digest, if known.
+  // A host cluster holding data with this digest, if known: the copy
+  // inserted last, which is the one most likely to take more references.
   std::optional<uint64_t> Find(const Digest& d) const {
     if (buckets_.empty()) return std::nullopt;
     for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = entries_[i].next)
@@ -26,9 +30,9 @@ class DedupIndex {
     return std::nullopt;
   }
 
-  // Maps digest to cluster, replacing an older mapping of the same digest.
+  // Adds the pair (digest, cluster); adding a pair already held does nothing.
   void Insert(const Digest& d, uint64_t cluster);
-  // Forgets digest if it maps to cluster; true if it did.
+  // Forgets the pair (digest, cluster); true if it was held.
   bool Remove(const Digest& d, uint64_t cluster);
   // Forgets every entry that maps to cluster (a slow scan, for the rare case
   // where the cluster's data no longer matches its key).

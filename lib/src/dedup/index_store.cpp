@@ -11,7 +11,10 @@ std::vector<uint8_t> EncodeIndex(const DedupIndex& index, uint32_t cluster_bits)
   std::vector<std::pair<uint64_t, const uint8_t*>> entries;
   entries.reserve(index.size());
   index.ForEach([&](const uint8_t* key, uint64_t cluster) { entries.emplace_back(cluster, key); });
-  std::sort(entries.begin(), entries.end());
+  // By cluster, then key: the same index always encodes to the same bytes.
+  std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first < b.first : std::memcmp(a.second, b.second, DedupIndex::kKeyBytes) < 0;
+  });
   std::vector<uint8_t> out(entries.size() * kIndexEntryBytes, 0);
   for (size_t i = 0; i < entries.size(); ++i) {
     uint8_t* p = &out[i * kIndexEntryBytes];

@@ -7,6 +7,17 @@
 
 namespace qcow2dedup {
 
+namespace {
+
+// Fetched once: EVP_sha256() makes every init look the algorithm up again
+// under a lock, which costs more than hashing a 4 KiB cluster.
+const EVP_MD* Sha256Md() {
+  static EVP_MD* md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+  return md;
+}
+
+}  // namespace
+
 Digest Sha256(std::span<const uint8_t> data) {
   // One context per thread: creating one per cluster costs more than hashing 4 KiB.
   thread_local struct Ctx {
@@ -15,7 +26,8 @@ Digest Sha256(std::span<const uint8_t> data) {
   } t;
   Digest d;
   unsigned int len = 0;
-  if (!t.ctx || EVP_DigestInit_ex(t.ctx, EVP_sha256(), nullptr) != 1 ||
+  const EVP_MD* md = Sha256Md();
+  if (!t.ctx || !md || EVP_DigestInit_ex2(t.ctx, md, nullptr) != 1 ||
       EVP_DigestUpdate(t.ctx, data.data(), data.size()) != 1 ||
       EVP_DigestFinal_ex(t.ctx, d.data(), &len) != 1 || len != d.size())
     throw std::runtime_error("OpenSSL SHA-256 failed");  // out of memory inside OpenSSL

@@ -4,13 +4,13 @@
 
 #include <memory>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
 #include "dedup/index.h"
 #include "format/header.h"
 #include "format/snapshot.h"
 #include "image/cluster_map.h"
+#include "image/cluster_set.h"
 #include "image/data_writer.h"
 #include "image/metadata_map.h"
 #include "image/refcounts.h"
@@ -50,9 +50,9 @@ class ImageState {
   bool marked_dirty = false;      // the header on disk says dirty, index out of sync
   bool index_changed = false;     // the index must be saved at close
   bool header_changed = false;    // size or L1 moved: rewrite the header on flush
-  std::unordered_set<uint64_t> copied_fixups;  // host clusters whose refcount crossed 1
-  bool fix_all_copied = false;
-  std::vector<bool> unverified;   // host clusters whose index entry came from disk, unchecked    // recheck COPIED on every L2 entry at the next flush
+  ClusterSet copied_fixups;       // host clusters whose refcount crossed 1
+  bool fix_all_copied = false;    // recheck COPIED on every L2 entry at the next flush
+  ClusterSet unverified;          // host clusters whose index entry came from disk, unchecked
   std::vector<uint8_t> scratch;   // one cluster
 
   uint64_t cs() const { return header.cluster_size(); }

@@ -34,17 +34,22 @@ Status BeginChange(ImageState& s) {
   return Status::Ok();
 }
 
+// Reads host cluster c into s.scratch.
+Status ReadCluster(ImageState& s, uint64_t c) {
+  if (s.data.Overlaps(c * s.cs(), s.cs())) QD_RETURN_IF_ERROR(s.data.Flush());
+  s.scratch.resize(s.cs());
+  return s.file->ReadAt(c * s.cs(), s.scratch);
+}
+
 // Drops one reference to host cluster c; at zero its hash leaves the index.
 Status Release(ImageState& s, uint64_t cluster, bool data) {
   QD_ASSIGN_OR_RETURN(uint64_t left, s.refcounts->Adjust(cluster, -1));
-  if (left == 1) s.copied_fixups.insert(cluster);
+  if (left == 1) s.copied_fixups.Insert(cluster);
   if (left != 0) return Status::Ok();
   ++s.stats.freed_clusters;
   if (!data) return Status::Ok();
   // Its bytes are still on disk (freed clusters wait for the next flush).
-  QD_RETURN_IF_ERROR(s.data.Flush());
-  s.scratch.resize(s.cs());
-  QD_RETURN_IF_ERROR(s.file->ReadAt(cluster * s.cs(), s.scratch));
+  QD_RETURN_IF_ERROR(ReadCluster(s, cluster));
   if (!s.index.Remove(Sha256(s.scratch), cluster)) s.index.RemoveCluster(cluster);
   s.index_changed = true;
   return Status::Ok();
@@ -63,32 +68,48 @@ Status ReleaseEntry(ImageState& s, uint64_t entry) {
   return Status::Ok();
 }
 
-// Whether host cluster c may take one more reference for data with digest.
-Result<bool> CanShare(ImageState& s, uint64_t c, const ClusterWrite& w) {
+enum class Share { kYes, kNo, kStale };
+
+// Whether the index's claim that cluster c holds data with this digest can
+// be believed. An entry loaded from disk is checked against the data the
+// first time it is used; a wrong one leaves the index.
+Result<bool> Believe(ImageState& s, uint64_t c, const Digest& digest) {
+  if (!s.unverified.Contains(c)) return true;
+  QD_RETURN_IF_ERROR(ReadCluster(s, c));
+  s.unverified.Erase(c);
+  if (std::memcmp(Sha256(s.scratch).data(), digest.data(), DedupIndex::kKeyBytes) == 0) return true;
+  s.index.RemoveCluster(c);  // whatever else it claims about c is as wrong
+  return false;
+}
+
+// Whether host cluster c, which the index names for w's digest, may take
+// one more reference. A stale entry (index entries are never trusted beyond
+// what they were built from) leaves the index.
+Result<Share> CanShare(ImageState& s, uint64_t c, const ClusterWrite& w) {
   QD_ASSIGN_OR_RETURN(uint64_t rc, s.refcounts->Get(c));
   if (rc == 0 || s.meta.IsTable(c * s.cs()) || s.meta.FixedStructureAt(c * s.cs())) {
-    s.index.RemoveCluster(c);  // stale: never trusted beyond what it was built from
-    return false;
+    s.index.Remove(w.digest, c);
+    return Share::kStale;
   }
-  if (rc + 1 > ShareLimit(s.header)) return false;
-  if (c < s.unverified.size() && s.unverified[c]) {
-    // An entry from disk: believe it only once the data says the same.
-    QD_RETURN_IF_ERROR(s.data.Flush());
-    s.scratch.resize(s.cs());
-    QD_RETURN_IF_ERROR(s.file->ReadAt(c * s.cs(), s.scratch));
-    s.unverified[c] = false;
-    if (std::memcmp(Sha256(s.scratch).data(), w.digest.data(), DedupIndex::kKeyBytes) != 0) {
-      s.index.RemoveCluster(c);
-      return false;
-    }
-  }
+  if (rc + 1 > ShareLimit(s.header)) return Share::kNo;
+  QD_ASSIGN_OR_RETURN(bool believed, Believe(s, c, w.digest));
+  if (!believed) return Share::kStale;
   if (s.verify) {
-    QD_RETURN_IF_ERROR(s.data.Flush());
-    s.scratch.resize(s.cs());
-    QD_RETURN_IF_ERROR(s.file->ReadAt(c * s.cs(), s.scratch));
-    if (std::memcmp(s.scratch.data(), w.data.data(), s.cs()) != 0) return false;
+    QD_RETURN_IF_ERROR(ReadCluster(s, c));
+    if (std::memcmp(s.scratch.data(), w.data.data(), s.cs()) != 0) return Share::kNo;
   }
-  return true;
+  return Share::kYes;
+}
+
+// The host cluster to link w to, if any: the index's copy, or another one
+// when that copy turns out stale.
+Result<std::optional<uint64_t>> FindShareable(ImageState& s, const ClusterWrite& w) {
+  for (std::optional<uint64_t> hit = s.index.Find(w.digest); hit; hit = s.index.Find(w.digest)) {
+    QD_ASSIGN_OR_RETURN(Share share, CanShare(s, *hit, w));
+    if (share == Share::kYes) return hit;
+    if (share == Share::kNo) return std::optional<uint64_t>();
+  }
+  return std::optional<uint64_t>();
 }
 
 Status WriteOne(ImageState& s, const ClusterWrite& w) {
@@ -104,16 +125,18 @@ Status WriteOne(ImageState& s, const ClusterWrite& w) {
   } else {
     std::optional<uint64_t> hit = s.index.Find(w.digest);
     if (hit && !IsCompressed(old) && !(old & kFlagZero) && L2Offset(old) == *hit * cs) {
-      ++s.stats.dedup_hits;  // the same data again: nothing changes
-      return Status::Ok();
+      QD_ASSIGN_OR_RETURN(bool same, Believe(s, *hit, w.digest));
+      if (same) {
+        ++s.stats.dedup_hits;  // the same data again: nothing changes
+        return Status::Ok();
+      }
     }
-    bool share = false;
     if (hit) {
-      QD_ASSIGN_OR_RETURN(share, CanShare(s, *hit, w));
+      QD_ASSIGN_OR_RETURN(hit, FindShareable(s, w));
     }
-    if (share) {
+    if (hit) {
       QD_ASSIGN_OR_RETURN(uint64_t rc, s.refcounts->Adjust(*hit, +1));
-      if (rc == 2) s.copied_fixups.insert(*hit);
+      if (rc == 2) s.copied_fixups.Insert(*hit);
       entry = *hit * cs;
       ++s.stats.dedup_hits;
     } else {
@@ -122,7 +145,7 @@ Status WriteOne(ImageState& s, const ClusterWrite& w) {
       QD_RETURN_IF_ERROR(s.data.Write(host, w.data));
       s.map->NoteFileEnd(host + cs);
       s.index.Insert(w.digest, host / cs);
-      if (host / cs < s.unverified.size()) s.unverified[host / cs] = false;
+      s.unverified.Erase(host / cs);
       entry = host | kFlagCopied;
       ++s.stats.new_clusters;
     }
@@ -146,7 +169,7 @@ Status FixCopiedFlags(ImageState& s) {
     for (uint64_t j = 0; j < s.header.l2_entries(); ++j) {
       uint64_t e = LoadBe64(t->data() + j * 8);
       if (IsCompressed(e) || L2Offset(e) == 0) continue;
-      if (!s.fix_all_copied && !s.copied_fixups.count(L2Offset(e) >> bits)) continue;
+      if (!s.fix_all_copied && !s.copied_fixups.Contains(L2Offset(e) >> bits)) continue;
       QD_ASSIGN_OR_RETURN(uint64_t rc, s.refcounts->Get(L2Offset(e) >> bits));
       uint64_t want = rc == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied);
       if (want != e) {
@@ -156,7 +179,7 @@ Status FixCopiedFlags(ImageState& s) {
     }
     if (changed) s.map->cache().MarkDirty(table);
   }
-  s.copied_fixups.clear();
+  s.copied_fixups.Clear();
   s.fix_all_copied = false;
   return Status::Ok();
 }
@@ -228,10 +251,7 @@ Status PrepareForWriting(ImageState& s, const ProgressFn& progress) {
   QD_RETURN_IF_ERROR(VetStructure(s));
   QD_ASSIGN_OR_RETURN(bool loaded, LoadIndex(*s.file, h, s.file_size, s.index));
   if (loaded) {
-    s.unverified.assign(s.file_size / s.cs() + 1, false);
-    s.index.ForEach([&](const uint8_t*, uint64_t c) {
-      if (c < s.unverified.size()) s.unverified[c] = true;
-    });
+    s.index.ForEach([&](const uint8_t*, uint64_t c) { s.unverified.Insert(c); });
   } else {
     QD_RETURN_IF_ERROR(RebuildIndex(s, progress));
     s.index_changed = true;
@@ -259,7 +279,8 @@ Status RebuildIndex(ImageState& s, const ProgressFn& progress) {
   }
   std::sort(clusters.begin(), clusters.end());
   clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
-  // Hash in batches on every core; insert in order so the lowest copy wins.
+  // Hash in batches on every core. Every copy goes in, so that freeing one
+  // leaves the others findable.
   const size_t batch = std::max<size_t>(64, (8u << 20) / cs);
   std::vector<uint8_t> buf(batch * cs);
   std::vector<Digest> digests(batch);
@@ -273,7 +294,7 @@ Status RebuildIndex(ImageState& s, const ProgressFn& progress) {
     });
     for (size_t k = 0; k < n; ++k) {
       QD_RETURN_IF_ERROR(errors[k]);
-      if (!s.index.Find(digests[k])) s.index.Insert(digests[k], clusters[start + k]);
+      s.index.Insert(digests[k], clusters[start + k]);
     }
     if (progress) progress(start + n, clusters.size());
   }

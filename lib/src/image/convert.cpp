@@ -28,12 +28,38 @@ void HashChunk(Chunk& c) {
   for (ClusterWrite& w : c.writes) PrepareClusterWrite(w);
 }
 
-// Runs hashing of up to `depth` chunks ahead of the writer.
+// Runs hashing of up to `depth` chunks ahead of the writer. Chunks are
+// recycled: a fresh 4 MiB buffer each time costs page faults and zeroing.
 class HashPipeline {
  public:
   explicit HashPipeline(Image& dst) : dst_(dst), depth_(std::max(2u, HashThreads()) + 1) {}
 
+  // A chunk for guest bytes [offset, offset + len), len a multiple of the
+  // cluster size or the end of the input (the tail is zeroed).
+  std::unique_ptr<Chunk> Take(uint64_t offset, uint64_t len) {
+    std::unique_ptr<Chunk> c;
+    if (free_.empty()) {
+      c = std::make_unique<Chunk>();
+    } else {
+      c = std::move(free_.back());
+      free_.pop_back();
+    }
+    c->offset = offset;
+    c->writes.clear();
+    Fit(*c, len);
+    return c;
+  }
+  // Sizes the chunk to len rounded up to clusters, the padding zero.
+  void Fit(Chunk& c, uint64_t len) {
+    const uint64_t cs = dst_.cluster_size();
+    c.data.resize((len + cs - 1) / cs * cs);
+    std::memset(c.data.data() + len, 0, c.data.size() - len);
+  }
+
   Status Push(std::unique_ptr<Chunk> c) {
+    const uint64_t cs = dst_.cluster_size();
+    for (uint64_t i = 0; i < c->data.size() / cs; ++i)
+      c->writes.push_back({c->offset / cs + i, std::span<const uint8_t>(&c->data[i * cs], cs), false, {}});
     Chunk* raw = c.get();
     inflight_.push_back({std::move(c), std::async(std::launch::async, [raw] { HashChunk(*raw); })});
     if (inflight_.size() >= depth_) return PopOne();
@@ -56,24 +82,15 @@ class HashPipeline {
     InFlight f = std::move(inflight_.front());
     inflight_.pop_front();
     f.done.get();
-    return dst_.WriteClusters(f.chunk->writes);
+    Status s = dst_.WriteClusters(f.chunk->writes);
+    free_.push_back(std::move(f.chunk));
+    return s;
   }
   Image& dst_;
   unsigned depth_;
   std::deque<InFlight> inflight_;
+  std::vector<std::unique_ptr<Chunk>> free_;
 };
-
-std::unique_ptr<Chunk> MakeChunk(uint64_t offset, uint64_t len, uint64_t cs) {
-  auto c = std::make_unique<Chunk>();
-  c->offset = offset;
-  c->data.assign((len + cs - 1) / cs * cs, 0);
-  return c;
-}
-
-void SliceClusters(Chunk& c, uint64_t cs) {
-  for (uint64_t i = 0; i < c.data.size() / cs; ++i)
-    c.writes.push_back({c.offset / cs + i, std::span<const uint8_t>(&c.data[i * cs], cs), false, {}});
-}
 
 }  // namespace
 
@@ -94,9 +111,8 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
     }
     const uint64_t start = pos / cs * cs;
     const uint64_t len = std::min<uint64_t>(kChunkBytes, size - start);
-    auto c = MakeChunk(start, len, cs);
+    auto c = pipe.Take(start, len);
     QD_RETURN_IF_ERROR(src.Read(start, std::span<uint8_t>(c->data.data(), len)));
-    SliceClusters(*c, cs);
     QD_RETURN_IF_ERROR(pipe.Push(std::move(c)));
     pos = start + len;
     if (progress) progress(pos, size);
@@ -105,11 +121,10 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
 }
 
 Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress) {
-  const uint64_t cs = dst.cluster_size();
   HashPipeline pipe(dst);
   uint64_t total = 0;
   for (bool eof = false; !eof;) {
-    auto c = MakeChunk(total, kChunkBytes, cs);
+    auto c = pipe.Take(total, kChunkBytes);
     size_t got = 0;
     while (got < kChunkBytes) {
       QD_ASSIGN_OR_RETURN(size_t n, read(std::span<uint8_t>(c->data.data() + got, kChunkBytes - got)));
@@ -120,14 +135,13 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
       got += n;
     }
     if (got == 0) break;
-    c->data.resize((got + cs - 1) / cs * cs);
+    pipe.Fit(*c, got);
     const uint64_t end = (total + got + 511) & ~511ull;
     if (end > dst.virtual_size()) {
       // Grow ahead of the data so the L1 table does not move at every chunk.
       QD_RETURN_IF_ERROR(pipe.Drain());
       QD_RETURN_IF_ERROR(dst.Resize(std::max(end, (total + got) * 2)));
     }
-    SliceClusters(*c, cs);
     total += got;
     QD_RETURN_IF_ERROR(pipe.Push(std::move(c)));
     if (progress) progress(total, 0);

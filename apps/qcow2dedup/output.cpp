@@ -92,13 +92,15 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows, uint32_t righ
   }
 }
 
-double WriteRatio(const WriteStats& s) {
-  if (s.new_clusters + s.dedup_hits == 0) return 1.0;
-  return double(s.new_clusters + s.dedup_hits) / double(std::max<uint64_t>(s.new_clusters, 1));
+std::string WriteRatio(const WriteStats& s) {
+  // Data clusters written per cluster stored anew: with none stored, every
+  // one was shared and there is no finite ratio to show.
+  if (s.new_clusters == 0) return s.dedup_hits ? "all shared" : "1.00";
+  return fmt::format("{:.2f}", double(s.new_clusters + s.dedup_hits) / double(s.new_clusters));
 }
 
 void PrintWriteSummary(const WriteStats& s) {
-  fmt::print(stderr, "dedup: {} clusters written, {} stored, {} shared (ratio {:.2f})\n", s.clusters_written,
+  fmt::print(stderr, "dedup: {} clusters written, {} stored, {} shared (ratio {})\n", s.clusters_written,
              s.new_clusters, s.dedup_hits, WriteRatio(s));
 }
 

@@ -49,7 +49,7 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows, uint32_t righ
 // "dedup: N clusters written, M stored, K shared (ratio X.XX)" on stderr.
 void PrintWriteSummary(const WriteStats& stats);
 // Non-zero data clusters per stored cluster in a write session.
-double WriteRatio(const WriteStats& stats);
+std::string WriteRatio(const WriteStats& stats);
 
 // "human" or "json", the values of --output.
 enum class OutputFormat { kHuman, kJson };

@@ -76,7 +76,8 @@ void Progress::Draw() {
 std::function<std::string()> DedupSoFar(const std::unique_ptr<Image>& img) {
   return [&img]() -> std::string {
     if (!img) return "";
-    return fmt::format("dedup {:.2f}x", WriteRatio(img->write_stats()));
+    const std::string ratio = WriteRatio(img->write_stats());
+    return "dedup " + (ratio == "all shared" ? ratio : ratio + "x");
   };
 }
 

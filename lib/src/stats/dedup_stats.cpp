@@ -72,7 +72,9 @@ Status MeasureMetadata(ImageState& s, DedupStats::Metadata& m) {
   for (size_t i = 0; i + 8 <= reftable.size(); i += 8)
     if (RefTableOffset(LoadBe64(&reftable[i]))) ++blocks;
   m.refcount = (h.reftable_clusters + blocks) * cs;
-  m.index = h.dedup && h.dedup->index_offset ? h.dedup->index_entries * kIndexEntryBytes : 0;
+  // An index out of sync is dead bytes the next writer replaces (QEMU may
+  // already have put data there): it is no part of the image's metadata.
+  m.index = h.dedup_in_sync() && h.dedup->index_offset ? h.dedup->index_entries * kIndexEntryBytes : 0;
   return Status::Ok();
 }
 

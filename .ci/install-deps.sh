@@ -2,7 +2,7 @@
 # Installs what qcow2dedup needs to build and test, from Debian's packages.
 set -euo pipefail
 pkgs=(cmake g++ make pkg-config libcli11-dev libfmt-dev libssl-dev doctest-dev zlib1g-dev libzstd-dev
-      nlohmann-json3-dev qemu-utils python3 clang libclang-rt-14-dev debootstrap e2fsprogs time bc)
+      nlohmann-json3-dev qemu-utils python3 clang libclang-rt-14-dev debootstrap e2fsprogs time bc strace)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -21,6 +21,7 @@ struct {
   std::string out_format = "qcow2";
   std::vector<std::string> options;
   bool progress = false, quiet = false, force = false, verify = false, force_share = false;
+  CacheMode cache = CacheMode::kWriteback;
 } opts;
 
 // Forwards to the source and remembers whether it failed: the library's
@@ -105,6 +106,7 @@ int ToQcow2(const ImageOptions& o) {
   create.force = opts.force;
   OpenOptions open;
   open.verify = opts.verify || o.verify;
+  open.cache = opts.cache;
 
   std::unique_ptr<Image> dst;
   Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst));
@@ -178,6 +180,7 @@ void SetupConvert(CLI::App& app) {
       ->allow_extra_args(false);
   app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
+  AddCacheOption(app, opts.cache);
   app.add_flag("--force", opts.force, "Replace DST if it exists");
   app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
   AddForceShareOption(app, opts.force_share);

@@ -88,6 +88,11 @@ void AddForceShareOption(CLI::App& app, bool& force_share) {
   app.add_flag("-U,--force-share", force_share, "Read without QEMU's image lock (the image may be in use)");
 }
 
+CLI::Option* AddCacheOption(CLI::App& app, CacheMode& cache) {
+  return AddChoiceOption(app, "-t", cache, {{"writeback", CacheMode::kWriteback}, {"unsafe", CacheMode::kUnsafe}},
+                         "Cache mode: writeback (default) syncs in crash-safe order; unsafe never syncs");
+}
+
 CLI::Option* AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help) {
   return AddChoiceOption(app, "-f", format, {{"raw", ImageFormat::kRaw}, {"qcow2", ImageFormat::kQcow2}}, help);
 }

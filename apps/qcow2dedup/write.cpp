@@ -25,6 +25,7 @@ struct {
   int pattern = -1;
   uint64_t length = 0;
   bool verify = false, quiet = false, progress = false;
+  CacheMode cache = CacheMode::kWriteback;
 } opts;
 
 std::string Errno(std::string_view what) { return fmt::format("{}: {}", what, std::strerror(errno)); }
@@ -120,6 +121,7 @@ void SetupWrite(CLI::App& app) {
   length->needs(pattern);
   input->excludes(pattern);
   app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
+  AddCacheOption(app, opts.cache);
   app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   app.add_option("IMAGE", opts.image, "The image to write into")->required();
@@ -141,6 +143,7 @@ int RunWrite() {
   OpenOptions open;
   open.writable = true;
   open.verify = opts.verify;
+  open.cache = opts.cache;
   open.progress = progress.fn();  // an index rebuild can take a while
   auto opened = Image::Open(opts.image, std::move(open));
   if (!opened.ok()) return Fail(opts.image, opened.status());

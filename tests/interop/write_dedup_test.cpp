@@ -788,3 +788,20 @@ TEST_CASE("freeing one copy of data stored twice leaves the other findable") {
     CHECK(r.exit_code == 0);
   }
 }
+
+TEST_CASE("-t unsafe writes the same image as -t writeback, without a single sync") {
+  TempDir dir;
+  std::string raw;
+  for (int i = 0; i < 24; ++i) raw += AsString(RandomBytes(kCs, 40 + i % 5));  // five contents, shared
+  WriteFileBytes(dir / "in.raw", raw);
+  RunResult safe = Run(Tool() + " convert -t writeback " + Sh(dir / "in.raw") + " " + Sh(dir / "safe.qcow2"));
+  REQUIRE_MESSAGE(safe.exit_code == 0, safe.err);
+  RunResult unsafe = Run("strace -f -qq -e trace=fsync,fdatasync,sync_file_range,syncfs -o " + Sh(dir / "trace") +
+                         " " + Tool() + " convert -t unsafe " + Sh(dir / "in.raw") + " " + Sh(dir / "unsafe.qcow2"));
+  REQUIRE_MESSAGE(unsafe.exit_code == 0, unsafe.err);
+  CHECK(ReadFileBytes(dir / "safe.qcow2") == ReadFileBytes(dir / "unsafe.qcow2"));
+  CHECK(ReadFileBytes(dir / "trace").find("sync") == std::string::npos);
+  CheckQemuClean(dir / "unsafe.qcow2");
+  CheckQemuIdentical(dir / "unsafe.qcow2", dir / "in.raw");
+  CHECK(Layout(dir / "unsafe.qcow2").stored_data_clusters() == 5);
+}

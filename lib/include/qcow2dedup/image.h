@@ -47,8 +47,15 @@ struct CreateOptions {
   bool force = false;  // replace an existing file
 };
 
+// When written data is made durable (qemu-img -t).
+enum class CacheMode {
+  kWriteback,  // sync in the order that keeps a crash repairable, and at close
+  kUnsafe,     // never sync: safe against a kill, not against a power cut
+};
+
 struct OpenOptions {
   bool writable = false;
+  CacheMode cache = CacheMode::kWriteback;
   bool force_share = false;  // read without QEMU's lock, as qemu-img -U
   bool verify = false;       // compare bytes before sharing a cluster
   // Opens a file supplied by the caller instead of the path (tests inject faults).

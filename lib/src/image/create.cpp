@@ -81,9 +81,10 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
   QD_RETURN_IF_ERROR(file->Truncate(meta_clusters * cs));
   QD_RETURN_IF_ERROR(file->WriteAt(cs, rt));
   QD_RETURN_IF_ERROR(file->WriteAt((1 + rt_clusters) * cs, blocks));
-  QD_RETURN_IF_ERROR(file->Sync());
+  const bool sync = open.cache != CacheMode::kUnsafe;
+  if (sync) QD_RETURN_IF_ERROR(file->Sync());
   QD_RETURN_IF_ERROR(file->WriteAt(0, head));
-  QD_RETURN_IF_ERROR(file->Sync());
+  if (sync) QD_RETURN_IF_ERROR(file->Sync());
   open.writable = true;
   open.file = std::move(file);
   return Image::Open(path, std::move(open));

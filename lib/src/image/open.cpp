@@ -10,6 +10,7 @@
 #include "image/image_state.h"
 #include "image/raw_device.h"
 #include "image/writer.h"
+#include "io/unsynced_file.h"
 
 namespace qcow2dedup {
 namespace {
@@ -91,6 +92,7 @@ Result<std::unique_ptr<Image>> OpenQcow2(const std::string& path, OpenOptions& o
   if (!file) {
     QD_ASSIGN_OR_RETURN(file, OpenPosixFile(path, opts.writable ? OpenMode::kReadWrite : OpenMode::kReadOnly));
   }
+  if (opts.cache == CacheMode::kUnsafe) file = std::make_unique<UnsyncedFile>(std::move(file));
   if (!chain.seen.insert(RealPath(path)).second)
     return Status::Corruption("backing chain loops back to " + path);
   if (!opts.force_share || opts.writable)

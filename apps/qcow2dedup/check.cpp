@@ -34,16 +34,31 @@ std::string DedupLine(const DedupFindings& d) {
       d.missing, d.duplicates, rebuilt);
 }
 
-// qemu-img's dump_human_image_check, line for line.
+// Findings about the dedup index (index_audit.cpp), as opposed to those
+// about the qcow2 structure, which are qemu-img's.
+bool IsDedupFinding(const std::string& m) {
+  return m.starts_with("ERROR dedup index") || m.starts_with("Repairing dedup index") ||
+         m.starts_with("Dedup index not checked");
+}
+
+// Two parts. First the qcow2 structure: its findings, then qemu-img's
+// dump_human_image_check line for line, except that "No errors were found
+// on the image." is not said of an image whose dedup index is wrong. Then
+// the dedup index: its findings, its state, and a count of what is wrong.
 void PrintHuman(const CheckReport& r) {
+  // On stdout, ahead of the summary: a check that fails (exit 1) then
+  // still prints one line on stderr, like every other failure.
+  for (const std::string& m : r.messages)
+    if (!IsDedupFinding(m)) fmt::print("{}\n", m);
   if (r.leaks_fixed || r.corruptions_fixed)
     fmt::print(
         "The following inconsistencies were found and repaired:\n\n"
         "    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
         r.leaks_fixed, r.corruptions_fixed);
   const uint64_t index_errors = r.dedup.errors();
-  if (!r.corruptions && !r.leaks && !r.check_errors && !index_errors) {
-    fmt::print("No errors were found on the image.\n");
+  if (!r.corruptions && !r.leaks && !r.check_errors) {
+    fmt::print("{}\n", index_errors ? "No errors were found in the qcow2 structure."
+                                     : "No errors were found on the image.");
   } else {
     if (r.corruptions)
       fmt::print("\n{} errors were found on the image.\n"
@@ -53,10 +68,6 @@ void PrintHuman(const CheckReport& r) {
       fmt::print("\n{} leaked clusters were found on the image.\n"
                  "This means waste of disk space, but no harm to data.\n",
                  r.leaks);
-    if (index_errors)
-      fmt::print("\n{} errors were found in the dedup index.\n"
-                 "Deduplicating writes may corrupt data; repair it with 'check -r all'.\n",
-                 index_errors);
     if (r.check_errors) fmt::print("\n{} internal errors have occurred during the check.\n", r.check_errors);
   }
   if (r.total_clusters && r.allocated_clusters)
@@ -65,7 +76,15 @@ void PrintHuman(const CheckReport& r) {
                r.fragmented_clusters * 100.0 / r.allocated_clusters,
                r.compressed_clusters * 100.0 / r.allocated_clusters);
   if (r.image_end_offset) fmt::print("Image end offset: {}\n", r.image_end_offset);
+
+  for (const std::string& m : r.messages)
+    if (IsDedupFinding(m)) fmt::print("{}\n", m);
   fmt::print("{}\n", DedupLine(r.dedup));
+  if (index_errors)
+    fmt::print("\n{} corruptions were found in the dedup metadata.\n"
+               "This costs dedup, not data (a write checks an index entry against its cluster before\n"
+               "sharing it); 'check -r all' rebuilds the index from the data.\n",
+               index_errors);
 }
 
 // Keys in QAPI's ImageCheck order; the optional ones only when non-zero.
@@ -130,9 +149,6 @@ int RunCheck() {
     for (const std::string& m : report->messages) fmt::print(stderr, "{}\n", m);
     if (!opts.quiet) PrintJson(CheckJson(*report));
   } else if (!opts.quiet) {
-    // On stdout, ahead of the summary: a check that fails (exit 1) then
-    // still prints one line on stderr, like every other failure.
-    for (const std::string& m : report->messages) fmt::print("{}\n", m);
     PrintHuman(*report);
   }
   if (report->check_errors)

@@ -144,8 +144,10 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   }
 
   CheckReport r;
-  for (std::string& m : first.index_notes.messages)
-    if (rebuilt) Note(r, std::move(m));
+  // What the rebuild mended, worded as qemu-img words a mended finding.
+  if (rebuilt)
+    for (std::string& m : first.index_notes.messages)
+      Note(r, m.starts_with("ERROR ") ? "Repairing " + m.substr(6) : std::move(m));
   for (std::string& m : moved.messages) Note(r, std::move(m));
   for (const std::string& m : f.messages) Note(r, m);
   CheckReport final_report = Report(last);

@@ -78,36 +78,35 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
   d.in_sync = h.dedup_in_sync();
   d.stored_clusters = hashed.size();
 
-  // Distinct contents, each with the lowest cluster that the index could
-  // name (it holds 32-bit cluster numbers).
-  std::vector<std::pair<Key, uint64_t>> contents;
-  contents.reserve(hashed.size());
-  for (const HashedCluster& hc : hashed) contents.emplace_back(hc.key, hc.cluster);
-  std::sort(contents.begin(), contents.end());
-  std::vector<std::pair<Key, uint64_t>> distinct;
-  for (const auto& c : contents) {
-    if (!distinct.empty() && distinct.back().first == c.first) {
-      ++d.duplicates;
-      continue;
-    }
-    distinct.push_back(c);
-  }
+  // Data stored more than once: missed dedup, not an error.
+  std::vector<Key> keys;
+  keys.reserve(hashed.size());
+  for (const HashedCluster& hc : hashed) keys.push_back(hc.key);
+  std::sort(keys.begin(), keys.end());
+  for (size_t i = 1; i < keys.size(); ++i) d.duplicates += keys[i] == keys[i - 1];
   if (!d.in_sync) return Status::Ok();
 
   std::vector<uint8_t> bytes;
   const std::string broken = ReadIndex(ctx, *h.dedup, bytes);
   if (!broken.empty()) {
+    // A newer tool's index is not ours to judge (nor an error: the writer
+    // rebuilds an index it cannot read).
+    if (h.dedup->hash_algorithm != kHashSha256) {
+      Note(notes, "Dedup index not checked: " + broken);
+      return Status::Ok();
+    }
     Note(notes, "ERROR dedup index: " + broken);
-    if (h.dedup->hash_algorithm != kHashSha256) return Status::Ok();  // a newer tool's index: not ours to judge
     d.stale = h.dedup->index_entries;
-    for (const auto& c : distinct)
-      if (c.second <= DedupIndex::kMaxCluster) ++d.missing;
+    for (const HashedCluster& hc : hashed)
+      if (hc.cluster <= DedupIndex::kMaxCluster) ++d.missing;
     return Status::Ok();
   }
   d.index_loaded = true;
   d.indexed = h.dedup->index_entries;
 
-  std::vector<Key> good;
+  // The index holds every stored copy (freeing one must leave the others
+  // findable), so each stored cluster needs an entry of its own.
+  std::vector<uint64_t> good;
   for (uint64_t i = 0; i < d.indexed; ++i) {
     const uint8_t* p = &bytes[i * kIndexEntryBytes];
     const uint64_t offset = LoadBe64(p);
@@ -123,14 +122,14 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
       Note(notes, fmt::format("ERROR dedup index entry for cluster {}: the data there does not match the hash",
                               offset / cs));
     } else {
-      good.push_back(key);
+      good.push_back(hc->cluster);
     }
   }
   std::sort(good.begin(), good.end());
-  for (const auto& [key, cluster] : distinct) {
-    if (cluster > DedupIndex::kMaxCluster || std::binary_search(good.begin(), good.end(), key)) continue;
+  for (const HashedCluster& hc : hashed) {
+    if (hc.cluster > DedupIndex::kMaxCluster || std::binary_search(good.begin(), good.end(), hc.cluster)) continue;
     ++d.missing;
-    Note(notes, fmt::format("ERROR dedup index lacks the data stored in cluster {}", cluster));
+    Note(notes, fmt::format("ERROR dedup index: no entry for the data stored in cluster {}", hc.cluster));
   }
   return Status::Ok();
 }

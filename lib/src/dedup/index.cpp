@@ -5,8 +5,8 @@ namespace qcow2dedup {
 void DedupIndex::Insert(const Digest& d, uint64_t cluster) {
   if (cluster > kMaxCluster) return;  // beyond what we index: only a lost dedup chance
   if (!buckets_.empty()) {
-    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = entries_[i].next) {
-      if (entries_[i].cluster == cluster && std::memcmp(entries_[i].key, d.data(), kKeyBytes) == 0) return;
+    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next) {
+      if (At(i).cluster == cluster && std::memcmp(At(i).key, d.data(), kKeyBytes) == 0) return;
     }
   }
   // Two entries a bucket on average: chains stay short, buckets cost 2-4 bytes.
@@ -17,12 +17,10 @@ void DedupIndex::Insert(const Digest& d, uint64_t cluster) {
     slot = free_.back();
     free_.pop_back();
   } else {
-    slot = uint32_t(entries_.size());
-    // Grow by a quarter, not double: the entries are most of the index.
-    if (entries_.size() == entries_.capacity()) entries_.reserve(entries_.size() + entries_.size() / 4 + 1024);
-    entries_.push_back({});
+    slot = used_++;
+    if ((slot >> kBlockShift) == blocks_.size()) blocks_.push_back(std::make_unique_for_overwrite<Entry[]>(kBlockEntries));
   }
-  Entry& e = entries_[slot];
+  Entry& e = At(slot);
   std::memcpy(e.key, d.data(), kKeyBytes);
   e.cluster = uint32_t(cluster);
   size_t b = Bucket(d);
@@ -35,7 +33,7 @@ bool DedupIndex::Remove(const Digest& d, uint64_t cluster) {
   if (buckets_.empty()) return false;
   uint32_t* link = &buckets_[Bucket(d)];
   while (*link != kNil) {
-    Entry& e = entries_[*link];
+    Entry& e = At(*link);
     if (e.cluster == cluster && std::memcmp(e.key, d.data(), kKeyBytes) == 0) {
       uint32_t slot = *link;
       *link = e.next;
@@ -50,7 +48,8 @@ bool DedupIndex::Remove(const Digest& d, uint64_t cluster) {
 }
 
 void DedupIndex::RemoveCluster(uint64_t cluster) {
-  for (Entry& e : entries_) {
+  for (uint32_t i = 0; i < used_; ++i) {
+    const Entry& e = At(i);
     if (e.cluster != cluster) continue;
     Digest d{};
     std::memcpy(d.data(), e.key, kKeyBytes);
@@ -59,7 +58,8 @@ void DedupIndex::RemoveCluster(uint64_t cluster) {
 }
 
 void DedupIndex::Clear() {
-  std::vector<Entry>().swap(entries_);
+  std::vector<std::unique_ptr<Entry[]>>().swap(blocks_);
+  used_ = 0;
   std::vector<uint32_t>().swap(buckets_);
   std::vector<uint32_t>().swap(free_);
   live_ = 0;
@@ -67,8 +67,8 @@ void DedupIndex::Clear() {
 
 void DedupIndex::Rehash(size_t n) {
   buckets_.assign(n, kNil);
-  for (uint32_t i = 0; i < entries_.size(); ++i) {
-    Entry& e = entries_[i];
+  for (uint32_t i = 0; i < used_; ++i) {
+    Entry& e = At(i);
     if (e.cluster == kNil) continue;
     Digest d{};
     std::memcpy(d.data(), e.key, kKeyBytes);

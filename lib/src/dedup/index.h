@@ -4,11 +4,14 @@
 // copy must leave the others findable.
 // Kept compact because it grows with the stored data: a key of the first
 // 160 bits of the SHA-256, a 32-bit host cluster number and a chain link,
-// 28 bytes an entry plus 2 to 4 bytes of buckets.
+// 28 bytes an entry plus 2 to 4 bytes of buckets. Entries live in fixed-size
+// blocks, so growing never holds an old and a new copy of them at once.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -25,8 +28,8 @@ class DedupIndex {
   // inserted last, which is the one most likely to take more references.
   std::optional<uint64_t> Find(const Digest& d) const {
     if (buckets_.empty()) return std::nullopt;
-    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = entries_[i].next)
-      if (std::memcmp(entries_[i].key, d.data(), kKeyBytes) == 0) return entries_[i].cluster;
+    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next)
+      if (std::memcmp(At(i).key, d.data(), kKeyBytes) == 0) return At(i).cluster;
     return std::nullopt;
   }
 
@@ -42,15 +45,29 @@ class DedupIndex {
   size_t size() const { return live_; }
   // Heap bytes the index holds (for the memory benchmark).
   size_t MemoryBytes() const {
-    return entries_.capacity() * sizeof(Entry) + buckets_.capacity() * sizeof(uint32_t) +
-           free_.capacity() * sizeof(uint32_t);
+    return blocks_.size() * kBlockEntries * sizeof(Entry) + blocks_.capacity() * sizeof(void*) +
+           buckets_.capacity() * sizeof(uint32_t) + free_.capacity() * sizeof(uint32_t);
   }
 
   // Visits (key prefix, cluster) for every entry.
   template <class F>
   void ForEach(F f) const {
-    for (const Entry& e : entries_)
-      if (e.cluster != kNil) f(e.key, uint64_t(e.cluster));
+    for (uint32_t i = 0; i < used_; ++i)
+      if (At(i).cluster != kNil) f(At(i).key, uint64_t(At(i).cluster));
+  }
+  // The same, by ascending cluster and then key: a stable order for the
+  // bytes on disk. Costs 4 bytes an entry while it runs.
+  template <class F>
+  void ForEachByCluster(F f) const {
+    std::vector<uint32_t> slots;
+    slots.reserve(live_);
+    for (uint32_t i = 0; i < used_; ++i)
+      if (At(i).cluster != kNil) slots.push_back(i);
+    std::sort(slots.begin(), slots.end(), [this](uint32_t a, uint32_t b) {
+      const Entry &x = At(a), &y = At(b);
+      return x.cluster != y.cluster ? x.cluster < y.cluster : std::memcmp(x.key, y.key, kKeyBytes) < 0;
+    });
+    for (uint32_t i : slots) f(At(i).key, uint64_t(At(i).cluster));
   }
 
  private:
@@ -61,6 +78,10 @@ class DedupIndex {
     uint32_t next;
   };
   static_assert(sizeof(Entry) == 28);
+  static constexpr uint32_t kBlockShift = 12;  // 4096 entries, 112 KiB a block
+  static constexpr uint32_t kBlockEntries = 1u << kBlockShift;
+  Entry& At(uint32_t i) { return blocks_[i >> kBlockShift][i & (kBlockEntries - 1)]; }
+  const Entry& At(uint32_t i) const { return blocks_[i >> kBlockShift][i & (kBlockEntries - 1)]; }
   size_t Bucket(const Digest& d) const {
     uint64_t h;
     std::memcpy(&h, d.data(), 8);
@@ -68,7 +89,8 @@ class DedupIndex {
   }
   void Rehash(size_t buckets);
 
-  std::vector<Entry> entries_;
+  std::vector<std::unique_ptr<Entry[]>> blocks_;
+  uint32_t used_ = 0;  // slots handed out so far
   std::vector<uint32_t> buckets_;
   std::vector<uint32_t> free_;
   size_t live_ = 0;

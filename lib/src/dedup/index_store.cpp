@@ -7,30 +7,53 @@
 
 namespace qcow2dedup {
 
+namespace {
+
+// Entries go to and from the file this many at a time: the index is never
+// held twice in memory.
+constexpr uint64_t kPieceEntries = 32768;
+
+void EncodeEntry(uint8_t* p, uint64_t cluster, const uint8_t* key, uint32_t cluster_bits) {
+  StoreBe64(p, cluster << cluster_bits);
+  std::memcpy(p + 8, key, DedupIndex::kKeyBytes);
+  std::memset(p + 8 + DedupIndex::kKeyBytes, 0, kIndexEntryBytes - 8 - DedupIndex::kKeyBytes);
+}
+
+}  // namespace
+
 std::vector<uint8_t> EncodeIndex(const DedupIndex& index, uint32_t cluster_bits) {
-  std::vector<std::pair<uint64_t, const uint8_t*>> entries;
-  entries.reserve(index.size());
-  index.ForEach([&](const uint8_t* key, uint64_t cluster) { entries.emplace_back(cluster, key); });
-  // By cluster, then key: the same index always encodes to the same bytes.
-  std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) {
-    return a.first != b.first ? a.first < b.first : std::memcmp(a.second, b.second, DedupIndex::kKeyBytes) < 0;
+  std::vector<uint8_t> out(index.size() * kIndexEntryBytes);
+  uint8_t* p = out.data();
+  index.ForEachByCluster([&](const uint8_t* key, uint64_t cluster) {
+    EncodeEntry(p, cluster, key, cluster_bits);
+    p += kIndexEntryBytes;
   });
-  std::vector<uint8_t> out(entries.size() * kIndexEntryBytes, 0);
-  for (size_t i = 0; i < entries.size(); ++i) {
-    uint8_t* p = &out[i * kIndexEntryBytes];
-    StoreBe64(p, entries[i].first << cluster_bits);
-    std::memcpy(p + 8, entries[i].second, DedupIndex::kKeyBytes);
-  }
   return out;
 }
 
 Result<DedupExtension> SaveIndex(File& file, const DedupIndex& index, uint32_t cluster_bits, uint64_t offset) {
-  std::vector<uint8_t> bytes = EncodeIndex(index, cluster_bits);
   DedupExtension ext;
   ext.index_entries = index.size();
-  ext.index_offset = bytes.empty() ? 0 : offset;
-  ext.index_digest = Sha256(bytes);
-  if (!bytes.empty()) QD_RETURN_IF_ERROR(file.WriteAt(offset, bytes));
+  ext.index_offset = index.size() ? offset : 0;
+  Sha256Stream digest;
+  std::vector<uint8_t> piece;
+  piece.reserve(std::min<uint64_t>(index.size(), kPieceEntries) * kIndexEntryBytes);
+  uint64_t at = offset;
+  Status status;
+  auto flush = [&] {
+    digest.Update(piece);
+    if (status.ok()) status = file.WriteAt(at, piece);
+    at += piece.size();
+    piece.clear();
+  };
+  index.ForEachByCluster([&](const uint8_t* key, uint64_t cluster) {
+    piece.resize(piece.size() + kIndexEntryBytes);
+    EncodeEntry(piece.data() + piece.size() - kIndexEntryBytes, cluster, key, cluster_bits);
+    if (piece.size() == kPieceEntries * kIndexEntryBytes) flush();
+  });
+  if (!piece.empty()) flush();
+  QD_RETURN_IF_ERROR(status);
+  ext.index_digest = digest.Finish();
   return ext;
 }
 
@@ -43,19 +66,31 @@ Result<bool> LoadIndex(File& file, const Header& h, uint64_t file_size, DedupInd
   if (ext.index_entries > file_size / cs || ext.index_offset % cs != 0 || ext.index_offset < cs ||
       ext.index_offset > file_size || ext.index_entries * kIndexEntryBytes > file_size - ext.index_offset)
     return false;
-  std::vector<uint8_t> bytes(ext.index_entries * kIndexEntryBytes);
-  QD_RETURN_IF_ERROR(file.ReadAt(ext.index_offset, bytes));
-  if (Sha256(bytes) != ext.index_digest) return false;
-  for (uint64_t i = 0; i < ext.index_entries; ++i) {
-    const uint8_t* p = &bytes[i * kIndexEntryBytes];
-    uint64_t off = LoadBe64(p);
-    if (off % cs != 0 || off < cs || off >= ext.index_offset) {
-      index.Clear();
-      return false;
+  // Entries go in as they are read; all of it is dropped if the digest at
+  // the end does not vouch for what was read.
+  Sha256Stream digest;
+  std::vector<uint8_t> piece;
+  for (uint64_t done = 0; done < ext.index_entries;) {
+    const uint64_t n = std::min(kPieceEntries, ext.index_entries - done);
+    piece.resize(n * kIndexEntryBytes);
+    QD_RETURN_IF_ERROR(file.ReadAt(ext.index_offset + done * kIndexEntryBytes, piece));
+    digest.Update(piece);
+    for (uint64_t i = 0; i < n; ++i) {
+      const uint8_t* p = &piece[i * kIndexEntryBytes];
+      uint64_t off = LoadBe64(p);
+      if (off % cs != 0 || off < cs || off >= ext.index_offset) {
+        index.Clear();
+        return false;
+      }
+      Digest d{};
+      std::memcpy(d.data(), p + 8, DedupIndex::kKeyBytes);
+      index.Insert(d, off / cs);
     }
-    Digest d{};
-    std::memcpy(d.data(), p + 8, DedupIndex::kKeyBytes);
-    index.Insert(d, off / cs);
+    done += n;
+  }
+  if (digest.Finish() != ext.index_digest) {
+    index.Clear();
+    return false;
   }
   return true;
 }

@@ -34,6 +34,25 @@ Digest Sha256(std::span<const uint8_t> data) {
   return d;
 }
 
+Sha256Stream::Sha256Stream() : ctx_(EVP_MD_CTX_new()) {
+  if (!ctx_ || !Sha256Md() || EVP_DigestInit_ex2(ctx_, Sha256Md(), nullptr) != 1)
+    throw std::runtime_error("OpenSSL SHA-256 failed");
+}
+
+Sha256Stream::~Sha256Stream() { EVP_MD_CTX_free(ctx_); }
+
+void Sha256Stream::Update(std::span<const uint8_t> data) {
+  if (EVP_DigestUpdate(ctx_, data.data(), data.size()) != 1) throw std::runtime_error("OpenSSL SHA-256 failed");
+}
+
+Digest Sha256Stream::Finish() {
+  Digest d;
+  unsigned int len = 0;
+  if (EVP_DigestFinal_ex(ctx_, d.data(), &len) != 1 || len != d.size())
+    throw std::runtime_error("OpenSSL SHA-256 failed");
+  return d;
+}
+
 bool IsAllZero(std::span<const uint8_t> data) {
   const uint8_t* p = data.data();
   size_t n = data.size();

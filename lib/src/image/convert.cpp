@@ -1,13 +1,14 @@
-// convert: a reader loop that feeds the dedup write path. Chunks are read
-// on this thread while earlier chunks are hashed on the others; the write
-// path takes them in order.
+// convert: a pipeline that feeds the dedup write path. Chunks are read and
+// hashed on worker threads while this thread writes earlier ones, in order.
 #include "qcow2dedup/convert.h"
 
 #include <fmt/format.h>
 
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <future>
+#include <mutex>
 
 #include "dedup/hasher.h"
 #include "dedup/sha256.h"
@@ -21,12 +22,11 @@ struct Chunk {
   uint64_t offset = 0;
   std::vector<uint8_t> data;
   std::vector<ClusterWrite> writes;
+  Status status;  // of filling it
 };
 
-// Hashes a chunk's clusters (on a worker thread).
-void HashChunk(Chunk& c) {
-  for (ClusterWrite& w : c.writes) PrepareClusterWrite(w);
-}
+// Fills a chunk's data (on a worker thread); the default leaves it as is.
+using FillFn = std::function<Status(Chunk&)>;
 
 // Runs hashing of up to `depth` chunks ahead of the writer. Chunks are
 // recycled: a fresh 4 MiB buffer each time costs page faults and zeroing.
@@ -56,12 +56,19 @@ class HashPipeline {
     std::memset(c.data.data() + len, 0, c.data.size() - len);
   }
 
-  Status Push(std::unique_ptr<Chunk> c) {
+  // Queues a chunk: fill (if given) and hashing run on a worker thread.
+  Status Push(std::unique_ptr<Chunk> c, FillFn fill = nullptr) {
     const uint64_t cs = dst_.cluster_size();
     for (uint64_t i = 0; i < c->data.size() / cs; ++i)
       c->writes.push_back({c->offset / cs + i, std::span<const uint8_t>(&c->data[i * cs], cs), false, {}});
     Chunk* raw = c.get();
-    inflight_.push_back({std::move(c), std::async(std::launch::async, [raw] { HashChunk(*raw); })});
+    c->status = Status::Ok();
+    auto work = [raw, fill = std::move(fill)] {
+      if (fill) raw->status = fill(*raw);
+      if (raw->status.ok())
+        for (ClusterWrite& w : raw->writes) PrepareClusterWrite(w);
+    };
+    inflight_.push_back({std::move(c), std::async(std::launch::async, std::move(work))});
     if (inflight_.size() >= depth_) return PopOne();
     return Status::Ok();
   }
@@ -82,7 +89,7 @@ class HashPipeline {
     InFlight f = std::move(inflight_.front());
     inflight_.pop_front();
     f.done.get();
-    Status s = dst_.WriteClusters(f.chunk->writes);
+    Status s = f.chunk->status.ok() ? dst_.WriteClusters(f.chunk->writes) : f.chunk->status;
     free_.push_back(std::move(f.chunk));
     return s;
   }
@@ -97,12 +104,19 @@ class HashPipeline {
 Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
   const uint64_t cs = dst.cluster_size(), size = src.virtual_size();
   if (dst.virtual_size() < size) return Status::InvalidArgument("the target is smaller than the source");
+  // Reads run on the workers, one at a time: a source need not be
+  // thread-safe, and reading still overlaps hashing and writing.
+  std::mutex src_mutex;
   HashPipeline pipe(dst);
   uint64_t pos = 0;
   while (pos < size) {
     // Holes are skipped without reading them; a fresh image already reads
     // zero there. (Only whole clusters: a partial one must still be written.)
-    QD_ASSIGN_OR_RETURN(uint64_t zeros, src.ZeroRun(pos));
+    auto zero_run = [&] {
+      std::lock_guard lock(src_mutex);
+      return src.ZeroRun(pos);
+    }();
+    QD_ASSIGN_OR_RETURN(uint64_t zeros, std::move(zero_run));
     zeros = std::min(zeros, size - pos);
     if (pos % cs == 0 && zeros >= cs) {
       pos += zeros / cs * cs;
@@ -112,8 +126,10 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
     const uint64_t start = pos / cs * cs;
     const uint64_t len = std::min<uint64_t>(kChunkBytes, size - start);
     auto c = pipe.Take(start, len);
-    QD_RETURN_IF_ERROR(src.Read(start, std::span<uint8_t>(c->data.data(), len)));
-    QD_RETURN_IF_ERROR(pipe.Push(std::move(c)));
+    QD_RETURN_IF_ERROR(pipe.Push(std::move(c), [&src, &src_mutex, start, len](Chunk& chunk) {
+      std::lock_guard lock(src_mutex);
+      return src.Read(start, std::span<uint8_t>(chunk.data.data(), len));
+    }));
     pos = start + len;
     if (progress) progress(pos, size);
   }

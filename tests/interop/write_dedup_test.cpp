@@ -805,3 +805,47 @@ TEST_CASE("-t unsafe writes the same image as -t writeback, without a single syn
   CheckQemuIdentical(dir / "unsafe.qcow2", dir / "in.raw");
   CHECK(Layout(dir / "unsafe.qcow2").stored_data_clusters() == 5);
 }
+
+TEST_CASE("a write repairs an image that was not closed cleanly first, as QEMU does") {
+  TempDir dir;
+  const std::string img_path = dir / "img.qcow2";
+  const uint64_t vsize = 8 * kCs;
+  Mirror m(vsize);
+  const std::vector<uint8_t> a = RandomBytes(kCs, 51), b = RandomBytes(kCs, 52);
+  {
+    auto img = CreateImage(img_path, vsize);
+    MustWrite(*img, 0, a);
+    MustWrite(*img, 2 * kCs, a);
+    MustClose(*img);
+  }
+  m.Put(0, a);
+  m.Put(2 * kCs, a);
+  // What a crash between allocating a cluster and linking it leaves: a
+  // cluster with refcount 1 and no reference, the dirty bit, the index out
+  // of sync.
+  {
+    const Qcow2Layout l = Layout(img_path);
+    REQUIRE(l.refcount_bits == 16);
+    std::string bytes = ReadFileBytes(img_path);
+    const uint64_t leaked = bytes.size() / kCs;
+    bytes.resize(bytes.size() + kCs, '\x5a');
+    bytes[l.refblocks[0] + leaked * 2 + 1] = 1;
+    StoreBe64(reinterpret_cast<uint8_t*>(&bytes[72]), l.incompatible | 1);
+    StoreBe64(reinterpret_cast<uint8_t*>(&bytes[88]), l.autoclear & ~kDedupInSyncBit);
+    WriteFileBytes(img_path, bytes);
+  }
+  CHECK(Run("qemu-img check -q " + Sh(img_path)).exit_code == 3);
+  RunResult r = Run(CliWrite(img_path, kCs, "--input -") + " < /dev/null");  // a write of nothing still opens it
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  WriteFileBytes(dir / "b.bin", AsString(b));
+  r = Run(CliWrite(img_path, 4 * kCs, "--input " + Sh(dir / "b.bin")));
+  REQUIRE(r.exit_code == 0);
+  m.Put(4 * kCs, b);
+  Judge(img_path, m, dir);
+  const Qcow2Layout l = Layout(img_path);
+  CHECK((l.incompatible & 1) == 0);
+  CHECK((l.autoclear & kDedupInSyncBit) != 0);
+  CHECK(l.stored_data_clusters() == 2);
+  CHECK(Run(Tool() + " check " + Sh(img_path)).exit_code == 0);
+}

@@ -425,12 +425,24 @@ TEST_CASE("a data cluster changed behind the index's back: without a repair the 
   CHECK(ReadGuest(img, 8 * kCs, kCs) == Pattern(2));
   CHECK(ReadGuest(img, 2 * kCs, kCs) == changed);
   CHECK(QemuCheck(img).exit_code == 0);
-  // The writer dropped the entry it found lying.
+  // The writer dropped the entry it found lying and indexed what the
+  // cluster does hold: the image checks clean.
   const CheckReport r = OurCheck(img);
   INFO(Messages(r));
   CHECK(r.dedup.in_sync);
   CHECK(r.dedup.mismatched == 0);
+  CHECK(r.dedup.missing == 0);
   CHECK(r.corruptions == 0);
+  CHECK(CheckExitCode(r) == 0);
+  {
+    // And the changed content is now found where it is.
+    auto w = Image::Open(img, OpenOptions{.writable = true});
+    REQUIRE(w.ok());
+    REQUIRE((*w)->Write(9 * kCs, changed).ok());
+    CHECK((*w)->write_stats().dedup_hits == 1);
+    REQUIRE((*w)->Close().ok());
+  }
+  CHECK(ImageBytes(img).HostCluster(9) == host);
 }
 
 TEST_CASE("an index entry left for a freed cluster is stale") {
@@ -574,7 +586,7 @@ TEST_CASE("an in-sync index of a hash algorithm not ours is not checked, and no 
   CHECK_FALSE(HasMessage(r, "ERROR"));
 }
 
-TEST_CASE("a dirty image after a crash: reported as found, repaired by -r all") {
+TEST_CASE("a dirty image after a crash: reported as found, repaired by -r all or by opening it for writing") {
   if (!QemuAvailable()) return;
   TempDir dir;
   const std::string img = dir / "dirty.qcow2";
@@ -594,7 +606,20 @@ TEST_CASE("a dirty image after a crash: reported as found, repaired by -r all") 
     REQUIRE((raw.header().incompatible & kIncompatDirty) != 0);
     raw.SetRefcount(0, 2);
   }
-  CHECK_FALSE(Image::Open(img, OpenOptions{.writable = true}).ok());
+  {
+    // Opening a copy for writing repairs it first, as QEMU does.
+    const std::string copy = dir / "dirty-copy.qcow2";
+    std::filesystem::copy_file(img, copy);
+    auto w = Image::Open(copy, OpenOptions{.writable = true});
+    REQUIRE_MESSAGE(w.ok(), w.status().message());
+    REQUIRE((*w)->Close().ok());
+    w->reset();
+    auto checked = CheckImage(copy, CheckOptions{});
+    REQUIRE(checked.ok());
+    CHECK(CheckExitCode(*checked) == 0);
+    CHECK(ReadGuest(copy, 1 * kCs, kCs) == Pattern(11));
+    CHECK(ReadGuest(copy, 6 * kCs, kCs) == Pattern(1));
+  }
   const Outcome o = JudgeAndRepair(dir, img, {3, 3});
   CHECK_FALSE(o.before.dedup.in_sync);
   ImageBytes raw(img);

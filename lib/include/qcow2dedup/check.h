@@ -53,6 +53,10 @@ struct CheckReport {
 
 Result<CheckReport> CheckImage(const std::string& path, CheckOptions options);
 
+// The same on a file the caller has opened and locked (read-write to repair).
+// name goes into the report.
+Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode repair, const ProgressFn& progress);
+
 // qemu-img check's exit code for a finished check: 0 clean, 2 corruptions,
 // 3 leaks only. (1, could not check, is for a failed CheckImage.)
 int CheckExitCode(const CheckReport& r);

@@ -170,25 +170,28 @@ Result<CheckReport> CheckImage(const std::string& path, CheckOptions options) {
   }
   if (repair) QD_RETURN_IF_ERROR(file->Lock(LockMode::kExclusive));
   else if (!options.force_share) QD_RETURN_IF_ERROR(file->Lock(LockMode::kShared));
+  return CheckFile(*file, path, options.repair, options.progress);
+}
 
+Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode repair, const ProgressFn& progress) {
   check::Context ctx;
-  ctx.file = file.get();
-  ctx.writable = repair;
+  ctx.file = &file;
+  ctx.writable = repair != RepairMode::kNone;
   QD_RETURN_IF_ERROR(check::OpenContext(ctx));
-  QD_ASSIGN_OR_RETURN(check::Examination first, check::Examine(ctx, options.progress));
+  QD_ASSIGN_OR_RETURN(check::Examination first, check::Examine(ctx, progress));
   CheckReport r;
-  if (options.repair == RepairMode::kLeaks && first.pass.needs_rebuild) {
+  if (repair == RepairMode::kLeaks && first.pass.needs_rebuild) {
     // Only -r all can rebuild: qemu-img gives up here (exit 1) and so do
     // we, before writing anything.
     r = check::Report(first);
     check::Note(r, "ERROR need to rebuild refcount structures");
     ++r.check_errors;
-  } else if (repair && check::NeedsRepair(ctx, first.pass.report, options.repair)) {
-    QD_ASSIGN_OR_RETURN(r, check::Repair(ctx, first, options.repair, options.progress));
+  } else if (ctx.writable && check::NeedsRepair(ctx, first.pass.report, repair)) {
+    QD_ASSIGN_OR_RETURN(r, check::Repair(ctx, first, repair, progress));
   } else {
     r = check::Report(first);
   }
-  r.filename = path;
+  r.filename = name;
   return r;
 }
 

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "image/image_state.h"
+#include "qcow2dedup/check.h"
 #include "image/raw_device.h"
 #include "image/writer.h"
 #include "io/unsynced_file.h"
@@ -87,6 +88,13 @@ Status OpenBacking(ImageState& s, bool force_share, Chain& chain) {
   return Status::Ok();
 }
 
+Result<Header> ReadHeader(File& file, uint64_t file_size) {
+  // Cluster 0 at most; the header says how much of it matters.
+  std::vector<uint8_t> head(std::min<uint64_t>(file_size, 1u << kMaxClusterBits));
+  QD_RETURN_IF_ERROR(file.ReadAt(0, head));
+  return ParseHeader(head, file_size);
+}
+
 Result<std::unique_ptr<Image>> OpenQcow2(const std::string& path, OpenOptions& opts, Chain& chain) {
   std::unique_ptr<File> file = std::move(opts.file);
   if (!file) {
@@ -98,12 +106,20 @@ Result<std::unique_ptr<Image>> OpenQcow2(const std::string& path, OpenOptions& o
   if (!opts.force_share || opts.writable)
     QD_RETURN_IF_ERROR(file->Lock(opts.writable ? LockMode::kExclusive : LockMode::kShared));
   QD_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
-  // Cluster 0 at most; the header says how much of it matters.
-  std::vector<uint8_t> head(std::min<uint64_t>(file_size, 1u << kMaxClusterBits));
-  QD_RETURN_IF_ERROR(file->ReadAt(0, head));
-  QD_ASSIGN_OR_RETURN(Header h, ParseHeader(head, file_size));
+  QD_ASSIGN_OR_RETURN(Header h, ReadHeader(*file, file_size));
   if (opts.writable && (h.incompatible & kIncompatCorrupt))
     return Status::Corruption("the image is marked corrupt; repair it with check -r all first");
+  if (opts.writable && (h.incompatible & kIncompatDirty)) {
+    // Not closed cleanly (a crash, or a kill): QEMU repairs such an image
+    // when it opens it for writing, and so do we.
+    QD_RETURN_IF_ERROR(CheckWritableFormat(h));
+    QD_ASSIGN_OR_RETURN(CheckReport r, CheckFile(*file, path, RepairMode::kAll, opts.progress));
+    if (r.corruptions || r.check_errors)
+      return Status::Corruption(fmt::format(
+          "the image was not closed cleanly and its repair left {} errors; see 'check'", r.corruptions + r.check_errors));
+    QD_ASSIGN_OR_RETURN(file_size, file->Size());
+    QD_ASSIGN_OR_RETURN(h, ReadHeader(*file, file_size));
+  }
 
   auto s = std::make_unique<ImageState>(path, std::move(file), std::move(h));
   s->file_size = file_size;

@@ -77,8 +77,10 @@ Result<bool> Believe(ImageState& s, uint64_t c, const Digest& digest) {
   if (!s.unverified.Contains(c)) return true;
   QD_RETURN_IF_ERROR(ReadCluster(s, c));
   s.unverified.Erase(c);
-  if (std::memcmp(Sha256(s.scratch).data(), digest.data(), DedupIndex::kKeyBytes) == 0) return true;
+  const Digest actual = Sha256(s.scratch);
+  if (std::memcmp(actual.data(), digest.data(), DedupIndex::kKeyBytes) == 0) return true;
   s.index.RemoveCluster(c);  // whatever else it claims about c is as wrong
+  s.index.Insert(actual, c);  // and what c does hold is now known
   return false;
 }
 
@@ -235,13 +237,19 @@ Status VetStructure(ImageState& s) {
   return Status::Ok();
 }
 
-Status PrepareForWriting(ImageState& s, const ProgressFn& progress) {
-  const Header& h = s.header;
+Status CheckWritableFormat(const Header& h) {
   if (h.version < 3) return Status::Unsupported("writing qcow2 version 2 images is not supported; convert it first");
   if (h.extended_l2()) return Status::Unsupported("writing images with extended L2 entries is not supported");
   if (h.nb_snapshots) return Status::Unsupported("writing images with internal snapshots is not supported");
   if (h.autoclear & kAutoclearBitmaps)
     return Status::Unsupported("writing images with persistent bitmaps is not supported");
+  return Status::Ok();
+}
+
+Status PrepareForWriting(ImageState& s, const ProgressFn& progress) {
+  const Header& h = s.header;
+  QD_RETURN_IF_ERROR(CheckWritableFormat(h));
+  // Open repairs a dirty image first; one still dirty here is not ours to touch.
   if (h.incompatible & kIncompatDirty)
     return Status::Corruption("the image was not closed cleanly; repair it with 'check -r all' first");
   s.refcounts = std::make_unique<Refcounts>(s.file.get(), &s.header, &s.meta, CacheTables(s.cs()));

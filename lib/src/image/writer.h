@@ -5,6 +5,10 @@
 
 namespace qcow2dedup {
 
+// Whether we can write images of this format (checked before anything is
+// written, repairs included).
+Status CheckWritableFormat(const Header& h);
+
 // Readies an image opened read-write: refcounts loaded, the dedup index
 // loaded if the header vouches for it, rebuilt from the data otherwise.
 Status PrepareForWriting(ImageState& s, const ProgressFn& progress);

@@ -38,7 +38,7 @@ bool HaveQemu() { return testing::HaveCommand("qemu-img") && testing::HaveComman
 // A clean image: we agree with qemu-img, and repair leaves it byte for byte.
 void Agree(const std::string& img) {
   const CheckReport r = OurCheck(img);
-  const QemuCheckResult q = QemuCheck(img);
+  const QemuCheckResult q = QemuImgCheck(img);
   SameAsQemu(r, q);
   CHECK(q.exit_code == 0);
   CHECK_FALSE(r.dedup.present);
@@ -53,22 +53,22 @@ void Agree(const std::string& img) {
 // clean result for both tools and the same guest data.
 void RepairLikeQemu(const TempDir& dir, const std::string& img, int want_exit) {
   const CheckReport r = OurCheck(img);
-  const QemuCheckResult q = QemuCheck(img);
+  const QemuCheckResult q = QemuImgCheck(img);
   SameAsQemu(r, q);
   CHECK(q.exit_code == want_exit);
   const std::string copy = dir / "qemu-repaired.qcow2";
   CopyFile(img, copy);
-  const QemuCheckResult qr = QemuCheck(copy, "all");
+  const QemuCheckResult qr = QemuImgCheck(copy, "all");
   const CheckReport fixed = OurCheck(img, RepairMode::kAll);
   INFO("ours:\n" << Messages(fixed) << "qemu-img:\n" << qr.err);
   CHECK(CheckExitCode(fixed) == qr.exit_code);
   CHECK(fixed.corruptions_fixed == qr.Get("corruptions-fixed"));
   CHECK(fixed.leaks_fixed == qr.Get("leaks-fixed"));
-  SameAsQemu(OurCheck(img), QemuCheck(img));
-  CHECK(QemuCheck(img).exit_code == 0);
+  SameAsQemu(OurCheck(img), QemuImgCheck(img));
+  CHECK(QemuImgCheck(img).exit_code == 0);
   CHECK(Run("qemu-img compare " + Sh(img) + " " + Sh(copy)).exit_code == 0);
   // qemu-img's repair of the copy: we agree it is clean.
-  SameAsQemu(OurCheck(copy), QemuCheck(copy));
+  SameAsQemu(OurCheck(copy), QemuImgCheck(copy));
 }
 
 // A typical life: data, overwrites, a discard, zero writes, a compressed write.
@@ -289,7 +289,7 @@ TEST_CASE("damaged dedup images: the CLI's verdict beside qemu-img's, repair, th
     const std::string digest = images::FileDigest(img);
     const RunResult human = OurCli("check " + Sh(img));
     const RunResult json = OurCli("check --output=json " + Sh(img));
-    const QemuCheckResult q = QemuCheck(img);
+    const QemuCheckResult q = QemuImgCheck(img);
     INFO("ours:\n" << human.out << human.err << "qemu-img:\n" << q.out << q.err);
     CHECK(images::FileDigest(img) == digest);
     CHECK(human.exit_code == d.ours);
@@ -344,7 +344,7 @@ TEST_CASE("after a cluster changed behind the index is repaired, writing its ori
     bytes.Write(changed_at, std::span(reinterpret_cast<const uint8_t*>(changed.data()), changed.size()));
   }
   CHECK(OurCli("check " + Sh(img)).exit_code == 2);
-  CHECK(QemuCheck(img).exit_code == 0);
+  CHECK(QemuImgCheck(img).exit_code == 0);
   REQUIRE(OurCli("check -r all " + Sh(img)).exit_code == 0);
 
   // Guest cluster 8 gets what guest 1 held before the damage.

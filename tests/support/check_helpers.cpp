@@ -13,17 +13,6 @@ namespace testing {
 
 using namespace qcow2dedup;
 
-QemuCheckResult QemuCheck(const std::string& path, const std::string& repair) {
-  QemuCheckResult c;
-  const RunResult r =
-      Run("qemu-img check -f qcow2 --output=json " + (repair.empty() ? "" : "-r " + repair + " ") + Sh(path));
-  c.exit_code = r.exit_code;
-  c.out = r.out;
-  c.err = r.err;
-  c.json = nlohmann::json::parse(r.out, nullptr, /*allow_exceptions=*/false);
-  if (c.json.is_discarded()) c.json = nullptr;
-  return c;
-}
 
 CheckReport OurCheck(const std::string& path, RepairMode mode) {
   CheckOptions o;

@@ -16,9 +16,6 @@
 
 namespace testing {
 
-// qemu-img check -f qcow2 --output=json [-r leaks|all] PATH.
-QemuCheckResult QemuCheck(const std::string& path, const std::string& repair = "");
-
 // CheckImage through the library; the check itself must complete (REQUIRE).
 qcow2dedup::CheckReport OurCheck(const std::string& path,
                                  qcow2dedup::RepairMode mode = qcow2dedup::RepairMode::kNone);

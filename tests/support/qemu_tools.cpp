@@ -8,9 +8,9 @@
 
 namespace testing {
 
-QemuCheckResult QemuImgCheck(const std::string& path) {
+QemuCheckResult QemuImgCheck(const std::string& path, const std::string& repair) {
   QemuCheckResult c;
-  RunResult r = Run("qemu-img check -f qcow2 --output=json " + Sh(path));
+  RunResult r = Run("qemu-img check -f qcow2 --output=json " + (repair.empty() ? "" : "-r " + repair + " ") + Sh(path));
   c.exit_code = r.exit_code;
   c.out = r.out;
   c.err = r.err;

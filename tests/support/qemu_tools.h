@@ -18,8 +18,8 @@ struct QemuCheckResult {
   uint64_t Get(const char* key) const { return json.is_object() && json.contains(key) ? json[key].get<uint64_t>() : 0; }
 };
 
-// qemu-img check -f qcow2 --output=json PATH
-QemuCheckResult QemuImgCheck(const std::string& path);
+// qemu-img check -f qcow2 --output=json [-r leaks|all] PATH
+QemuCheckResult QemuImgCheck(const std::string& path, const std::string& repair = "");
 // qemu-img info -f qcow2 --output=json PATH; null json on failure (see r).
 nlohmann::json QemuImgInfo(const std::string& path, RunResult* r = nullptr);
 // qemu-img compare -f qcow2 -F raw IMG RAW (exit 0: identical).

@@ -73,7 +73,7 @@ struct Outcome {
 Outcome JudgeAndRepair(const TempDir& dir, const std::string& img, const Expect& want) {
   Outcome o;
   o.before = OurCheck(img);
-  o.qemu_before = QemuCheck(img);
+  o.qemu_before = QemuImgCheck(img);
   SameCountsAsQemu(o.before, o.qemu_before);
   CHECK(CheckExitCode(o.before) == want.ours);
   CHECK(o.qemu_before.exit_code == want.qemu);
@@ -81,7 +81,7 @@ Outcome JudgeAndRepair(const TempDir& dir, const std::string& img, const Expect&
   o.view = GuestView(img, dir / "before.raw");
   const std::string qcopy = dir / "qemu-repaired.qcow2";
   CopyFile(img, qcopy);
-  o.qemu_repair = QemuCheck(qcopy, want.mode == RepairMode::kAll ? "all" : "leaks");
+  o.qemu_repair = QemuImgCheck(qcopy, want.mode == RepairMode::kAll ? "all" : "leaks");
   o.repaired = OurCheck(img, want.mode);
   INFO("ours:\n" << Messages(o.repaired) << "qemu-img -r:\n" << o.qemu_repair.err << o.qemu_repair.out);
   CHECK(CheckExitCode(o.repaired) == 0);
@@ -92,7 +92,7 @@ Outcome JudgeAndRepair(const TempDir& dir, const std::string& img, const Expect&
   }
   // Repaired by us: clean for both tools, same guest data.
   const CheckReport again = OurCheck(img);
-  const QemuCheckResult q = QemuCheck(img);
+  const QemuCheckResult q = QemuImgCheck(img);
   SameAsQemu(again, q);
   CHECK(q.exit_code == 0);
   CHECK(CheckExitCode(again) == 0);
@@ -102,7 +102,7 @@ Outcome JudgeAndRepair(const TempDir& dir, const std::string& img, const Expect&
   // opening the image for writing, takes our index out of sync).
   if (want.same_as_qemu_repair) {
     const CheckReport theirs = OurCheck(qcopy);
-    SameAsQemu(theirs, QemuCheck(qcopy));
+    SameAsQemu(theirs, QemuImgCheck(qcopy));
     CHECK(CheckExitCode(theirs) == 0);
     CHECK(GuestView(qcopy, dir / "qemu-after.raw") == o.view);
   }
@@ -135,7 +135,7 @@ TEST_CASE("a fresh dedup image is clean, as qemu-img says too") {
     const std::string img = dir / ("clean" + std::to_string(bits) + "-" + std::to_string(cs) + ".qcow2");
     MakeImage(img, bits, cs);
     const CheckReport r = OurCheck(img);
-    SameAsQemu(r, QemuCheck(img));
+    SameAsQemu(r, QemuImgCheck(img));
     CHECK(CheckExitCode(r) == 0);
     CHECK(r.messages.empty());
     CHECK(r.dedup.present);
@@ -222,7 +222,7 @@ TEST_CASE("a lowered refcount is a corruption; -r leaks cannot fix it, -r all ca
   }
   const CheckReport leaks_only = OurCheck(img, RepairMode::kLeaks);
   CHECK(CheckExitCode(leaks_only) == 2);
-  CHECK(QemuCheck(img).exit_code == 2);
+  CHECK(QemuImgCheck(img).exit_code == 2);
   const Outcome o = JudgeAndRepair(dir, img, {2, 2});
   CHECK(o.before.corruptions == 3);  // the refcount, and COPIED on two entries that now look unshared
   CHECK(ReadGuest(img, 6 * kCs, kCs) == Pattern(1));
@@ -246,7 +246,7 @@ TEST_CASE("a referenced cluster with refcount 0 makes -r all rebuild the refcoun
     const CheckReport r = OurCheck(a, RepairMode::kLeaks);
     CHECK(Messages(r).find("ERROR need to rebuild refcount structures") != std::string::npos);
     CHECK(CheckExitCode(r) == 1);
-    CHECK(QemuCheck(b, "leaks").exit_code == 1);
+    CHECK(QemuImgCheck(b, "leaks").exit_code == 1);
   }
   const Outcome o = JudgeAndRepair(dir, img, {2, 2});
   CHECK(Messages(o.repaired).find("Rebuilding refcount structure") != std::string::npos);
@@ -259,7 +259,7 @@ TEST_CASE("a referenced cluster with refcount 0 makes -r all rebuild the refcoun
     CHECK((*w)->write_stats().dedup_hits == 1);
     REQUIRE((*w)->Close().ok());
   }
-  CHECK(QemuCheck(img).exit_code == 0);
+  CHECK(QemuImgCheck(img).exit_code == 0);
   CHECK(CheckExitCode(OurCheck(img)) == 0);
 }
 
@@ -336,18 +336,18 @@ TEST_CASE("guest data on metadata that qemu-img's repair leaves in place is stil
     ImageBytes raw(img);
     raw.SetL2(3, raw.header().l1_offset | kFlagCopied);
   }
-  REQUIRE(QemuCheck(img, "all").exit_code == 0);
+  REQUIRE(QemuImgCheck(img, "all").exit_code == 0);
   // qemu-img now sees nothing wrong (the L1 table has refcount 2), but guest
   // writes to guest cluster 3 would still land... on a copy; the table is
   // shared with guest data all the same.
   const CheckReport r = OurCheck(img);
   CHECK(r.corruptions == 1);
   CHECK(CheckExitCode(r) == 2);
-  CHECK(QemuCheck(img).exit_code == 0);
+  CHECK(QemuImgCheck(img).exit_code == 0);
   const std::string before_view = GuestView(img, dir / "before.raw");
   const CheckReport fixed = OurCheck(img, RepairMode::kAll);
   CHECK(CheckExitCode(fixed) == 0);
-  CHECK(QemuCheck(img).exit_code == 0);
+  CHECK(QemuImgCheck(img).exit_code == 0);
   CHECK(GuestView(img, dir / "after.raw") == before_view);
 }
 
@@ -402,7 +402,7 @@ TEST_CASE("a data cluster changed behind the index's back: only our check sees i
     const CheckReport last = OurCheck(img);
     INFO(Messages(last));
     CHECK(CheckExitCode(last) == 0);
-    CHECK(QemuCheck(img).exit_code == 0);
+    CHECK(QemuImgCheck(img).exit_code == 0);
   }
 }
 
@@ -424,7 +424,7 @@ TEST_CASE("a data cluster changed behind the index's back: without a repair the 
   CHECK(ImageBytes(img).HostCluster(8) != host);
   CHECK(ReadGuest(img, 8 * kCs, kCs) == Pattern(2));
   CHECK(ReadGuest(img, 2 * kCs, kCs) == changed);
-  CHECK(QemuCheck(img).exit_code == 0);
+  CHECK(QemuImgCheck(img).exit_code == 0);
   // The writer dropped the entry it found lying and indexed what the
   // cluster does hold: the image checks clean.
   const CheckReport r = OurCheck(img);
@@ -479,7 +479,7 @@ TEST_CASE("an index entry left for a freed cluster is stale") {
   }
   CHECK(ReadGuest(img, 9 * kCs, kCs) == Pattern(3));
   CHECK(CheckExitCode(OurCheck(img)) == 0);
-  CHECK(QemuCheck(img).exit_code == 0);
+  CHECK(QemuImgCheck(img).exit_code == 0);
 }
 
 // Keeps only the stored index entries keep() accepts, and makes the header
@@ -645,7 +645,7 @@ TEST_CASE("a dirty image with nothing wrong: -r all and -r leaks clear the dirty
     CopyFile(img, copy);
     CHECK(CheckExitCode(OurCheck(img)) == 0);
     CHECK(CheckExitCode(OurCheck(img, mode)) == 0);
-    REQUIRE(QemuCheck(copy, mode == RepairMode::kAll ? "all" : "leaks").exit_code == 0);
+    REQUIRE(QemuImgCheck(copy, mode == RepairMode::kAll ? "all" : "leaks").exit_code == 0);
     CHECK((ImageBytes(img).header().incompatible & kIncompatDirty) == 0);
     CHECK((ImageBytes(copy).header().incompatible & kIncompatDirty) == 0);
   }
@@ -678,19 +678,19 @@ TEST_CASE("damage beyond the end of the file: same verdict as qemu-img, no crash
       c.damage(raw);
     }
     const CheckReport r = OurCheck(img);
-    const QemuCheckResult q = QemuCheck(img);
+    const QemuCheckResult q = QemuImgCheck(img);
     INFO("ours:\n" << Messages(r) << "qemu-img:\n" << q.err);
     CHECK(CheckExitCode(r) == q.exit_code);
     CHECK(CheckExitCode(r) != 0);
     // Repair: whatever qemu-img makes of the same damage, we end no worse.
     const std::string copy = dir / "copy.qcow2";
     CopyFile(img, copy);
-    const QemuCheckResult qr = QemuCheck(copy, "all");
+    const QemuCheckResult qr = QemuImgCheck(copy, "all");
     auto ours = CheckImage(img, CheckOptions{.repair = RepairMode::kAll});
     REQUIRE(ours.ok());
     INFO("ours -r all:\n" << Messages(*ours) << "qemu-img -r all:\n" << qr.err);
     if (qr.exit_code == 0) CHECK(CheckExitCode(*ours) == 0);
-    CHECK(CheckExitCode(*ours) == QemuCheck(img).exit_code);
+    CHECK(CheckExitCode(*ours) == QemuImgCheck(img).exit_code);
   }
 }
 

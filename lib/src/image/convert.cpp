@@ -185,8 +185,10 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress) {
           b += n;
           continue;
         }
+        // Runs of at most 1 MiB: see DataWriter on large buffered writes.
         uint64_t e = b + n;
-        while (e < len && !IsAllZero({&buf[e], std::min(kBlock, len - e)})) e += std::min(kBlock, len - e);
+        while (e < len && e - b < (1u << 20) && !IsAllZero({&buf[e], std::min(kBlock, len - e)}))
+          e += std::min(kBlock, len - e);
         QD_RETURN_IF_ERROR(dst.WriteAt(pos + b, {&buf[b], e - b}));
         b = e;
       }

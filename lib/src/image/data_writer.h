@@ -36,7 +36,10 @@ class DataWriter {
   }
 
  private:
-  static constexpr size_t kMaxRun = 4u << 20;
+  // Not more: on Linux 6.x, buffered writes of 2 MiB and up cost ten times
+  // the CPU per byte of 1 MiB ones (dd bs=4M vs bs=1M), likely large-folio
+  // allocation in the page cache.
+  static constexpr size_t kMaxRun = 1u << 20;
   File* file_;
   uint64_t start_ = 0;
   std::vector<uint8_t> buf_;

@@ -7,9 +7,10 @@
 # says what the time bought.
 #
 # The two sides do different work: the simulation skips the holes the file
-# reports, hashes every non-zero cluster once per cluster size (on every
-# core) and keeps a set of hashes per size; sha256sum reads every byte,
-# holes included, on one core.
+# reports, hashes the data once at the smallest cluster size (on every
+# core; a larger cluster's hash is the hash of its sub-clusters' digests)
+# and keeps a set of hashes per size; sha256sum reads every byte, holes
+# included, on one core.
 source "$(dirname "$0")/lib.sh"
 disk=$corpus/vmfarm.raw
 sizes=${SIZES:-4K,16K,64K}

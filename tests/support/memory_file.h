@@ -16,6 +16,7 @@ class MemoryFile final : public qcow2dedup::File {
 
   qcow2dedup::Status ReadAt(uint64_t offset, std::span<uint8_t> buf) override {
     std::lock_guard<std::mutex> l(mu_);
+    if (buf.empty()) return qcow2dedup::Status::Ok();
     size_t n = offset >= bytes_.size() ? 0 : std::min<uint64_t>(buf.size(), bytes_.size() - offset);
     if (n) std::memcpy(buf.data(), bytes_.data() + offset, n);
     std::memset(buf.data() + n, 0, buf.size() - n);
@@ -23,7 +24,9 @@ class MemoryFile final : public qcow2dedup::File {
   }
   qcow2dedup::Status WriteAt(uint64_t offset, std::span<const uint8_t> data) override {
     std::lock_guard<std::mutex> l(mu_);
-    if (offset + data.size() > (1ull << 32)) return qcow2dedup::Status::NoSpace("memory file full");
+    // No overflow of offset + size; no memcpy from a null pointer (an empty span).
+    if (offset > kMaxSize || data.size() > kMaxSize - offset) return qcow2dedup::Status::NoSpace("memory file full");
+    if (data.empty()) return qcow2dedup::Status::Ok();
     if (offset + data.size() > bytes_.size()) bytes_.resize(offset + data.size());
     std::memcpy(bytes_.data() + offset, data.data(), data.size());
     return qcow2dedup::Status::Ok();
@@ -35,7 +38,7 @@ class MemoryFile final : public qcow2dedup::File {
   }
   qcow2dedup::Status Truncate(uint64_t size) override {
     std::lock_guard<std::mutex> l(mu_);
-    if (size > (1ull << 32)) return qcow2dedup::Status::NoSpace("memory file full");
+    if (size > kMaxSize) return qcow2dedup::Status::NoSpace("memory file full");
     bytes_.resize(size);
     return qcow2dedup::Status::Ok();
   }
@@ -44,6 +47,7 @@ class MemoryFile final : public qcow2dedup::File {
   const std::vector<uint8_t>& bytes() const { return bytes_; }
 
  private:
+  static constexpr uint64_t kMaxSize = 1ull << 32;
   std::mutex mu_;
   std::vector<uint8_t> bytes_;
   std::string name_;

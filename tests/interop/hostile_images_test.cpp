@@ -4,7 +4,8 @@
 // misaligned, huge counts, bad compressed descriptors, backing loops) plus
 // our own dedup extension lying with its autoclear bit set.
 //
-// Every subcommand runs on every file under `timeout 20` and `ulimit -v`:
+// Every subcommand runs on every file under `timeout 20` and `ulimit -v`
+// (in an ASan build, ASan's allocation cap instead: support/sanitizers.h):
 // no signal, no timeout; either success with a correct result (judged by
 // qemu-img) or failure with exactly one stderr line "qcow2dedup: ...".
 // Read-only subcommands leave the file byte for byte as it was. Where only
@@ -21,6 +22,7 @@
 
 #include "support/process.h"
 #include "support/qcow2_layout.h"
+#include "support/sanitizers.h"
 #include "support/temp_dir.h"
 
 using testing::Run;
@@ -32,9 +34,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kLimits = "ulimit -v 2000000; timeout 20 ";
-
-RunResult Limited(const std::string& cmd) { return Run(std::string(kLimits) + cmd); }
+// Memory: `ulimit -v` (in an ASan build, ASan's cap on one allocation:
+// support/sanitizers.h).
+RunResult Limited(const std::string& cmd) { return Run(testing::MemoryLimitPrefix(2000000) + "timeout 20 " + cmd); }
 
 // qemu-img check of the image alone: backing files (loops, missing ones)
 // play no part in the consistency of the file itself.

@@ -129,9 +129,10 @@ TEST_CASE("a fresh dedup image is clean, as qemu-img says too") {
   TempDir dir;
   const std::vector<std::pair<uint32_t, uint32_t>> variants = {
       {1, 65536}, {16, 65536}, {64, 65536}, {16, 512}, {2, 512}, {16, 2u << 20}};
-  for (auto [bits, cs] : variants) {
-    CAPTURE(bits);
-    CAPTURE(cs);
+  for (const auto& variant : variants) {
+    const auto [bits, cs] = variant;  // a copy: clang 14 (the sanitizer build) cannot capture a binding in CAPTURE
+    CAPTURE(variant.first);
+    CAPTURE(variant.second);
     const std::string img = dir / ("clean" + std::to_string(bits) + "-" + std::to_string(cs) + ".qcow2");
     MakeImage(img, bits, cs);
     const CheckReport r = OurCheck(img);

@@ -308,6 +308,23 @@ TEST_CASE("a short dedup extension is kept as an unknown one") {
   CHECK(parsed->other_extensions[0].second == Bytes(20, 7));
 }
 
+// Found by write_fuzz: an image whose dedup extension was too short to be
+// ours, opened for writing and closed, had the extension twice (the kept
+// short one and the new index's), and did not open again.
+TEST_CASE("a short dedup extension gives way to the index written over it") {
+  Header h = FullV3();
+  REQUIRE(h.dedup.has_value());
+  h.other_extensions = {{kExtDedup, Bytes(55, 7)}, {0x12345678, {1, 2, 3}}};
+  auto enc = EncodeHeader(h);
+  REQUIRE(enc.ok());
+  auto parsed = ParseHeader(*enc, 4u << 20);
+  REQUIRE_MESSAGE(parsed.ok(), parsed.status().message());
+  REQUIRE(parsed->dedup.has_value());
+  CHECK(parsed->dedup->index_offset == h.dedup->index_offset);
+  REQUIRE(parsed->other_extensions.size() == 1);
+  CHECK(parsed->other_extensions[0].first == 0x12345678u);
+}
+
 TEST_CASE("EncodeHeader refuses what does not fit in cluster 0") {
   Header h = FullV3();
   h.cluster_bits = 9;

@@ -245,7 +245,12 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
       }
       put_ext(kExtFeatureNames, table);
     }
-    for (auto& [type, data] : h.other_extensions) put_ext(type, data);
+    for (auto& [type, data] : h.other_extensions) {
+      // A short dedup extension kept verbatim gives way to the one written
+      // above: twice the same type is an image no parser (ours) accepts.
+      if (type == kExtDedup && h.dedup) continue;
+      put_ext(type, data);
+    }
     put_ext(kExtEnd, {});
   }
   uint64_t backing_offset = 0;

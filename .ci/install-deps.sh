@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Installs what qcow2dedup needs to build and test, from Debian's packages.
+# clang builds the sanitizer suite (build-asan) and the fuzz targets;
+# libclang-rt-14-dev holds clang 14's sanitizer runtimes and libFuzzer
+# (libclang_rt.fuzzer-x86_64.a, libclang_rt.asan-x86_64.a): on Debian 12 it
+# is only recommended by clang's dependencies, so it is named here.
 set -euo pipefail
 pkgs=(cmake g++ make pkg-config libcli11-dev libfmt-dev libssl-dev doctest-dev zlib1g-dev libzstd-dev
       nlohmann-json3-dev qemu-utils python3 clang libclang-rt-14-dev debootstrap e2fsprogs time bc strace)

@@ -55,7 +55,10 @@ Result<SnapshotTable> ReadSnapshotTable(File& file, const Header& h, uint64_t fi
     s.info.name.assign(reinterpret_cast<const char*>(rest.data()) + extra + id_len, name_len);
     if (uint64_t(s.l1_size) * 8 > kMaxL1Bytes)
       return Status::Corruption(fmt::format("snapshot '{}' has an L1 table of {} entries", s.info.name, s.l1_size));
-    if (s.l1_offset % cs != 0 || s.l1_offset < cs || s.l1_offset + uint64_t(s.l1_size) * 8 > file_size)
+    // An empty L1 table (a snapshot of an empty disk) occupies nothing: like
+    // QEMU, only its alignment matters (offset 0 included).
+    if (s.l1_offset % cs != 0 ||
+        (s.l1_size != 0 && (s.l1_offset < cs || s.l1_offset + uint64_t(s.l1_size) * 8 > file_size)))
       return Status::Corruption(fmt::format("snapshot '{}' has its L1 table at a bad offset {:#x}", s.info.name,
                                             s.l1_offset));
     table.snapshots.push_back(std::move(s));

@@ -32,6 +32,7 @@ class BlamedSource final : public BlockDevice {
   uint64_t virtual_size() const override { return inner_.virtual_size(); }
   std::string format() const override { return inner_.format(); }
   Status Read(uint64_t offset, std::span<uint8_t> buf) override { return Note(inner_.Read(offset, buf)); }
+  void Prefetch(uint64_t offset, uint64_t len) override { inner_.Prefetch(offset, len); }
   Result<uint64_t> ZeroRun(uint64_t offset) override {
     auto r = inner_.ZeroRun(offset);
     if (!r.ok()) failed = true;

@@ -31,6 +31,8 @@ class File {
   virtual Status Lock(LockMode mode) = 0;
   // Where the next data at or after offset starts (SEEK_DATA); Size() if none.
   virtual Result<uint64_t> NextData(uint64_t offset) { return offset; }
+  // A hint that [offset, offset + len) will be read soon (readahead).
+  virtual void Prefetch(uint64_t offset, uint64_t len) { (void)offset, (void)len; }
   virtual const std::string& name() const = 0;
 };
 

@@ -30,6 +30,9 @@ class BlockDevice {
   // How many bytes from offset are known to read as zero (0 if the byte at
   // offset may hold data). Lets readers skip holes without reading them.
   virtual Result<uint64_t> ZeroRun(uint64_t offset) { (void)offset; return uint64_t(0); }
+  // A hint that [offset, offset + len) will be read soon; may be called
+  // while a Read runs on another thread.
+  virtual void Prefetch(uint64_t offset, uint64_t len) { (void)offset, (void)len; }
   virtual std::string format() const = 0;
 };
 

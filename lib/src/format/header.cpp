@@ -115,7 +115,7 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
   if (head.size() < kV2HeaderLength || file_size < kV2HeaderLength)
     return Status::Corruption("file too short for a qcow2 header");
   RawHeader raw;
-  std::memset(&raw, 0, sizeof raw);
+  std::memset(static_cast<void*>(&raw), 0, sizeof raw);  // bytes of big-endian fields: all zero is valid
   std::memcpy(&raw, head.data(), std::min(head.size(), sizeof raw));
   if (raw.magic != kQcowMagic) return Status::Corruption("not a qcow2 image (bad magic)");
   Header h;
@@ -263,7 +263,7 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
   if (out.size() > cs) return Status::InvalidArgument("header and extensions do not fit in one cluster");
 
   RawHeader raw;
-  std::memset(&raw, 0, sizeof raw);
+  std::memset(static_cast<void*>(&raw), 0, sizeof raw);  // bytes of big-endian fields: all zero is valid
   raw.magic = kQcowMagic;
   raw.version = h.version;
   raw.backing_file_offset = backing_offset;

@@ -125,6 +125,8 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
     }
     const uint64_t start = pos / cs * cs;
     const uint64_t len = std::min<uint64_t>(kChunkBytes, size - start);
+    // The kernel reads the next chunk ahead while workers read this one.
+    src.Prefetch(start + len, kChunkBytes);
     auto c = pipe.Take(start, len);
     QD_RETURN_IF_ERROR(pipe.Push(std::move(c), [&src, &src_mutex, start, len](Chunk& chunk) {
       std::lock_guard lock(src_mutex);

@@ -17,6 +17,7 @@ class RawDevice final : public BlockDevice {
       return Status::InvalidArgument("read beyond the end of the device");
     return file_->ReadAt(offset, buf);
   }
+  void Prefetch(uint64_t offset, uint64_t len) override { file_->Prefetch(offset, len); }
   Result<uint64_t> ZeroRun(uint64_t offset) override {
     QD_ASSIGN_OR_RETURN(uint64_t next, file_->NextData(offset));
     return std::min(next, size_) - std::min(offset, std::min(next, size_));

@@ -92,16 +92,16 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows, uint32_t righ
   }
 }
 
-std::string WriteRatio(const WriteStats& s) {
+std::string WriteRatio(const WriteStats& s, std::string_view suffix) {
   // Data clusters written per cluster stored anew: with none stored, every
   // one was shared and there is no finite ratio to show.
-  if (s.new_clusters == 0) return s.dedup_hits ? "all shared" : "1.00";
-  return fmt::format("{:.2f}", double(s.new_clusters + s.dedup_hits) / double(s.new_clusters));
+  if (s.new_clusters == 0) return s.dedup_hits ? "all shared" : fmt::format("1.00{}", suffix);
+  return fmt::format("{:.2f}{}", double(s.new_clusters + s.dedup_hits) / double(s.new_clusters), suffix);
 }
 
 void PrintWriteSummary(const WriteStats& s) {
   fmt::print(stderr, "dedup: {} clusters written, {} stored, {} shared (ratio {})\n", s.clusters_written,
-             s.new_clusters, s.dedup_hits, WriteRatio(s));
+             s.new_clusters, s.dedup_hits, WriteRatio(s, ""));
 }
 
 }  // namespace qcow2dedup::cli

@@ -48,8 +48,9 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows, uint32_t righ
 
 // "dedup: N clusters written, M stored, K shared (ratio X.XX)" on stderr.
 void PrintWriteSummary(const WriteStats& stats);
-// Non-zero data clusters per stored cluster in a write session.
-std::string WriteRatio(const WriteStats& stats);
+// Non-zero data clusters per stored cluster in a write session, with suffix
+// ("2.67x"), or "all shared" when nothing new was stored.
+std::string WriteRatio(const WriteStats& stats, std::string_view suffix);
 
 // "human" or "json", the values of --output.
 enum class OutputFormat { kHuman, kJson };

@@ -76,8 +76,7 @@ void Progress::Draw() {
 std::function<std::string()> DedupSoFar(const std::unique_ptr<Image>& img) {
   return [&img]() -> std::string {
     if (!img) return "";
-    const std::string ratio = WriteRatio(img->write_stats());
-    return "dedup " + (ratio == "all shared" ? ratio : ratio + "x");
+    return "dedup " + WriteRatio(img->write_stats(), "x");
   };
 }
 

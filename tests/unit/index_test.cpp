@@ -13,12 +13,20 @@
 #include "dedup/index_store.h"
 #include "dedup/sha256.h"
 #include "format/endian.h"
+#include "support/memory_file.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
 using testing::TempDir;
 
 namespace {
+
+// The bytes SaveIndex writes for idx.
+std::vector<uint8_t> EncodeIndex(const DedupIndex& idx, uint32_t bits) {
+  testing::MemoryFile f({});
+  REQUIRE(SaveIndex(f, idx, bits, 0).ok());
+  return f.bytes();
+}
 
 Digest D(uint64_t n) {
   uint8_t b[8];

@@ -21,16 +21,6 @@ void EncodeEntry(uint8_t* p, uint64_t cluster, const uint8_t* key, uint32_t clus
 
 }  // namespace
 
-std::vector<uint8_t> EncodeIndex(const DedupIndex& index, uint32_t cluster_bits) {
-  std::vector<uint8_t> out(index.size() * kIndexEntryBytes);
-  uint8_t* p = out.data();
-  index.ForEachByCluster([&](const uint8_t* key, uint64_t cluster) {
-    EncodeEntry(p, cluster, key, cluster_bits);
-    p += kIndexEntryBytes;
-  });
-  return out;
-}
-
 Result<DedupExtension> SaveIndex(File& file, const DedupIndex& index, uint32_t cluster_bits, uint64_t offset) {
   DedupExtension ext;
   ext.index_entries = index.size();

@@ -18,7 +18,4 @@ Result<bool> LoadIndex(File& file, const Header& h, uint64_t file_size, DedupInd
 // Writes the index at offset and returns the extension that describes it.
 Result<DedupExtension> SaveIndex(File& file, const DedupIndex& index, uint32_t cluster_bits, uint64_t offset);
 
-// The bytes SaveIndex writes (for check's comparison).
-std::vector<uint8_t> EncodeIndex(const DedupIndex& index, uint32_t cluster_bits);
-
 }  // namespace qcow2dedup

@@ -16,6 +16,23 @@ const EVP_MD* Sha256Md() {
   return md;
 }
 
+[[noreturn]] void Fail() { throw std::runtime_error("OpenSSL SHA-256 failed"); }  // out of memory inside OpenSSL
+
+void Begin(EVP_MD_CTX* ctx) {
+  if (!ctx || !Sha256Md() || EVP_DigestInit_ex2(ctx, Sha256Md(), nullptr) != 1) Fail();
+}
+
+void Add(EVP_MD_CTX* ctx, std::span<const uint8_t> data) {
+  if (EVP_DigestUpdate(ctx, data.data(), data.size()) != 1) Fail();
+}
+
+Digest End(EVP_MD_CTX* ctx) {
+  Digest d;
+  unsigned int len = 0;
+  if (EVP_DigestFinal_ex(ctx, d.data(), &len) != 1 || len != d.size()) Fail();
+  return d;
+}
+
 }  // namespace
 
 Digest Sha256(std::span<const uint8_t> data) {
@@ -24,34 +41,15 @@ Digest Sha256(std::span<const uint8_t> data) {
     EVP_MD_CTX* ctx = EVP_MD_CTX_new();
     ~Ctx() { EVP_MD_CTX_free(ctx); }
   } t;
-  Digest d;
-  unsigned int len = 0;
-  const EVP_MD* md = Sha256Md();
-  if (!t.ctx || !md || EVP_DigestInit_ex2(t.ctx, md, nullptr) != 1 ||
-      EVP_DigestUpdate(t.ctx, data.data(), data.size()) != 1 ||
-      EVP_DigestFinal_ex(t.ctx, d.data(), &len) != 1 || len != d.size())
-    throw std::runtime_error("OpenSSL SHA-256 failed");  // out of memory inside OpenSSL
-  return d;
+  Begin(t.ctx);
+  Add(t.ctx, data);
+  return End(t.ctx);
 }
 
-Sha256Stream::Sha256Stream() : ctx_(EVP_MD_CTX_new()) {
-  if (!ctx_ || !Sha256Md() || EVP_DigestInit_ex2(ctx_, Sha256Md(), nullptr) != 1)
-    throw std::runtime_error("OpenSSL SHA-256 failed");
-}
-
+Sha256Stream::Sha256Stream() : ctx_(EVP_MD_CTX_new()) { Begin(ctx_); }
 Sha256Stream::~Sha256Stream() { EVP_MD_CTX_free(ctx_); }
-
-void Sha256Stream::Update(std::span<const uint8_t> data) {
-  if (EVP_DigestUpdate(ctx_, data.data(), data.size()) != 1) throw std::runtime_error("OpenSSL SHA-256 failed");
-}
-
-Digest Sha256Stream::Finish() {
-  Digest d;
-  unsigned int len = 0;
-  if (EVP_DigestFinal_ex(ctx_, d.data(), &len) != 1 || len != d.size())
-    throw std::runtime_error("OpenSSL SHA-256 failed");
-  return d;
-}
+void Sha256Stream::Update(std::span<const uint8_t> data) { Add(ctx_, data); }
+Digest Sha256Stream::Finish() { return End(ctx_); }
 
 bool IsAllZero(std::span<const uint8_t> data) {
   const uint8_t* p = data.data();

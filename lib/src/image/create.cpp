@@ -5,6 +5,7 @@
 
 #include "format/refcount_block.h"
 #include "image/image_state.h"
+#include "io/unsynced_file.h"
 
 namespace qcow2dedup {
 namespace {
@@ -70,6 +71,7 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
     file = std::move(f).value();
     QD_RETURN_IF_ERROR(file->Lock(LockMode::kExclusive));
   }
+  file = WithCacheMode(std::move(file), open.cache);
 
   QD_ASSIGN_OR_RETURN(std::vector<uint8_t> head, EncodeHeader(h));
   head.resize(cs, 0);
@@ -81,10 +83,9 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
   QD_RETURN_IF_ERROR(file->Truncate(meta_clusters * cs));
   QD_RETURN_IF_ERROR(file->WriteAt(cs, rt));
   QD_RETURN_IF_ERROR(file->WriteAt((1 + rt_clusters) * cs, blocks));
-  const bool sync = open.cache != CacheMode::kUnsafe;
-  if (sync) QD_RETURN_IF_ERROR(file->Sync());
+  QD_RETURN_IF_ERROR(file->Sync());
   QD_RETURN_IF_ERROR(file->WriteAt(0, head));
-  if (sync) QD_RETURN_IF_ERROR(file->Sync());
+  QD_RETURN_IF_ERROR(file->Sync());
   open.writable = true;
   open.file = std::move(file);
   return Image::Open(path, std::move(open));

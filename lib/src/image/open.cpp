@@ -100,7 +100,7 @@ Result<std::unique_ptr<Image>> OpenQcow2(const std::string& path, OpenOptions& o
   if (!file) {
     QD_ASSIGN_OR_RETURN(file, OpenPosixFile(path, opts.writable ? OpenMode::kReadWrite : OpenMode::kReadOnly));
   }
-  if (opts.cache == CacheMode::kUnsafe) file = std::make_unique<UnsyncedFile>(std::move(file));
+  file = WithCacheMode(std::move(file), opts.cache);
   if (!chain.seen.insert(RealPath(path)).second)
     return Status::Corruption("backing chain loops back to " + path);
   if (!opts.force_share || opts.writable)

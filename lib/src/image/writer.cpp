@@ -103,10 +103,10 @@ Result<Share> CanShare(ImageState& s, uint64_t c, const ClusterWrite& w) {
   return Share::kYes;
 }
 
-// The host cluster to link w to, if any: the index's copy, or another one
-// when that copy turns out stale.
-Result<std::optional<uint64_t>> FindShareable(ImageState& s, const ClusterWrite& w) {
-  for (std::optional<uint64_t> hit = s.index.Find(w.digest); hit; hit = s.index.Find(w.digest)) {
+// The host cluster to link w to, if any: hit (the index's copy), or another
+// one when that copy turns out stale.
+Result<std::optional<uint64_t>> FindShareable(ImageState& s, const ClusterWrite& w, std::optional<uint64_t> hit) {
+  for (; hit; hit = s.index.Find(w.digest)) {
     QD_ASSIGN_OR_RETURN(Share share, CanShare(s, *hit, w));
     if (share == Share::kYes) return hit;
     if (share == Share::kNo) return std::optional<uint64_t>();
@@ -132,10 +132,9 @@ Status WriteOne(ImageState& s, const ClusterWrite& w) {
         ++s.stats.dedup_hits;  // the same data again: nothing changes
         return Status::Ok();
       }
+      hit = s.index.Find(w.digest);  // that entry is gone: another copy, if any
     }
-    if (hit) {
-      QD_ASSIGN_OR_RETURN(hit, FindShareable(s, w));
-    }
+    QD_ASSIGN_OR_RETURN(hit, FindShareable(s, w, hit));
     if (hit) {
       QD_ASSIGN_OR_RETURN(uint64_t rc, s.refcounts->Adjust(*hit, +1));
       if (rc == 2) s.copied_fixups.Insert(*hit);

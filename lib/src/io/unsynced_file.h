@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "qcow2dedup/file.h"
+#include "qcow2dedup/image.h"
 
 namespace qcow2dedup {
 
@@ -24,5 +25,11 @@ class UnsyncedFile final : public File {
  private:
   std::unique_ptr<File> inner_;
 };
+
+// file as cache mode unsafe wants it (wrapped once, however often asked).
+inline std::unique_ptr<File> WithCacheMode(std::unique_ptr<File> file, CacheMode cache) {
+  if (cache != CacheMode::kUnsafe || dynamic_cast<UnsyncedFile*>(file.get())) return file;
+  return std::make_unique<UnsyncedFile>(std::move(file));
+}
 
 }  // namespace qcow2dedup

@@ -6,6 +6,7 @@
 #include <bit>
 #include <cmath>
 
+#include "size.h"
 #include "commands.h"
 #include "progress.h"
 #include "qcow2dedup/stats.h"

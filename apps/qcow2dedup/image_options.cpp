@@ -1,3 +1,4 @@
+#include "size.h"
 #include "image_options.h"
 
 #include <fmt/format.h>

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <exception>
 
+#include "size.h"
 #include "commands.h"
 
 namespace qcow2dedup::cli {

@@ -200,6 +200,16 @@ Status FaultFile::Truncate(uint64_t size) {
   return s_->base->Truncate(size);
 }
 
+Status FaultFile::PunchHole(uint64_t offset, uint64_t len) {
+  QD_ASSIGN_OR_RETURN(uint64_t size, Size());
+  if (offset >= size) return Status::Ok();
+  len = std::min(len, size - offset);
+  std::vector<uint8_t> zeros(std::min<uint64_t>(len, 1u << 20), 0);
+  for (uint64_t done = 0; done < len; done += zeros.size())
+    QD_RETURN_IF_ERROR(WriteAt(offset + done, std::span(zeros).first(std::min<uint64_t>(zeros.size(), len - done))));
+  return Status::Ok();
+}
+
 Status FaultFile::Lock(qcow2dedup::LockMode mode) {
   std::lock_guard lock(s_->mu);
   if (!s_->powered) return PowerOff();

@@ -70,6 +70,8 @@ class FaultFile final : public qcow2dedup::File {
   qcow2dedup::Status Sync() override;
   qcow2dedup::Result<uint64_t> Size() override;
   qcow2dedup::Status Truncate(uint64_t size) override;
+  // Modelled as a write of zeros: faults and power cuts treat it alike.
+  qcow2dedup::Status PunchHole(uint64_t offset, uint64_t len) override;
   qcow2dedup::Status Lock(qcow2dedup::LockMode mode) override;
   qcow2dedup::Result<uint64_t> NextData(uint64_t offset) override;
   const std::string& name() const override;

@@ -42,6 +42,12 @@ class MemoryFile final : public qcow2dedup::File {
     bytes_.resize(size);
     return qcow2dedup::Status::Ok();
   }
+  // A hole reads as zero, so a punch of live data shows up as lost data.
+  qcow2dedup::Status PunchHole(uint64_t offset, uint64_t len) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (offset < bytes_.size()) std::memset(bytes_.data() + offset, 0, std::min<uint64_t>(len, bytes_.size() - offset));
+    return qcow2dedup::Status::Ok();
+  }
   qcow2dedup::Status Lock(qcow2dedup::LockMode) override { return qcow2dedup::Status::Ok(); }
   const std::string& name() const override { return name_; }
   const std::vector<uint8_t>& bytes() const { return bytes_; }

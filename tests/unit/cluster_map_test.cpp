@@ -132,7 +132,7 @@ void CheckAgainstMap(ClusterMap& map, const Header& h, const std::vector<MapRang
 
 void CheckImage(const std::string& path, uint64_t step, uint64_t limit) {
   auto img = OpenRO(path);
-  ImageState& s = img->state();
+  ImageState& s = StateOf(*img);
   const auto ranges = QemuMap(path);
   for (uint64_t g = 0; g < std::min(limit, s.header.virtual_size); g += step) CheckAgainstMap(*s.map, s.header, ranges, g);
   // And a few offsets inside clusters and near the end.
@@ -152,7 +152,7 @@ TEST_CASE("Lookup on a v3 image: data, unallocated, zero, zero-allocated, compre
                "write -c -P 0xcc 256k 64k", "write -P 0xbb 335872 4k", "write -P 0xdd 600M 64k"});
   CheckImage(img, 4096, 1 << 20);
   auto image = OpenRO(img);
-  ImageState& s = image->state();
+  ImageState& s = StateOf(*image);
   ClusterMap& map = *s.map;
   const Bytes file = ReadAll(img);
   const uint64_t cs = 65536;
@@ -238,7 +238,7 @@ TEST_CASE("Lookup on an image with extended L2 entries: subclusters") {
   QemuIo(img, {"write -P 0x11 0 4k", "write -z 8k 2k", "write -P 0x22 129024 2k", "write -c -P 0x33 128k 64k"});
   CheckImage(img, 1024, 1 << 20);
   auto image = OpenRO(img);
-  ClusterMap& map = *image->state().map;
+  ClusterMap& map = *StateOf(*image).map;
   const Bytes file = ReadAll(img);
   // Subclusters of 2 KiB: 0 and 1 allocated, 2 and 3 not, 4 zero.
   auto a = map.Lookup(2048 + 10);
@@ -282,7 +282,7 @@ TEST_CASE("Lookup on an overlay: what the backing file holds is unallocated here
   Must("cd " + Sh(dir.path()) + " && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 4M");
   QemuIo(dir / "top.qcow2", {"write -P 0x77 64k 64k", "write -z 128k 64k"});
   auto image = OpenRO(dir / "top.qcow2");
-  ClusterMap& map = *image->state().map;
+  ClusterMap& map = *StateOf(*image).map;
   CHECK(map.Lookup(0)->kind == ClusterKind::kUnallocated);
   CHECK(map.Lookup(65536)->kind == ClusterKind::kData);
   CHECK(map.Lookup(131072)->kind == ClusterKind::kZero);  // zero, not the backing file's data
@@ -303,7 +303,7 @@ TEST_CASE("Lookup refuses damaged L2 entries") {
   auto expect = [&](uint64_t at, uint64_t entry, uint64_t guest, const std::string& words) {
     PutBe64(img, at, entry);
     auto image = OpenRO(img);
-    auto p = image->state().map->Lookup(guest);
+    auto p = StateOf(*image).map->Lookup(guest);
     REQUIRE_FALSE(p.ok());
     CHECK(p.status().kind() == ErrorKind::kCorruption);
     CHECK_MESSAGE(p.status().message().find(words) != std::string::npos, p.status().message());
@@ -317,7 +317,7 @@ TEST_CASE("Lookup refuses damaged L2 entries") {
   SUBCASE("offset 0 with COPIED is unallocated, as in QEMU (no external data file)") {
     PutBe64(img, at0, kFlagCopied);
     auto image = OpenRO(img);
-    auto p = image->state().map->Lookup(0);
+    auto p = StateOf(*image).map->Lookup(0);
     REQUIRE(p.ok());
     CHECK(p->kind == ClusterKind::kUnallocated);
   }
@@ -342,7 +342,7 @@ TEST_CASE("Lookup refuses damaged extended L2 bitmaps and zero flags in v2") {
   REQUIRE(bitmap == 0x3);
   auto lookup = [&](uint64_t guest) {
     auto image = OpenRO(img);
-    return image->state().map->Lookup(guest);
+    return StateOf(*image).map->Lookup(guest);
   };
   SUBCASE("allocated and zero at once") {
     PutBe64(img, at + 8, bitmap | (1ull << 32));
@@ -370,7 +370,7 @@ TEST_CASE("Lookup refuses damaged extended L2 bitmaps and zero flags in v2") {
     const uint64_t a = L2EntryOffset(v2, 0);
     PutBe64(v2, a, Be(ReadAll(v2), a) | kFlagZero);
     auto image = OpenRO(v2);
-    auto p = image->state().map->Lookup(0);
+    auto p = StateOf(*image).map->Lookup(0);
     REQUIRE_FALSE(p.ok());
     CHECK(p.status().kind() == ErrorKind::kCorruption);
   }

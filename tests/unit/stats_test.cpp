@@ -9,6 +9,7 @@
 #include <random>
 #include <sstream>
 
+#include "dedup/sha256.h"
 #include "image/image_state.h"
 #include "qcow2dedup/convert.h"
 #include "qcow2dedup/stats.h"
@@ -55,7 +56,7 @@ DedupStats Stats(const std::string& path, size_t top = 10) {
 uint64_t HostOf(const std::string& path, uint64_t guest_cluster) {
   auto img = Image::Open(path, {});
   REQUIRE(img.ok());
-  auto e = (*img)->state().map->GetEntry(guest_cluster);
+  auto e = StateOf(**img).map->GetEntry(guest_cluster);
   REQUIRE(e.ok());
   return L2Offset(*e);
 }
@@ -242,7 +243,7 @@ TEST_CASE("stats of an image with known duplicates") {
 
   auto img = Image::Open(path, {});
   REQUIRE(img.ok());
-  const Header& h = (*img)->state().header;
+  const Header& h = StateOf(**img).header;
   CHECK(s.metadata.l1 == kCs);
   CHECK(s.metadata.l2 == kCs);
   CHECK(s.metadata.refcount == (h.reftable_clusters + 1) * kCs);

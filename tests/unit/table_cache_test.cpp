@@ -1,5 +1,6 @@
 // image/table_cache: hits and misses, LRU eviction of clean tables only,
-// write-back in offset order, on_full, and the check_write veto.
+// write-back in offset order, growth past capacity (never a write-back of its
+// own), and the check_write veto.
 #include "image/table_cache.h"
 
 #include <doctest/doctest.h>
@@ -171,66 +172,30 @@ TEST_CASE("MarkDirty of a table not in the cache does nothing") {
   CHECK(f.file.write_log.empty());
 }
 
-TEST_CASE("a cache full of dirty tables calls on_full before evicting") {
+TEST_CASE("a cache full of dirty tables grows past its capacity and never writes back by itself") {
   Fixture f;
-  int calls = 0;
-  f.cache.set_on_full([&] {
-    ++calls;
-    return f.cache.WriteBack();  // what the image does: flush in order
-  });
   for (int i = 0; i < 4; ++i) f.Dirty(i, uint8_t(0xa0 + i));
-  CHECK(calls == 0);
+  CHECK_FALSE(f.cache.over_capacity());
   f.Get(0);  // a hit needs no room
-  CHECK(calls == 0);
   TableCache::Table* t = f.Get(10);
-  CHECK(calls == 1);
   CHECK((*t)[0] == 11);
-  CHECK(f.file.write_log == std::vector<uint64_t>{T(0), T(1), T(2), T(3)});
-  CHECK(f.file.bytes[T(2)] == 0xa2);
-  // One clean table made room; the cache is not full of dirty tables now.
-  f.Get(11);
-  CHECK(calls == 1);
+  CHECK(f.cache.size() == 5);
+  CHECK(f.cache.over_capacity());
+  // Nothing was written behind the writer's back, and every dirty table is kept.
+  CHECK(f.file.write_log.empty());
+  for (int i = 0; i < 4; ++i) CHECK((*f.Get(i))[0] == 0xa0 + i);
 }
 
-TEST_CASE("without on_full, a full cache writes back by itself") {
+TEST_CASE("after a write-back, clean tables are evicted down to the capacity") {
   Fixture f;
-  for (int i = 0; i < 4; ++i) f.Dirty(i, uint8_t(0xb0 + i));
+  for (int i = 0; i < 6; ++i) f.Dirty(i, uint8_t(0xb0 + i));
+  CHECK(f.cache.size() == 6);
+  REQUIRE(f.cache.WriteBack().ok());
+  CHECK(f.file.write_log == std::vector<uint64_t>{T(0), T(1), T(2), T(3), T(4), T(5)});
   f.Get(7);
-  CHECK(f.file.write_log == std::vector<uint64_t>{T(0), T(1), T(2), T(3)});
-  CHECK_FALSE(f.cache.HasDirty());
-}
-
-TEST_CASE("on_full's error comes back from Get, and nothing is cached") {
-  Fixture f;
-  int calls = 0;
-  f.cache.set_on_full([&] {
-    ++calls;
-    return Status::NoSpace("disk full");
-  });
-  for (int i = 0; i < 4; ++i) f.Dirty(i, 0xcc);
-  auto r = f.cache.Get(T(9));
-  REQUIRE_FALSE(r.ok());
-  CHECK(r.status().kind() == ErrorKind::kNoSpace);
-  CHECK(r.status().message() == "disk full");
-  CHECK(f.file.reads_of(T(9)) == 0);
-  CHECK(f.cache.HasDirty());
-  // The dirty tables are all still there.
-  for (int i = 0; i < 4; ++i) CHECK((*f.Get(i))[0] == 0xcc);
-}
-
-TEST_CASE("an on_full that frees nothing ends in an error, not a loop") {
-  Fixture f;
-  int calls = 0;
-  f.cache.set_on_full([&] {
-    ++calls;
-    return Status::Ok();
-  });
-  for (int i = 0; i < 4; ++i) f.Dirty(i, 0xcc);
-  auto r = f.cache.Get(T(9));
-  REQUIRE_FALSE(r.ok());
-  CHECK(r.status().kind() == ErrorKind::kIOError);
-  CHECK(calls >= 1);
-  CHECK(calls <= 2);
+  CHECK(f.cache.size() == 4);
+  CHECK_FALSE(f.cache.over_capacity());
+  CHECK(f.file.bytes[T(5)] == 0xb5);
 }
 
 TEST_CASE("check_write vetoes a write: nothing written there, the error propagates") {
@@ -254,14 +219,15 @@ TEST_CASE("check_write vetoes a write: nothing written there, the error propagat
   CHECK_FALSE(f.cache.HasDirty());
 }
 
-TEST_CASE("a veto during eviction comes back from Get") {
+TEST_CASE("a full cache of dirty tables writes nothing on Get, so no veto can fire there") {
   Fixture f;
   for (int i = 0; i < 4; ++i) f.Dirty(i, 0xee);
   f.veto[T(0)] = Status::Corruption("vetoed");
   auto r = f.cache.Get(T(8));
-  REQUIRE_FALSE(r.ok());
-  CHECK(r.status().kind() == ErrorKind::kCorruption);
-  CHECK(f.file.writes_of(T(0)) == 0);
+  REQUIRE(r.ok());
+  CHECK(f.checked.empty());
+  CHECK(f.file.write_log.empty());
+  CHECK(f.cache.WriteBack().kind() == ErrorKind::kCorruption);
 }
 
 TEST_CASE("write and read errors propagate; a failed read caches nothing") {

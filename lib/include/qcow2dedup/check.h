@@ -10,6 +10,8 @@
 
 #include "qcow2dedup/image.h"
 
+#pragma GCC visibility push(default)  // the public API: exported from the shared library
+
 namespace qcow2dedup {
 
 enum class RepairMode { kNone, kLeaks, kAll };
@@ -62,3 +64,5 @@ Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode re
 int CheckExitCode(const CheckReport& r);
 
 }  // namespace qcow2dedup
+
+#pragma GCC visibility pop

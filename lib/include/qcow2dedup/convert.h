@@ -7,6 +7,8 @@
 
 #include "qcow2dedup/image.h"
 
+#pragma GCC visibility push(default)  // the public API: exported from the shared library
+
 namespace qcow2dedup {
 
 // Copies the guest view of src into dst (dst.virtual_size() >= src's).
@@ -24,3 +26,5 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
 Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress = {});
 
 }  // namespace qcow2dedup
+
+#pragma GCC visibility pop

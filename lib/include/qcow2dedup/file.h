@@ -10,6 +10,8 @@
 
 #include "qcow2dedup/status.h"
 
+#pragma GCC visibility push(default)  // the public API: exported from the shared library
+
 namespace qcow2dedup {
 
 enum class OpenMode { kReadOnly, kReadWrite, kCreate /* fails if it exists */, kCreateOrOpen /* never truncates: lock first */ };
@@ -27,6 +29,9 @@ class File {
   virtual Status Sync() = 0;
   virtual Result<uint64_t> Size() = 0;
   virtual Status Truncate(uint64_t size) = 0;
+  // Gives [offset, offset + len) back to the file system; it reads as zero
+  // afterwards where holes are supported, and may keep its bytes elsewhere.
+  virtual Status PunchHole(uint64_t offset, uint64_t len) { (void)offset, (void)len; return Status::Ok(); }
   // Takes QEMU's OFD byte locks so that neither side writes under the other.
   virtual Status Lock(LockMode mode) = 0;
   // Where the next data at or after offset starts (SEEK_DATA); Size() if none.
@@ -40,3 +45,5 @@ class File {
 Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, OpenMode mode);
 
 }  // namespace qcow2dedup
+
+#pragma GCC visibility pop

@@ -15,6 +15,13 @@
 #include "qcow2dedup/file.h"
 #include "qcow2dedup/status.h"
 
+// The library's own: not exported.
+namespace qcow2dedup {
+class ImageState;
+}
+
+#pragma GCC visibility push(default)  // the public API: exported from the shared library
+
 namespace qcow2dedup {
 
 // Called now and then during long work with how far it got.
@@ -68,6 +75,9 @@ struct OpenOptions {
   bool follow_backing = true;
   // Reports progress of an index rebuild.
   ProgressFn progress;
+  // Memory for each metadata cache (L2 tables, refcount blocks); 0: 32 MiB,
+  // as QEMU's default L2 cache.
+  uint64_t metadata_cache_bytes = 0;
 };
 
 struct SnapshotInfo {
@@ -125,8 +135,6 @@ struct ClusterWrite {
 // Hashes a cluster the way the write path expects (fills zero and digest).
 void PrepareClusterWrite(ClusterWrite& w);
 
-class ImageState;
-
 class Image : public BlockDevice {
  public:
   ~Image() override;
@@ -160,15 +168,15 @@ class Image : public BlockDevice {
   // Bytes of heap the in-memory dedup index holds.
   size_t index_memory() const;
 
-  // For the library's own use: ImageState is not part of the public API.
-  explicit Image(std::unique_ptr<ImageState> s);
-  ImageState& state() { return *state_; }
+  Image(const Image&) = delete;
+  Image& operator=(const Image&) = delete;
 
  private:
+  [[gnu::visibility("hidden")]] explicit Image(std::unique_ptr<ImageState> s);
+  friend class ImageAccess;  // the library's own, not exported
   std::unique_ptr<ImageState> state_;
 };
 
-// Parses "64K", "10G", "512" (bytes; suffixes K M G T P E, powers of 1024).
-Result<uint64_t> ParseSize(const std::string& text);
-
 }  // namespace qcow2dedup
+
+#pragma GCC visibility pop

@@ -8,6 +8,8 @@
 
 #include "qcow2dedup/image.h"
 
+#pragma GCC visibility push(default)  // the public API: exported from the shared library
+
 namespace qcow2dedup {
 
 // "Refcount" in these statistics is the number of references from the
@@ -85,3 +87,5 @@ Result<std::vector<Simulation>> SimulateDedup(BlockDevice& device, const std::ve
                                               ProgressFn progress = {});
 
 }  // namespace qcow2dedup
+
+#pragma GCC visibility pop

@@ -8,6 +8,8 @@
 #include <string>
 #include <utility>
 
+#pragma GCC visibility push(default)  // the public API: exported from the shared library
+
 namespace qcow2dedup {
 
 enum class ErrorKind {
@@ -73,6 +75,8 @@ class [[nodiscard]] Result {
 };
 
 }  // namespace qcow2dedup
+
+#pragma GCC visibility pop
 
 // Early return on failure, in the style of leveldb's RETURN_IF_ERROR.
 #define QD_RETURN_IF_ERROR(expr)             \

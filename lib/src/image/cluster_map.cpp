@@ -113,30 +113,30 @@ Result<uint64_t> ClusterMap::GetEntry(uint64_t guest_cluster) {
   return LoadBe64(t->data() + (guest_cluster % h_->l2_entries()) * 8);
 }
 
-Status ClusterMap::SetEntry(uint64_t guest_cluster, uint64_t entry, Refcounts& refcounts) {
+Status ClusterMap::AddTable(uint64_t l1_index, uint64_t table) {
+  QD_RETURN_IF_ERROR(meta_->CheckTableWrite(table));
+  meta_->AddTable(table);
+  QD_ASSIGN_OR_RETURN(TableCache::Table * t, l2_.Create(table));
+  (void)t;
+  l2_.MarkDirty(table);
+  l1_[l1_index] = table | kFlagCopied;
+  l1_dirty_ = true;
+  file_size_ = std::max(file_size_, table + h_->cluster_size());
+  return Status::Ok();
+}
+
+Status ClusterMap::SetL1Copied(uint64_t l1_index) {
+  l1_[l1_index] |= kFlagCopied;
+  l1_dirty_ = true;
+  return Status::Ok();
+}
+
+Status ClusterMap::SetEntry(uint64_t guest_cluster, uint64_t entry) {
   const uint64_t l1_index = guest_cluster / h_->l2_entries();
-  if (l1_index >= l1_.size())
-    return Status::InvalidArgument(fmt::format("guest cluster {} is beyond the L1 table", guest_cluster));
-  uint64_t table = L1Offset(l1_[l1_index]);
-  TableCache::Table* t = nullptr;
-  if (table == 0) {
-    QD_ASSIGN_OR_RETURN(table, refcounts.Allocate());
-    QD_RETURN_IF_ERROR(meta_->CheckTableWrite(table));
-    meta_->AddTable(table);
-    QD_ASSIGN_OR_RETURN(t, l2_.Create(table));
-    l1_[l1_index] = table | kFlagCopied;
-    l1_dirty_ = true;
-    file_size_ = std::max(file_size_, table + h_->cluster_size());
-  } else {
-    if (!(l1_[l1_index] & kFlagCopied)) {
-      // A clear flag on an L2 table only we use is a stale flag: mend it.
-      QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts.Get(table >> h_->cluster_bits));
-      if (rc != 1) return Status::Unsupported("L2 table is shared (internal snapshot); writing it is not supported");
-      l1_[l1_index] |= kFlagCopied;
-      l1_dirty_ = true;
-    }
-    QD_ASSIGN_OR_RETURN(t, l2_.Get(table));
-  }
+  if (l1_index >= l1_.size() || L1Offset(l1_[l1_index]) == 0 || !(l1_[l1_index] & kFlagCopied))
+    return Status::InvalidArgument(fmt::format("guest cluster {} has no L2 table of its own", guest_cluster));
+  const uint64_t table = L1Offset(l1_[l1_index]);
+  QD_ASSIGN_OR_RETURN(TableCache::Table * t, l2_.Get(table));
   StoreBe64(t->data() + (guest_cluster % h_->l2_entries()) * 8, entry);
   l2_.MarkDirty(table);
   return Status::Ok();

@@ -10,7 +10,6 @@
 #include "format/entries.h"
 #include "format/header.h"
 #include "image/metadata_map.h"
-#include "image/refcounts.h"
 #include "image/table_cache.h"
 
 namespace qcow2dedup {
@@ -35,8 +34,13 @@ class ClusterMap {
 
   // The raw L2 entry of a guest cluster (standard L2 only); 0 without a table.
   Result<uint64_t> GetEntry(uint64_t guest_cluster);
-  // Sets it, allocating the L2 table first if the guest cluster has none.
-  Status SetEntry(uint64_t guest_cluster, uint64_t entry, Refcounts& refcounts);
+  // Sets it; the guest cluster's L2 table must exist and be ours alone
+  // (the writer creates or copies it first).
+  Status SetEntry(uint64_t guest_cluster, uint64_t entry);
+  // Points L1 entry l1_index at a new, empty L2 table at host offset table.
+  Status AddTable(uint64_t l1_index, uint64_t table);
+  // Sets COPIED on L1 entry l1_index: its table's refcount is 1.
+  Status SetL1Copied(uint64_t l1_index);
 
   // Gives the L1 table a new home of new_size entries (the header already
   // points there); entries keep their values.

@@ -6,25 +6,27 @@
 #include <string>
 #include <vector>
 
-#include "dedup/index.h"
 #include "format/header.h"
 #include "format/snapshot.h"
 #include "image/cluster_map.h"
-#include "image/cluster_set.h"
-#include "image/data_writer.h"
 #include "image/metadata_map.h"
-#include "image/refcounts.h"
 #include "qcow2dedup/image.h"
 
 namespace qcow2dedup {
 
-// Tables each cache holds: 32 MiB worth, like QEMU's default L2 cache.
-inline uint64_t CacheTables(uint64_t cluster_size) { return std::max<uint64_t>(64, (32u << 20) / cluster_size); }
+// Tables each metadata cache holds: 32 MiB worth by default, like QEMU's
+// default L2 cache; at least 4 (tests use that few).
+inline uint64_t CacheTables(uint64_t cluster_size, uint64_t cache_bytes) {
+  if (cache_bytes) return std::max<uint64_t>(4, cache_bytes / cluster_size);
+  return std::max<uint64_t>(64, (32u << 20) / cluster_size);
+}
+
+class Writer;
 
 class ImageState {
  public:
-  ImageState(std::string path, std::unique_ptr<File> f, Header h)
-      : path(std::move(path)), file(std::move(f)), header(std::move(h)), meta(header), data(file.get()) {}
+  ImageState(std::string path, std::unique_ptr<File> f, Header h);
+  ~ImageState();
 
   std::string path;
   std::unique_ptr<File> file;
@@ -32,30 +34,29 @@ class ImageState {
   uint64_t file_size = 0;
   MetadataMap meta;
   std::unique_ptr<ClusterMap> map;
-  std::unique_ptr<Refcounts> refcounts;  // only when writable
   std::unique_ptr<BlockDevice> backing;
   std::string full_backing_path;
   SnapshotTable snapshots;
-  bool writable = false;
   bool verify = false;
+  std::unique_ptr<Writer> writer;  // only while open for writing
 
   // Reader: the last cluster decompressed, keyed by its L2 entry.
   std::vector<uint8_t> decompressed;
   uint64_t decompressed_entry = 0;
 
-  // Writer.
-  DataWriter data;
-  DedupIndex index;
-  WriteStats stats;
-  bool marked_dirty = false;      // the header on disk says dirty, index out of sync
-  bool index_changed = false;     // the index must be saved at close
-  bool header_changed = false;    // size or L1 moved: rewrite the header on flush
-  ClusterSet copied_fixups;       // host clusters whose refcount crossed 1
-  bool fix_all_copied = false;    // recheck COPIED on every L2 entry at the next flush
-  ClusterSet unverified;          // host clusters whose index entry came from disk, unchecked
-  std::vector<uint8_t> scratch;   // one cluster
-
   uint64_t cs() const { return header.cluster_size(); }
+  // Data the writer still gathers for [offset, offset + len) goes to the
+  // file first, so that a read sees it.
+  Status FlushPendingData(uint64_t offset, uint64_t len);
 };
+
+// Images are made, and their state reached, by the library alone.
+class ImageAccess {
+ public:
+  static std::unique_ptr<Image> Make(std::unique_ptr<ImageState> s) { return std::unique_ptr<Image>(new Image(std::move(s))); }
+  static ImageState& State(Image& image) { return *image.state_; }
+};
+
+inline ImageState& StateOf(Image& image) { return ImageAccess::State(image); }
 
 }  // namespace qcow2dedup

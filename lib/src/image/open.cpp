@@ -14,6 +14,7 @@
 #include "io/unsynced_file.h"
 
 namespace qcow2dedup {
+
 namespace {
 
 constexpr int kMaxBackingDepth = 1000;
@@ -123,24 +124,33 @@ Result<std::unique_ptr<Image>> OpenQcow2(const std::string& path, OpenOptions& o
 
   auto s = std::make_unique<ImageState>(path, std::move(file), std::move(h));
   s->file_size = file_size;
-  s->writable = opts.writable;
   s->verify = opts.verify;
   if (s->header.nb_snapshots > 0) {
     QD_ASSIGN_OR_RETURN(s->snapshots, ReadSnapshotTable(*s->file, s->header, file_size));
     s->meta.set_snapshot_table_bytes(s->snapshots.bytes);
   }
-  s->map = std::make_unique<ClusterMap>(s->file.get(), &s->header, &s->meta, CacheTables(s->cs()));
+  const uint64_t cache_tables = CacheTables(s->cs(), opts.metadata_cache_bytes);
+  s->map = std::make_unique<ClusterMap>(s->file.get(), &s->header, &s->meta, cache_tables);
   QD_RETURN_IF_ERROR(s->map->Load(file_size));
   if (!s->header.backing_file.empty() && !opts.follow_backing)
     return Status::Unsupported("backing files are not followed here");
   QD_RETURN_IF_ERROR(OpenBacking(*s, opts.force_share, chain));
   if (opts.writable) {
-    QD_RETURN_IF_ERROR(PrepareForWriting(*s, opts.progress));
+    QD_ASSIGN_OR_RETURN(s->writer, Writer::Start(*s, cache_tables, opts.progress));
   }
-  return std::unique_ptr<Image>(new Image(std::move(s)));
+  return ImageAccess::Make(std::move(s));
 }
 
 }  // namespace
+
+ImageState::ImageState(std::string p, std::unique_ptr<File> f, Header h)
+    : path(std::move(p)), file(std::move(f)), header(std::move(h)), meta(header) {}
+ImageState::~ImageState() = default;
+
+Status ImageState::FlushPendingData(uint64_t offset, uint64_t len) {
+  return writer ? writer->FlushDataOverlapping(offset, len) : Status::Ok();
+}
+
 
 Image::Image(std::unique_ptr<ImageState> s) : state_(std::move(s)) {}
 Image::~Image() = default;
@@ -158,8 +168,6 @@ Result<std::unique_ptr<BlockDevice>> OpenBlockDevice(const std::string& path, Im
 
 uint64_t Image::virtual_size() const { return state_->header.virtual_size; }
 uint64_t Image::cluster_size() const { return state_->cs(); }
-const WriteStats& Image::write_stats() const { return state_->stats; }
-size_t Image::index_memory() const { return state_->index.MemoryBytes(); }
 
 ImageInfo Image::Info() const {
   const ImageState& s = *state_;
@@ -188,30 +196,6 @@ ImageInfo Image::Info() const {
     if (info.dedup.in_sync) info.dedup.stored_clusters = h.dedup->index_entries;
   }
   return info;
-}
-
-Result<uint64_t> ParseSize(const std::string& text) {
-  if (text.empty()) return Status::InvalidArgument("empty size");
-  size_t pos = 0;
-  uint64_t v = 0;
-  while (pos < text.size() && isdigit((unsigned char)text[pos])) {
-    uint64_t d = uint64_t(text[pos] - '0');
-    if (v > (UINT64_MAX - d) / 10) return Status::InvalidArgument(fmt::format("size '{}' is too large", text));
-    v = v * 10 + d;
-    ++pos;
-  }
-  if (pos == 0) return Status::InvalidArgument(fmt::format("invalid size '{}'", text));
-  int shift = 0;
-  if (pos < text.size()) {
-    static const std::string units = "bkmgtpe";
-    std::string rest = text.substr(pos);
-    if (rest.size() == 2 && (rest[1] == 'B' || rest[1] == 'b') && rest[0] != 'b' && rest[0] != 'B') rest.pop_back();
-    auto u = rest.size() == 1 ? units.find(char(tolower((unsigned char)rest[0]))) : std::string::npos;
-    if (u == std::string::npos) return Status::InvalidArgument(fmt::format("invalid size suffix in '{}'", text));
-    shift = int(u) * 10;
-  }
-  if (shift && v > (UINT64_MAX >> shift)) return Status::InvalidArgument(fmt::format("size '{}' is too large", text));
-  return v << shift;
 }
 
 }  // namespace qcow2dedup

@@ -30,7 +30,7 @@ Status ReadCompressed(ImageState& s, uint64_t entry, uint64_t in_cluster, std::s
     // A descriptor may claim more than a cluster's worth; QEMU caps it too.
     uint64_t bytes = std::min<uint64_t>(d.bytes, 2 * cs + 512);
     std::vector<uint8_t> in(bytes);
-    QD_RETURN_IF_ERROR(s.data.Flush());
+    QD_RETURN_IF_ERROR(s.FlushPendingData(d.offset, bytes));
     QD_RETURN_IF_ERROR(s.file->ReadAt(d.offset, in));
     s.decompressed.resize(cs);
     s.decompressed_entry = 0;
@@ -62,7 +62,7 @@ Status Image::Read(uint64_t offset, std::span<uint8_t> buf) {
         std::memset(part.data(), 0, n);
         break;
       case ClusterKind::kData:
-        if (s.data.Overlaps(p.host_offset, n)) QD_RETURN_IF_ERROR(s.data.Flush());
+        QD_RETURN_IF_ERROR(s.FlushPendingData(p.host_offset, n));
         QD_RETURN_IF_ERROR(s.file->ReadAt(p.host_offset, part));
         break;
       case ClusterKind::kCompressed:

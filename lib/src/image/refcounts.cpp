@@ -43,7 +43,11 @@ Status Refcounts::Load(uint64_t file_size) {
 Result<TableCache::Table*> Refcounts::Block(uint64_t b, bool create) {
   if (b >= table_.size() || table_[b] == 0) {
     if (!create) return static_cast<TableCache::Table*>(nullptr);
-    if (b >= table_.size()) QD_RETURN_IF_ERROR(GrowTable(b + 1));
+    if (b >= table_.size()) {
+      QD_RETURN_IF_ERROR(GrowTable(b + 1));
+      // The grown table's own block may be this very one.
+      if (table_[b] != 0) return blocks_.Get(table_[b]);
+    }
     // A new block describes itself: it lives in the first cluster of the
     // range it covers, which is free because no block covered it before.
     const uint64_t cluster = b * per_block_;
@@ -133,9 +137,11 @@ Result<uint64_t> Refcounts::AllocateRange(uint64_t n) {
   return start * h_->cluster_size();
 }
 
-void Refcounts::ReleasePendingFrees() {
-  for (uint64_t c : pending_free_) free_hint_ = std::min(free_hint_, c);
+std::vector<uint64_t> Refcounts::ReleasePendingFrees() {
+  std::vector<uint64_t> freed(pending_free_.begin(), pending_free_.end());
+  for (uint64_t c : freed) free_hint_ = std::min(free_hint_, c);
   pending_free_.clear();
+  return freed;
 }
 
 Result<uint64_t> Refcounts::EndCluster() {
@@ -150,7 +156,8 @@ Result<uint64_t> Refcounts::EndCluster() {
 
 Status Refcounts::WriteTable() {
   if (!table_dirty_) return Status::Ok();
-  std::vector<uint8_t> raw(uint64_t(h_->reftable_clusters) * h_->cluster_size(), 0);
+  // The table in memory is exactly the clusters the header gives it.
+  std::vector<uint8_t> raw(table_.size() * 8, 0);
   for (size_t i = 0; i < table_.size(); ++i) StoreBe64(&raw[i * 8], table_[i]);
   QD_RETURN_IF_ERROR(file_->WriteAt(h_->reftable_offset, raw));
   table_dirty_ = false;

@@ -31,8 +31,8 @@ class Refcounts {
   Result<uint64_t> Allocate();
   // n contiguous free clusters past everything allocated, each set to 1.
   Result<uint64_t> AllocateRange(uint64_t n);
-  // Clusters freed since the last call may now be reused.
-  void ReleasePendingFrees();
+  // Clusters freed since the last call may now be reused; returns them.
+  std::vector<uint64_t> ReleasePendingFrees();
   bool IsPendingFree(uint64_t cluster) const { return pending_free_.count(cluster) != 0; }
 
   // One past the highest cluster whose refcount is not zero.

@@ -29,7 +29,7 @@ Result<TableCache::Table*> TableCache::Create(uint64_t offset) {
 }
 
 Result<TableCache::Table*> TableCache::Insert(uint64_t offset, bool read) {
-  QD_RETURN_IF_ERROR(MakeRoom());
+  MakeRoom();
   Entry e{offset, Table(table_bytes_, 0)};
   if (read) QD_RETURN_IF_ERROR(file_->ReadAt(offset, e.data));
   lru_.push_front(std::move(e));
@@ -37,21 +37,15 @@ Result<TableCache::Table*> TableCache::Insert(uint64_t offset, bool read) {
   return &lru_.front().data;
 }
 
-Status TableCache::MakeRoom() {
-  if (map_.size() < capacity_) return Status::Ok();
-  // Evict the least recently used clean table; if all are dirty, let the
-  // image flush in order first, then every table is clean.
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
-      if (it->dirty) continue;
-      map_.erase(it->offset);
-      lru_.erase(std::next(it).base());
-      return Status::Ok();
+void TableCache::MakeRoom() {
+  for (auto it = lru_.rbegin(); map_.size() >= capacity_ && it != lru_.rend();) {
+    if (it->dirty) {
+      ++it;
+      continue;
     }
-    if (on_full_) QD_RETURN_IF_ERROR(on_full_());
-    else QD_RETURN_IF_ERROR(WriteBack());
+    map_.erase(it->offset);
+    it = std::make_reverse_iterator(lru_.erase(std::next(it).base()));
   }
-  return Status::IOError("metadata cache could not make room");
 }
 
 void TableCache::MarkDirty(uint64_t offset) {

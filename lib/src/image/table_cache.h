@@ -1,7 +1,10 @@
 // A write-back cache of cluster-sized metadata tables (L2 tables, refcount
 // blocks), keyed by host offset. Dirty tables stay in memory until the
-// image flushes them in the order the format's crash safety needs; when the
-// cache is full of dirty tables it asks the image to flush everything first.
+// writer writes them back in the order the format's crash safety needs.
+// A cache full of dirty tables never writes back by itself: it grows past
+// its capacity, and the writer flushes at the next point where no metadata
+// change is half done (over_capacity() tells it to). Writing back from
+// inside a table access would run the whole flush in the middle of a change.
 #pragma once
 
 #include <cstdint>
@@ -30,8 +33,9 @@ class TableCache {
   // Writes every dirty table (no sync).
   Status WriteBack();
   bool HasDirty() const { return dirty_count_ > 0; }
-  // Called when the cache must evict but holds only dirty tables.
-  void set_on_full(std::function<Status()> f) { on_full_ = std::move(f); }
+  // More tables are held than the capacity: only dirty ones could not go.
+  bool over_capacity() const { return map_.size() > capacity_; }
+  size_t size() const { return map_.size(); }
 
  private:
   struct Entry {
@@ -41,13 +45,13 @@ class TableCache {
   };
   using List = std::list<Entry>;
   Result<Table*> Insert(uint64_t offset, bool read);
-  Status MakeRoom();
+  // Evicts clean tables, least recently used first, until one more fits.
+  void MakeRoom();
 
   File* file_;
   uint64_t table_bytes_;
   uint64_t capacity_;
   std::function<Status(uint64_t)> check_write_;
-  std::function<Status()> on_full_;
   List lru_;  // most recently used first
   std::unordered_map<uint64_t, List::iterator> map_;
   uint64_t dirty_count_ = 0;

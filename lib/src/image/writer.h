@@ -1,23 +1,113 @@
-// The dedup write path's entry points inside the library.
+// The write session: one owner for everything an image needs while it is
+// open for writing (the refcounts and allocator, the dedup index, gathered
+// data, the dirty state and the order in which it all reaches the disk).
+// ImageState holds a Writer only while the image is writable.
+//
+// Data is never written in place, and a freed cluster is reused (or its
+// space given back to the file system) only after the L2 change that freed
+// it is on disk, so after a crash every L2 entry shows old or new data.
+// After any failed write or sync the session ends: later calls return the
+// same error and the image stays as after a crash (dirty: repaired on the
+// next open), since what reached the disk is no longer known.
 #pragma once
 
-#include "image/image_state.h"
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "dedup/index.h"
+#include "image/cluster_set.h"
+#include "image/data_writer.h"
+#include "image/refcounts.h"
+#include "qcow2dedup/image.h"
 
 namespace qcow2dedup {
+
+class ImageState;
 
 // Whether we can write images of this format (checked before anything is
 // written, repairs included).
 Status CheckWritableFormat(const Header& h);
 
-// Readies an image opened read-write: refcounts loaded, the dedup index
-// loaded if the header vouches for it, rebuilt from the data otherwise.
-Status PrepareForWriting(ImageState& s, const ProgressFn& progress);
-
-// Hashes every uncompressed data cluster the L2 tables reference into the
-// index (both cores).
-Status RebuildIndex(ImageState& s, const ProgressFn& progress);
-
-// Writes the header from s.header (cluster 0), after the overlap-free check.
+// Writes the header from s.header (cluster 0).
 Status WriteHeader(ImageState& s);
+
+// The most references the writer gives one cluster: half the refcount
+// maximum, so that an internal snapshot (qemu-img snapshot -c adds one
+// reference per L2 entry) still fits.
+inline uint64_t ShareLimit(const Header& h) { return std::max<uint64_t>(1, h.max_refcount() / 2); }
+
+class Writer {
+ public:
+  // Readies s, opened read-write, for writing: refcounts loaded, the
+  // structure vetted, the dedup index loaded if the header vouches for it
+  // (rebuilt from the data otherwise).
+  static Result<std::unique_ptr<Writer>> Start(ImageState& s, uint64_t cache_tables, const ProgressFn& progress);
+  ~Writer();
+
+  Status WriteClusters(std::span<const ClusterWrite> clusters);
+  Status Resize(uint64_t new_size);
+  // Everything so far durable, in the crash-safe order; the image stays dirty.
+  Status Flush();
+  // Flushes, stores the index past the image's end and marks it clean.
+  Status Close();
+
+  // Gathered data overlapping [offset, offset + len) goes to the file, so a
+  // read sees it.
+  Status FlushDataOverlapping(uint64_t offset, uint64_t len);
+
+  const WriteStats& stats() const { return stats_; }
+  const DedupIndex& index() const { return index_; }
+  Refcounts& refcounts() { return *refcounts_; }
+
+ private:
+  enum class Share { kYes, kNo, kStale };
+
+  Writer(ImageState& s, uint64_t cache_tables);
+  Status Prepare(const ProgressFn& progress);
+  Status VetStructure();
+  Status RebuildIndex(const ProgressFn& progress);
+
+  // Runs op; its failure ends the session (and gives back space on ENOSPC).
+  template <class Op>
+  Status Guarded(Op op);
+  void GiveBackSpace();
+
+  Status BeginChange();
+  Status WriteOne(const ClusterWrite& w);
+  // The L2 table of guest_cluster ready to take a new entry: created if
+  // absent, copied if it is shared.
+  Status PrepareL2(uint64_t guest_cluster);
+  Status CopyL2Table(uint64_t l1_index);
+  Status ReadCluster(uint64_t cluster);
+  Status Release(uint64_t cluster, bool data);
+  Status ReleaseEntry(uint64_t entry);
+  Result<bool> Believe(uint64_t cluster, const Digest& digest);
+  Result<Share> CanShare(uint64_t cluster, const ClusterWrite& w);
+  Result<std::optional<uint64_t>> FindShareable(const ClusterWrite& w, std::optional<uint64_t> hit);
+  Status FixCopiedFlags();
+  // Writes everything back: data, then refcount blocks and L2 tables, then
+  // the L1 and refcount tables, then the header; frees become reusable.
+  Status FlushState();
+  // A flush at a point where no metadata change is half done, when a cache
+  // has grown past its capacity.
+  Status FlushIfCachesFull();
+  Status PunchFreed(std::vector<uint64_t> clusters);
+
+  ImageState& s_;
+  std::unique_ptr<Refcounts> refcounts_;
+  DataWriter data_;
+  DedupIndex index_;
+  WriteStats stats_;
+  Status failed_;                 // set once a write or sync failed
+  bool marked_dirty_ = false;     // the header on disk says dirty, index out of sync
+  bool index_changed_ = false;    // the index must be saved at close
+  bool header_changed_ = false;   // size or L1 moved: rewrite the header on flush
+  ClusterSet copied_fixups_;      // host clusters whose refcount crossed 1
+  bool fix_all_copied_ = false;   // recheck COPIED on every L2 entry at the next flush
+  bool fix_l1_copied_ = false;    // an L2 table was copied: recheck the L1 entries' COPIED
+  ClusterSet unverified_;         // host clusters whose index entry came from disk, unchecked
+  std::vector<uint8_t> scratch_;  // one cluster
+};
 
 }  // namespace qcow2dedup

@@ -79,6 +79,14 @@ class PosixFile final : public File {
     return Status::Ok();
   }
 
+  Status PunchHole(uint64_t offset, uint64_t len) override {
+    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(offset), off_t(len)) == 0)
+      return Status::Ok();
+    // A file system without holes keeps the bytes: nothing is lost but space.
+    if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return Status::Ok();
+    return ErrnoStatus("punching a hole failed", errno);
+  }
+
   Result<uint64_t> NextData(uint64_t offset) override {
     off_t r = ::lseek(fd_, off_t(offset), SEEK_DATA);
     if (r >= 0) return uint64_t(r);

@@ -18,6 +18,7 @@ class UnsyncedFile final : public File {
   Status Sync() override { return Status::Ok(); }
   Result<uint64_t> Size() override { return inner_->Size(); }
   Status Truncate(uint64_t size) override { return inner_->Truncate(size); }
+  Status PunchHole(uint64_t offset, uint64_t len) override { return inner_->PunchHole(offset, len); }
   Status Lock(LockMode mode) override { return inner_->Lock(mode); }
   Result<uint64_t> NextData(uint64_t offset) override { return inner_->NextData(offset); }
   const std::string& name() const override { return inner_->name(); }

@@ -108,7 +108,7 @@ Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, 
   o.writable = false;
   o.force_share = force_share;
   QD_ASSIGN_OR_RETURN(auto image, Image::Open(path, std::move(o)));
-  ImageState& s = image->state();
+  ImageState& s = StateOf(*image);
   const Header& h = s.header;
   const uint64_t cs = s.cs();
 

@@ -1,0 +1,106 @@
+// Starting a write session: what must hold before the first byte is written.
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "check/context.h"
+#include "check/passes.h"
+#include "dedup/hasher.h"
+#include "dedup/index_store.h"
+#include "image/image_state.h"
+#include "image/writer.h"
+
+namespace qcow2dedup {
+
+Status CheckWritableFormat(const Header& h) {
+  if (h.version < 3) return Status::Unsupported("writing qcow2 version 2 images is not supported; convert it first");
+  if (h.extended_l2()) return Status::Unsupported("writing images with extended L2 entries is not supported");
+  if (h.nb_snapshots) return Status::Unsupported("writing images with internal snapshots is not supported");
+  if (h.autoclear & kAutoclearBitmaps)
+    return Status::Unsupported("writing images with persistent bitmaps is not supported");
+  return Status::Ok();
+}
+
+Status Writer::Prepare(const ProgressFn& progress) {
+  const Header& h = s_.header;
+  QD_RETURN_IF_ERROR(CheckWritableFormat(h));
+  // Open repairs a dirty image first; one still dirty here is not ours to touch.
+  if (h.incompatible & kIncompatDirty)
+    return Status::Corruption("the image was not closed cleanly; repair it with 'check -r all' first");
+  QD_RETURN_IF_ERROR(refcounts_->Load(s_.file_size));
+  QD_RETURN_IF_ERROR(VetStructure());
+  QD_ASSIGN_OR_RETURN(bool loaded, LoadIndex(*s_.file, h, s_.file_size, index_));
+  if (loaded) {
+    index_.ForEach([&](const uint8_t*, uint64_t c) { unverified_.Insert(c); });
+  } else {
+    QD_RETURN_IF_ERROR(RebuildIndex(progress));
+    index_changed_ = true;
+    // Someone else wrote the image: QEMU's copy-on-write of a cluster shared
+    // twice leaves the other reference's COPIED flag clear. Mend them all.
+    fix_all_copied_ = true;
+  }
+  return Status::Ok();
+}
+
+// Before the first write, the same reference count that check makes (no
+// hashing, metadata only): writing into an image whose tables overlap or
+// whose refcounts are too low would spread the damage to good data.
+Status Writer::VetStructure() {
+  check::Context ctx;
+  ctx.file = s_.file.get();
+  ctx.header = s_.header;
+  ctx.file_size = s_.file_size;
+  QD_ASSIGN_OR_RETURN(check::PassResult pass, check::RunPass(ctx, RepairMode::kNone));
+  // A COPIED flag left clear by QEMU's copy-on-write of a shared cluster is
+  // harmless and mended at our next flush; anything else stops the write.
+  uint64_t copied = 0;
+  for (const std::string& m : pass.report.messages) copied += m.rfind("ERROR OFLAG_COPIED", 0) == 0;
+  const uint64_t serious = pass.report.corruptions - std::min(copied, pass.report.corruptions);
+  if (serious > 0 || pass.report.check_errors > 0)
+    return Status::Corruption(fmt::format("the image has {} corruptions; repair it with 'check -r all' first",
+                                          serious + pass.report.check_errors));
+  if (copied) fix_all_copied_ = true;
+  return Status::Ok();
+}
+
+// Hashes every uncompressed data cluster the L2 tables reference into the
+// index, on every core. Every copy goes in, so that freeing one leaves the
+// others findable.
+Status Writer::RebuildIndex(const ProgressFn& progress) {
+  index_.Clear();
+  const uint64_t cs = s_.cs();
+  std::vector<uint64_t> clusters;
+  const auto& l1 = s_.map->l1();
+  for (uint64_t i = 0; i < l1.size(); ++i) {
+    if (!L1Offset(l1[i])) continue;
+    QD_ASSIGN_OR_RETURN(TableCache::Table * t, s_.map->cache().Get(L1Offset(l1[i])));
+    for (uint64_t j = 0; j < s_.header.l2_entries(); ++j) {
+      uint64_t e = LoadBe64(t->data() + j * s_.header.l2_entry_bytes());
+      if (IsCompressed(e) || (e & kFlagZero) || L2Offset(e) == 0) continue;
+      if (s_.map->CheckDataOffset((i * s_.header.l2_entries() + j) * cs, L2Offset(e)).ok())
+        clusters.push_back(L2Offset(e) / cs);
+    }
+  }
+  std::sort(clusters.begin(), clusters.end());
+  clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
+  const size_t batch = std::max<size_t>(64, (8u << 20) / cs);
+  std::vector<uint8_t> buf(batch * cs);
+  std::vector<Digest> digests(batch);
+  std::vector<Status> errors(batch);
+  for (size_t start = 0; start < clusters.size(); start += batch) {
+    size_t n = std::min(batch, clusters.size() - start);
+    ParallelFor(n, 8, [&](size_t k) {
+      std::span<uint8_t> c(&buf[k * cs], cs);
+      errors[k] = s_.file->ReadAt(clusters[start + k] * cs, c);
+      digests[k] = Sha256(c);
+    });
+    for (size_t k = 0; k < n; ++k) {
+      QD_RETURN_IF_ERROR(errors[k]);
+      index_.Insert(digests[k], clusters[start + k]);
+    }
+    if (progress) progress(start + n, clusters.size());
+  }
+  return Status::Ok();
+}
+
+}  // namespace qcow2dedup

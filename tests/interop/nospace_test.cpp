@@ -6,6 +6,7 @@
 // works again.
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -215,6 +216,18 @@ TEST_CASE("write into an image on a full file system: one clear line; repaired, 
 
     RunResult r = Run(Tool() + " write --input " + Sh(input_path) + " " + Sh(img) + " " + std::to_string(at));
     CheckNoSpaceMessage(r, "write on a full file system");
+    // The space the failed write took is given back at once: the file holds
+    // no more than the image (up to its end) and its dedup index.
+    {
+      struct stat st;
+      REQUIRE(::stat(img.c_str(), &st) == 0);
+      testing::QemuCheckResult qc = testing::QemuImgCheck(img);
+      INFO("qemu-img check after the failed write: " << qc.out << qc.err);
+      CHECK(qc.exit_code == 0);
+      const uint64_t end = qc.Get("image-end-offset");
+      CHECK(end > 0);
+      CHECK(uint64_t(st.st_blocks) * 512 <= end + (64u << 10));
+    }
 
     // A repair while the disk is still full: it succeeds, or fails with one
     // clear line (and leaves something the next repair can still fix).

@@ -8,6 +8,8 @@
 
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
+
 #include <random>
 
 #include "image/image_state.h"
@@ -187,4 +189,43 @@ TEST_CASE("an L2 table two L1 entries share is copied on write; both views stay 
   REQUIRE(img.ok());
   CheckReadsAs(**img, m);
   CHECK(L1Offset(StateOf(**img).map->l1()[0]) != L1Offset(StateOf(**img).map->l1()[1]));
+}
+
+TEST_CASE("freed clusters give their space back to the file system once their L2 change is on disk") {
+  TempDir dir;
+  const std::string path = dir / "punch.qcow2";
+  CreateOptions c;
+  c.virtual_size = 4 << 20;
+  c.cluster_size = 65536;
+  auto allocated = [&] {
+    struct stat st;
+    REQUIRE(::stat(path.c_str(), &st) == 0);
+    return uint64_t(st.st_blocks) * 512;
+  };
+  Model m;
+  auto img = Image::Create(path, c, OpenOptions{});
+  REQUIRE(img.ok());
+  auto d = Pattern(3, 4 << 20);
+  REQUIRE((*img)->Write(0, d).ok());
+  m.Write(0, d);
+  REQUIRE((*img)->Flush().ok());
+  const uint64_t before = allocated();
+  CHECK(before >= (4u << 20));
+  // The first 3 MiB become one cluster's data 48 times: 47 clusters freed.
+  std::vector<uint8_t> same(3 << 20);
+  for (size_t i = 0; i < same.size(); ++i) same[i] = uint8_t(i % 65536 * 7);
+  REQUIRE((*img)->Write(0, same).ok());
+  m.Write(0, same);
+  CHECK((*img)->write_stats().freed_clusters == 48);
+  // Not before the flush: until then the L2 tables on disk still point there.
+  CHECK(allocated() >= before);
+  REQUIRE((*img)->Flush().ok());
+  CHECK(allocated() <= before - (46u << 16));
+  CheckReadsAs(**img, m);
+  REQUIRE((*img)->Close().ok());
+  img.value().reset();
+  CheckClean(path);
+  auto again = Image::Open(path, OpenOptions{});
+  REQUIRE(again.ok());
+  CheckReadsAs(**again, m);
 }

@@ -76,7 +76,7 @@ Status Refcounts::Set(uint64_t cluster, uint64_t value) {
   const uint64_t b = BlockIndex(cluster);
   QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(b, value != 0));
   if (!t) return Status::Ok();  // zero in an absent block is already zero
-  if (cluster == b * per_block_ && table_[b] == cluster * h_->cluster_size())
+  if (value != 1 && cluster == b * per_block_ && table_[b] == cluster * h_->cluster_size())
     return Status::Corruption(fmt::format("refusing to change the refcount block's own refcount at cluster {}", cluster));
   SetRefcount(t->data(), h_->refcount_order, cluster % per_block_, value);
   blocks_.MarkDirty(table_[b]);
@@ -113,28 +113,46 @@ Result<uint64_t> Refcounts::Allocate() {
   }
 }
 
+// A range may be longer than one block covers, so the blocks it needs do
+// not describe themselves (their first cluster would split the range): they
+// go right after it, and each is counted in whichever block covers it.
 Result<uint64_t> Refcounts::AllocateRange(uint64_t n) {
-  QD_ASSIGN_OR_RETURN(uint64_t start, EndCluster());
-  for (;;) {
-    // Creating a block puts it at the start of its range, maybe inside ours.
-    for (uint64_t b = BlockIndex(start); b <= BlockIndex(start + n - 1); ++b) {
-      QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(b, true));
-      (void)t;
+  auto start_past_all = [&]() -> Result<uint64_t> {
+    QD_ASSIGN_OR_RETURN(uint64_t end, EndCluster());
+    for (uint64_t c : pending_free_) end = std::max(end, c + 1);
+    return end;
+  };
+  QD_ASSIGN_OR_RETURN(uint64_t start, start_past_all());
+  // Which blocks are missing for the range and for themselves (k of them,
+  // placed after it), until adding them needs no further block.
+  std::vector<uint64_t> missing;
+  for (size_t k = 0;;) {
+    missing.clear();
+    for (uint64_t b = BlockIndex(start); b <= BlockIndex(start + n + k - 1); ++b)
+      if (b >= table_.size() || table_[b] == 0) missing.push_back(b);
+    if (!missing.empty() && missing.back() >= table_.size()) {
+      QD_RETURN_IF_ERROR(GrowTable(missing.back() + 1));  // the table moves past the end first
+      QD_ASSIGN_OR_RETURN(start, start_past_all());
+      k = 0;
+      continue;
     }
-    uint64_t busy = 0;
-    bool free = true;
-    for (uint64_t c = start; c < start + n && free; ++c) {
-      QD_ASSIGN_OR_RETURN(uint64_t rc, Get(c));
-      if (rc != 0 || pending_free_.count(c)) {
-        free = false;
-        busy = c;
-      }
-    }
-    if (free) break;
-    start = busy + 1;
+    if (missing.size() == k) break;
+    k = missing.size();
   }
+  const uint64_t cs = h_->cluster_size();
+  for (size_t i = 0; i < missing.size(); ++i) {
+    const uint64_t off = (start + n + i) * cs;
+    QD_RETURN_IF_ERROR(meta_->CheckTableWrite(off));
+    QD_ASSIGN_OR_RETURN(TableCache::Table * t, blocks_.Create(off));
+    (void)t;
+    blocks_.MarkDirty(off);
+    table_[missing[i]] = off;
+    table_dirty_ = true;
+    meta_->AddTable(off);
+  }
+  for (size_t i = 0; i < missing.size(); ++i) QD_RETURN_IF_ERROR(Set(start + n + i, 1));
   for (uint64_t c = start; c < start + n; ++c) QD_RETURN_IF_ERROR(Set(c, 1));
-  return start * h_->cluster_size();
+  return start * cs;
 }
 
 std::vector<uint64_t> Refcounts::ReleasePendingFrees() {

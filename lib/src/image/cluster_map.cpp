@@ -54,6 +54,38 @@ Status ClusterMap::Load(uint64_t file_size) {
   return Status::Ok();
 }
 
+Result<L2Entry> ClusterMap::Decode(uint64_t guest_cluster, const uint8_t* p) const {
+  const uint64_t cs = h_->cluster_size(), guest = guest_cluster * cs;
+  const uint64_t e = LoadBe64(p);
+  if (IsCompressed(e)) {
+    CompressedDescriptor d = DecodeCompressed(e, h_->cluster_bits);
+    if (d.offset < cs || d.offset >= file_size_)
+      return Status::Corruption(fmt::format("compressed cluster for guest offset {:#x} at {:#x} lies outside the file",
+                                            guest, d.offset));
+    return L2Entry{ClusterKind::kCompressed, d.offset, e, 0};
+  }
+  if (e & (kL2ReservedMask | (h_->extended_l2() || h_->version == 2 ? kFlagZero : 0)))
+    return Status::Corruption(fmt::format("L2 entry for guest offset {:#x} has reserved bits set", guest));
+  const uint64_t host = L2Offset(e);
+  if (!h_->extended_l2()) {
+    if (e & kFlagZero) return L2Entry{ClusterKind::kZero, 0, e, 0};
+    if (host == 0) return L2Entry{ClusterKind::kUnallocated, 0, e, 0};
+    QD_RETURN_IF_ERROR(CheckDataOffset(guest, host));
+    return L2Entry{ClusterKind::kData, host, e, 0};
+  }
+  const uint64_t bitmap = LoadBe64(p + 8);
+  const uint32_t alloc = uint32_t(bitmap), zero = uint32_t(bitmap >> 32);
+  if (alloc & zero)
+    return Status::Corruption(fmt::format("a subcluster for guest offset {:#x} is both allocated and zero", guest));
+  if (alloc) {
+    if (host == 0)
+      return Status::Corruption(fmt::format("subclusters for guest offset {:#x} are allocated without an offset", guest));
+    QD_RETURN_IF_ERROR(CheckDataOffset(guest, host));
+    return L2Entry{ClusterKind::kData, host, e, bitmap};
+  }
+  return L2Entry{zero == 0xffffffffu ? ClusterKind::kZero : ClusterKind::kUnallocated, 0, e, bitmap};
+}
+
 Result<Plan> ClusterMap::Lookup(uint64_t guest) {
   const uint64_t cs = h_->cluster_size();
   const uint64_t in_cluster = guest & (cs - 1);
@@ -62,45 +94,21 @@ Result<Plan> ClusterMap::Lookup(uint64_t guest) {
   Plan plan{ClusterKind::kUnallocated, 0, 0, cs - in_cluster};
   if (l1_index >= l1_.size() || L1Offset(l1_[l1_index]) == 0) return plan;
   QD_ASSIGN_OR_RETURN(TableCache::Table * t, l2_.Get(L1Offset(l1_[l1_index])));
-  const uint8_t* p = t->data() + l2_index * h_->l2_entry_bytes();
-  const uint64_t e = LoadBe64(p);
-  plan.entry = e;
-  if (IsCompressed(e)) {
-    plan.kind = ClusterKind::kCompressed;
-    CompressedDescriptor d = DecodeCompressed(e, h_->cluster_bits);
-    if (d.offset < cs || d.offset >= file_size_)
-      return Status::Corruption(fmt::format("compressed cluster for guest offset {:#x} at {:#x} lies outside the file",
-                                            guest, d.offset));
-    return plan;
-  }
-  if (e & (kL2ReservedMask | (h_->extended_l2() || h_->version == 2 ? kFlagZero : 0)))
-    return Status::Corruption(fmt::format("L2 entry for guest offset {:#x} has reserved bits set", guest));
-  const uint64_t host = L2Offset(e);
-  if (!h_->extended_l2()) {
-    if (e & kFlagZero) {
-      plan.kind = ClusterKind::kZero;
-    } else if (host != 0) {
-      QD_RETURN_IF_ERROR(CheckDataOffset(guest, host));
-      plan.kind = ClusterKind::kData;
-      plan.host_offset = host + in_cluster;
-    }
+  QD_ASSIGN_OR_RETURN(L2Entry e, Decode(guest / cs, t->data() + l2_index * h_->l2_entry_bytes()));
+  plan.entry = e.raw;
+  if (!h_->extended_l2() || e.kind == ClusterKind::kCompressed) {
+    plan.kind = e.kind;
+    if (e.kind == ClusterKind::kData) plan.host_offset = e.host + in_cluster;
     return plan;
   }
   // Extended L2: one subcluster at a time.
-  const uint64_t bitmap = LoadBe64(p + 8);
   const uint64_t sub_size = cs / 32;
   const uint32_t sub = uint32_t(in_cluster / sub_size);
-  const bool alloc = bitmap & (1ull << sub), zero = bitmap & (1ull << (32 + sub));
-  if (alloc && zero)
-    return Status::Corruption(fmt::format("subcluster for guest offset {:#x} is both allocated and zero", guest));
   plan.length = sub_size - (in_cluster % sub_size);
-  if (alloc) {
-    if (host == 0)
-      return Status::Corruption(fmt::format("subcluster for guest offset {:#x} is allocated without an offset", guest));
-    QD_RETURN_IF_ERROR(CheckDataOffset(guest, host));
+  if (e.bitmap & (1ull << sub)) {
     plan.kind = ClusterKind::kData;
-    plan.host_offset = host + in_cluster;
-  } else if (zero) {
+    plan.host_offset = e.host + in_cluster;
+  } else if (e.bitmap & (1ull << (32 + sub))) {
     plan.kind = ClusterKind::kZero;
   }
   return plan;

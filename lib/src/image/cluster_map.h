@@ -23,6 +23,16 @@ struct Plan {
   uint64_t length;       // bytes from the guest offset this plan covers
 };
 
+// One L2 entry, decoded and vetted: what its guest cluster holds as a whole.
+// Extended L2: data if any subcluster is allocated, zero if all 32 are
+// zero-flagged, unallocated otherwise.
+struct L2Entry {
+  ClusterKind kind;
+  uint64_t host;    // kData: the host cluster; kCompressed: the compressed bytes' offset
+  uint64_t raw;     // the entry as stored
+  uint64_t bitmap;  // extended L2: the subcluster bitmap
+};
+
 class ClusterMap {
  public:
   ClusterMap(File* file, Header* header, MetadataMap* meta, uint64_t cache_tables);
@@ -31,6 +41,10 @@ class ClusterMap {
   Status Load(uint64_t file_size);
 
   Result<Plan> Lookup(uint64_t guest_offset);
+
+  // The one L2 entry decoder: the entry at p, for guest cluster
+  // guest_cluster; entries the reader would refuse are Corruption.
+  Result<L2Entry> Decode(uint64_t guest_cluster, const uint8_t* p) const;
 
   // The raw L2 entry of a guest cluster (standard L2 only); 0 without a table.
   Result<uint64_t> GetEntry(uint64_t guest_cluster);
@@ -51,7 +65,6 @@ class ClusterMap {
 
   Status WriteTables() { return l2_.WriteBack(); }
   Status WriteL1();
-  bool l1_dirty() const { return l1_dirty_; }
   // The writer grew the file: data up to end may now be referenced.
   void NoteFileEnd(uint64_t end) { file_size_ = std::max(file_size_, end); }
   TableCache& cache() { return l2_; }

@@ -41,7 +41,6 @@ class Refcounts {
   // Write-back, in the order Flush needs: blocks first, then the table.
   Status WriteBlocks() { return blocks_.WriteBack(); }
   Status WriteTable();
-  bool table_dirty() const { return table_dirty_; }
   bool header_dirty() const { return header_dirty_; }
   void clear_header_dirty() { header_dirty_ = false; }
   TableCache& cache() { return blocks_; }

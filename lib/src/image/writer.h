@@ -58,7 +58,6 @@ class Writer {
 
   const WriteStats& stats() const { return stats_; }
   const DedupIndex& index() const { return index_; }
-  Refcounts& refcounts() { return *refcounts_; }
 
  private:
   enum class Share { kYes, kNo, kStale };

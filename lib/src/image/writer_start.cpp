@@ -75,10 +75,8 @@ Status Writer::RebuildIndex(const ProgressFn& progress) {
     if (!L1Offset(l1[i])) continue;
     QD_ASSIGN_OR_RETURN(TableCache::Table * t, s_.map->cache().Get(L1Offset(l1[i])));
     for (uint64_t j = 0; j < s_.header.l2_entries(); ++j) {
-      uint64_t e = LoadBe64(t->data() + j * s_.header.l2_entry_bytes());
-      if (IsCompressed(e) || (e & kFlagZero) || L2Offset(e) == 0) continue;
-      if (s_.map->CheckDataOffset((i * s_.header.l2_entries() + j) * cs, L2Offset(e)).ok())
-        clusters.push_back(L2Offset(e) / cs);
+      auto e = s_.map->Decode(i * s_.header.l2_entries() + j, t->data() + j * s_.header.l2_entry_bytes());
+      if (e.ok() && e->kind == ClusterKind::kData) clusters.push_back(e->host / cs);
     }
   }
   std::sort(clusters.begin(), clusters.end());

@@ -24,8 +24,7 @@ constexpr off_t kPermBase = 100, kSharedBase = 200;
 
 class PosixFile final : public File {
  public:
-  PosixFile(int fd, std::string name, bool writable)
-      : fd_(fd), name_(std::move(name)), writable_(writable) {}
+  PosixFile(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
   ~PosixFile() override { ::close(fd_); }
 
   Status ReadAt(uint64_t offset, std::span<uint8_t> buf) override {
@@ -144,7 +143,6 @@ class PosixFile final : public File {
 
   int fd_;
   std::string name_;
-  bool writable_;
 };
 
 }  // namespace
@@ -164,7 +162,7 @@ Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, OpenMode mo
     ::close(fd);
     return Status::InvalidArgument("is a directory");
   }
-  return std::unique_ptr<File>(new PosixFile(fd, path, mode != OpenMode::kReadOnly));
+  return std::unique_ptr<File>(new PosixFile(fd, path));
 }
 
 }  // namespace qcow2dedup

@@ -89,8 +89,8 @@ Status CollectGuestOffsets(ImageState& s, uint64_t guest_clusters, std::vector<S
   for (uint64_t i = 0; i < tables && unfinished > 0; ++i) {
     QD_RETURN_IF_ERROR(DecodeL2Table(s, i, guest_clusters, table));
     for (const GuestCluster& g : table) {
-      if (g.kind != GuestKind::kData && g.kind != GuestKind::kCompressed) continue;
-      auto it = where.find({g.host, g.kind == GuestKind::kCompressed});
+      if (g.kind != ClusterKind::kData && g.kind != ClusterKind::kCompressed) continue;
+      auto it = where.find({g.host, g.kind == ClusterKind::kCompressed});
       if (it == where.end()) continue;
       auto& offsets = top[it->second].guest_offsets;
       if (offsets.size() >= kGuestOffsetsPerCluster) continue;
@@ -130,10 +130,10 @@ Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, 
     QD_RETURN_IF_ERROR(DecodeL2Table(s, i, st.guest_clusters, table));
     for (const GuestCluster& g : table) {
       switch (g.kind) {
-        case GuestKind::kUnallocated: continue;
-        case GuestKind::kZero: ++zero_flagged; break;
-        case GuestKind::kData: ++st.data_clusters; refs.Add(g.host / cs); break;
-        case GuestKind::kCompressed: ++st.data_clusters; ++compressed[g.host]; break;
+        case ClusterKind::kUnallocated: continue;
+        case ClusterKind::kZero: ++zero_flagged; break;
+        case ClusterKind::kData: ++st.data_clusters; refs.Add(g.host / cs); break;
+        case ClusterKind::kCompressed: ++st.data_clusters; ++compressed[g.host]; break;
       }
       if (g.index >= backing_end) ++mapped_past_backing;
     }

@@ -9,11 +9,9 @@
 
 namespace qcow2dedup {
 
-enum class GuestKind { kUnallocated, kZero, kData, kCompressed };
-
 struct GuestCluster {
   uint64_t index;  // guest cluster number
-  GuestKind kind;
+  ClusterKind kind;
   // kData: the host cluster's offset; kCompressed: the compressed bytes' offset.
   uint64_t host;
 };
@@ -22,8 +20,7 @@ struct GuestCluster {
 // guest cluster below guest_clusters that it maps; none without a table.
 // Entries the reader would refuse are Corruption here too.
 //
-// Extended L2: a cluster with any allocated subcluster is data, one whose
-// 32 subclusters are all zero-flagged is zero, anything else unallocated.
+// (ClusterMap::Decode is the decoder.)
 Status DecodeL2Table(ImageState& s, uint64_t l1_index, uint64_t guest_clusters, std::vector<GuestCluster>& out);
 
 }  // namespace qcow2dedup

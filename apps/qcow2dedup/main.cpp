@@ -32,6 +32,7 @@ constexpr Command kCommands[] = {
     {"check", "Check an image's consistency (and repair it with -r)", SetupCheck, RunCheck},
     {"dedup-stats", "Show what deduplication saves, or simulate it at other cluster sizes",
      SetupDedupStats, RunDedupStats},
+    {"dedup", "Deduplicate an image in place and give the freed space back", SetupDedup, RunDedup},
 };
 
 // A closed standard descriptor would be handed to the next open(): an

@@ -11,6 +11,7 @@
 
 #include "qcow2dedup/check.h"
 #include "qcow2dedup/convert.h"
+#include "qcow2dedup/dedup.h"
 #include "qcow2dedup/image.h"
 #include "support/fault_file.h"
 #include "support/process.h"
@@ -226,6 +227,60 @@ TEST_CASE("a write run fails or loses power at every write and sync point, and r
     }
   }
   MESSAGE("write run: ", writes, " write points, ", syncs, " sync points");
+}
+
+TEST_CASE("a dedup run fails or loses power at every write and sync point, and the guest view never changes") {
+  REQUIRE_MESSAGE(testing::HaveCommand("qemu-img"), "qemu-img is missing: install qemu-utils");
+  testing::TempDir tmp;
+  // An image QEMU wrote: duplicates stored apart, and zeros stored as data.
+  const Bytes data = OldContent();
+  WriteFile(tmp / "src.raw", data);
+  const std::string base = tmp / "base.qcow2";
+  REQUIRE(testing::Run("qemu-img convert -f raw -O qcow2 -o cluster_size=4096 " + testing::Sh(tmp / "src.raw") + " " +
+                       testing::Sh(base)).exit_code == 0);
+  REQUIRE(testing::Run("qemu-io -c 'write -P 0 160k 8k' " + testing::Sh(base)).exit_code == 0);
+  auto run = [&](const std::string& path, std::unique_ptr<FaultFile> file) -> Status {
+    DedupOptions o;
+    o.file = std::move(file);
+    return DeduplicateImage(path, std::move(o)).status();
+  };
+  uint64_t writes = 0, syncs = 0;
+  {
+    std::filesystem::copy_file(base, tmp / "clean.qcow2");
+    auto ff = FaultFile::Open(tmp / "clean.qcow2");
+    REQUIRE(ff.ok());
+    auto r = DeduplicateImage(tmp / "clean.qcow2", DedupOptions{.file = (*ff)->Share()});
+    REQUIRE_MESSAGE(r.ok(), r.status().message());
+    CHECK(r->relinked > 10);
+    CHECK(r->zeroed == 2);
+    writes = (*ff)->writes();
+    syncs = (*ff)->syncs();
+    ff->reset();
+    CHECK(testing::Run("qemu-img compare " + testing::Sh(tmp / "clean.qcow2") + " " + testing::Sh(tmp / "src.raw"))
+              .exit_code == 0);
+  }
+  REQUIRE(writes > 3);
+  for (Fault fault : {Fault::kWriteEIO, Fault::kWriteENOSPC, Fault::kSyncEIO, Fault::kPowerCutAtWrite,
+                      Fault::kPartialPowerCut}) {
+    const uint64_t points = fault == Fault::kSyncEIO ? syncs : writes;
+    for (uint64_t n = 1; n <= points; ++n) {
+      CAPTURE(Name(fault));
+      CAPTURE(n);
+      const std::string path = tmp / "run.qcow2";
+      std::filesystem::copy_file(base, path, std::filesystem::copy_options::overwrite_existing);
+      auto ff = FaultFile::Open(path);
+      REQUIRE(ff.ok());
+      Arm(**ff, fault, n);
+      Status s = run(path, (*ff)->Share());
+      REQUIRE_FALSE(s.ok());
+      CHECK_MESSAGE(s.message().find("injected") != std::string::npos, s.message());
+      MaybeCutPower(**ff, fault, n);
+      ff->reset();
+      ExpectRepairsToOldOrNew(path, data, data, false);
+      ++g_fault_points;
+    }
+  }
+  MESSAGE("dedup run: ", writes, " write points, ", syncs, " sync points");
 }
 
 TEST_CASE("a convert run fails or loses power at every write and sync point") {

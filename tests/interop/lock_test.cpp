@@ -147,6 +147,7 @@ TEST_CASE("while qemu-io holds an image, our writers refuse it") {
     ExpectRefused(img, "head -c 70000 /dev/urandom | " + Tool() + " write --input - " + Sh(img) + " 65536");
     ExpectRefused(img, Tool() + " convert --force " + Sh(dir / "src.raw") + " " + Sh(img));
     ExpectRefused(img, "head -c 100000 /dev/urandom | " + Tool() + " convert --force - " + Sh(img));
+    ExpectRefused(img, Tool() + " dedup " + Sh(img));
     CHECK(holder.Running());
     holder.Kill();
   }

@@ -33,6 +33,16 @@ class DedupIndex {
     return std::nullopt;
   }
 
+  // The lowest host cluster holding data with this digest, if known (the
+  // copy that in-place dedup keeps, so that freed space gathers at the end).
+  std::optional<uint64_t> FindLowest(const Digest& d) const {
+    std::optional<uint64_t> low;
+    if (buckets_.empty()) return low;
+    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next)
+      if (std::memcmp(At(i).key, d.data(), kKeyBytes) == 0 && (!low || At(i).cluster < *low)) low = At(i).cluster;
+    return low;
+  }
+
   // Adds the pair (digest, cluster); adding a pair already held does nothing.
   void Insert(const Digest& d, uint64_t cluster);
   // Forgets the pair (digest, cluster); true if it was held.

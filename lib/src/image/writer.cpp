@@ -25,8 +25,7 @@ Result<std::unique_ptr<Writer>> Writer::Start(ImageState& s, uint64_t cache_tabl
   return w;
 }
 
-template <class Op>
-Status Writer::Guarded(Op op) {
+Status Writer::Guarded(const std::function<Status()>& op) {
   if (!failed_.ok()) return failed_.Prefixed("an earlier write failed");
   Status st = op();
   if (!st.ok()) {
@@ -70,15 +69,21 @@ Status Writer::ReadCluster(uint64_t c) {
 }
 
 // Drops one reference to host cluster c; at zero its hash leaves the index.
-Status Writer::Release(uint64_t cluster, bool data) {
+Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
   QD_ASSIGN_OR_RETURN(uint64_t left, refcounts_->Adjust(cluster, -1));
   if (left == 1) copied_fixups_.Insert(cluster);
   if (left != 0) return Status::Ok();
   ++stats_.freed_clusters;
   if (!data) return Status::Ok();
-  // Its bytes are still on disk (freed clusters wait for the next flush).
-  QD_RETURN_IF_ERROR(ReadCluster(cluster));
-  if (!index_.Remove(Sha256(scratch_), cluster)) index_.RemoveCluster(cluster);
+  Digest digest;
+  if (known) {
+    digest = *known;
+  } else {
+    // Its bytes are still on disk (freed clusters wait for the next flush).
+    QD_RETURN_IF_ERROR(ReadCluster(cluster));
+    digest = Sha256(scratch_);
+  }
+  if (!index_.Remove(digest, cluster)) index_.RemoveCluster(cluster);
   index_changed_ = true;
   return Status::Ok();
 }

@@ -11,6 +11,7 @@
 // next open), since what reached the disk is no longer known.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -46,6 +47,14 @@ class Writer {
   ~Writer();
 
   Status WriteClusters(std::span<const ClusterWrite> clusters);
+  // In-place dedup: every stored data cluster hashed anew, every guest
+  // cluster whose data is stored more than once linked to one copy (the
+  // lowest), all-zero data unmapped; the other copies freed.
+  struct DedupCounts {
+    uint64_t relinked = 0;  // guest clusters now pointing at another copy
+    uint64_t zeroed = 0;    // guest clusters of zeros no longer stored
+  };
+  Result<DedupCounts> Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking);
   Status Resize(uint64_t new_size);
   // Everything so far durable, in the crash-safe order; the image stays dirty.
   Status Flush();
@@ -68,8 +77,7 @@ class Writer {
   Status RebuildIndex(const ProgressFn& progress);
 
   // Runs op; its failure ends the session (and gives back space on ENOSPC).
-  template <class Op>
-  Status Guarded(Op op);
+  Status Guarded(const std::function<Status()>& op);
   void GiveBackSpace();
 
   Status BeginChange();
@@ -79,7 +87,8 @@ class Writer {
   Status PrepareL2(uint64_t guest_cluster);
   Status CopyL2Table(uint64_t l1_index);
   Status ReadCluster(uint64_t cluster);
-  Status Release(uint64_t cluster, bool data);
+  // known: the cluster's digest, when the caller has it (saves a read).
+  Status Release(uint64_t cluster, bool data, const Digest* known = nullptr);
   Status ReleaseEntry(uint64_t entry);
   Result<bool> Believe(uint64_t cluster, const Digest& digest);
   Result<Share> CanShare(uint64_t cluster, const ClusterWrite& w);
@@ -106,6 +115,7 @@ class Writer {
   bool fix_all_copied_ = false;   // recheck COPIED on every L2 entry at the next flush
   bool fix_l1_copied_ = false;    // an L2 table was copied: recheck the L1 entries' COPIED
   ClusterSet unverified_;         // host clusters whose index entry came from disk, unchecked
+  bool index_hashed_ = false;     // the index was built from the data by this session
   std::vector<uint8_t> scratch_;  // one cluster
 };
 

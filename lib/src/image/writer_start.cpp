@@ -35,6 +35,7 @@ Status Writer::Prepare(const ProgressFn& progress) {
   } else {
     QD_RETURN_IF_ERROR(RebuildIndex(progress));
     index_changed_ = true;
+    index_hashed_ = true;
     // Someone else wrote the image: QEMU's copy-on-write of a cluster shared
     // twice leaves the other reference's COPIED flag clear. Mend them all.
     fix_all_copied_ = true;

@@ -1,0 +1,75 @@
+// In-place dedup of an image others wrote: relink, then free. Every change
+// is an ordinary write-path change (an L2 entry now points at an identical
+// copy), so the crash safety is the write path's: frees wait for the flush
+// that puts the relinked L2 tables on disk.
+#include <unordered_map>
+
+#include "image/image_state.h"
+#include "image/writer.h"
+
+namespace qcow2dedup {
+
+Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking) {
+  // Whatever index was loaded, hash every stored copy now: the relinking
+  // must rest on what the clusters hold today.
+  if (!index_hashed_) QD_RETURN_IF_ERROR(RebuildIndex(hashing));
+  index_hashed_ = true;
+  unverified_.Clear();
+  index_changed_ = true;
+  const uint64_t cs = s_.cs();
+  const Digest zero = Sha256(std::vector<uint8_t>(cs, 0));
+  // For each copy that goes: the copy kept (none for zeros), and its digest.
+  struct Move {
+    std::optional<uint64_t> keep;
+    Digest digest;
+  };
+  std::unordered_map<uint64_t, Move> moves;
+  index_.ForEach([&](const uint8_t* key, uint64_t c) {
+    Digest d{};
+    std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
+    if (std::memcmp(key, zero.data(), DedupIndex::kKeyBytes) == 0) {
+      moves.emplace(c, Move{std::nullopt, d});
+    } else if (auto keep = index_.FindLowest(d); keep && *keep != c) {
+      moves.emplace(c, Move{keep, d});
+    }
+  });
+  DedupCounts counts;
+  if (moves.empty()) return counts;
+  Status st = Guarded([&] {
+    QD_RETURN_IF_ERROR(BeginChange());
+    const uint64_t guest_clusters = (s_.header.virtual_size + cs - 1) / cs;
+    const uint64_t tables = s_.map->l1().size();
+    for (uint64_t i = 0; i < tables; ++i) {
+      if (!L1Offset(s_.map->l1()[i])) continue;
+      for (uint64_t g = i * s_.header.l2_entries(); g < std::min(guest_clusters, (i + 1) * s_.header.l2_entries()); ++g) {
+        QD_ASSIGN_OR_RETURN(uint64_t old, s_.map->GetEntry(g));
+        if (IsCompressed(old) || (old & kFlagZero) || L2Offset(old) == 0) continue;
+        auto it = moves.find(L2Offset(old) / cs);
+        if (it == moves.end()) continue;
+        uint64_t entry;
+        if (!it->second.keep) {
+          entry = s_.backing ? kFlagZero : 0;  // a backing file must not show through
+          ++counts.zeroed;
+        } else {
+          const uint64_t keep = *it->second.keep;
+          QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(keep));
+          if (rc + 1 > ShareLimit(s_.header)) continue;  // stays a second copy
+          QD_RETURN_IF_ERROR(refcounts_->Adjust(keep, +1).status());
+          if (rc + 1 == 2) copied_fixups_.Insert(keep);
+          entry = keep * cs;
+          ++counts.relinked;
+        }
+        QD_RETURN_IF_ERROR(PrepareL2(g));
+        QD_RETURN_IF_ERROR(s_.map->SetEntry(g, entry));
+        QD_RETURN_IF_ERROR(Release(L2Offset(old) / cs, true, &it->second.digest));
+        QD_RETURN_IF_ERROR(FlushIfCachesFull());
+      }
+      if (relinking) relinking(i + 1, tables);
+    }
+    return Status::Ok();
+  });
+  QD_RETURN_IF_ERROR(st);
+  return counts;
+}
+
+}  // namespace qcow2dedup

@@ -35,6 +35,7 @@ int RunCreate() {
   if (Status s = ParseImageOptions(opts.options, /*allow_verify=*/false, o); !s.ok()) return Fail(opts.file, s);
   o.create.virtual_size = opts.size;
   o.create.force = opts.force;
+  WarnIfNoSharing(opts.file, o.create);
   if (!opts.quiet) fmt::print("{}\n", FormattingLine(opts.file, o.create));
   auto image = Image::Create(opts.file, o.create);
   if (!image.ok()) return Fail(opts.file, image.status());

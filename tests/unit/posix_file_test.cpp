@@ -231,6 +231,10 @@ TEST_CASE("our locks are QEMU's bytes, and two openings exclude each other") {
     Status s1 = b->Lock(LockMode::kShared);
     CHECK(s1.kind() == ErrorKind::kBusy);
     CHECK(s1.message().find("in use") != std::string::npos);
+    // The holder is another opening in this very process.
+    CHECK_MESSAGE(s1.message().find("this process (pid " + std::to_string(::getpid()) + ") holds its lock") !=
+                      std::string::npos,
+                  s1.message());
     auto c = Open(p, OpenMode::kReadWrite);
     CHECK(c->Lock(LockMode::kExclusive).kind() == ErrorKind::kBusy);
     a.reset();  // closing releases

@@ -60,9 +60,9 @@ class Input {
     stream_ = true;
     return Status::Ok();
   }
-  // A stream: stages at most `limit` bytes; more than that fails at once.
-  Status Stage(uint64_t limit) {
-    if (!stream_) return Status::Ok();
+  // A stream: stages at most `limit` bytes. False, at once, if there are more.
+  Result<bool> Stage(uint64_t limit) {
+    if (!stream_) return true;
     spool_ = std::tmpfile();
     if (!spool_) return Status::IOError(Errno("cannot create a temporary file for the input"));
     std::vector<uint8_t> buf(std::min<uint64_t>(kChunk, limit + 1));
@@ -73,7 +73,7 @@ class Input {
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) return Status::IOError(Errno("read failed"));
       if (n == 0) break;
-      if (length_ + uint64_t(n) > limit) return Status::InvalidArgument("too long");
+      if (length_ + uint64_t(n) > limit) return false;
       if (std::fwrite(buf.data(), 1, size_t(n), spool_) != size_t(n))
         return Status::IOError(Errno("cannot stage the input in a temporary file"));
       length_ += uint64_t(n);
@@ -82,11 +82,11 @@ class Input {
     if (fd_ > STDIN_FILENO) ::close(fd_);
     fd_ = fileno(spool_);
     if (::lseek(fd_, 0, SEEK_SET) != 0) return Status::IOError(Errno("seek failed"));
-    return Status::Ok();
+    return true;
   }
   bool stream() const { return stream_; }
   uint64_t length() const { return length_; }
-  // Fills buf; read counts every byte read so far, for the error message.
+  // Fills buf; read_ counts the bytes read so far, for the error message.
   Status Read(std::span<uint8_t> buf) {
     size_t got = 0;
     while (got < buf.size()) {
@@ -182,12 +182,12 @@ int RunWrite() {
     if (opts.offset > size)
       return Fail(opts.image, fmt::format("cannot write at offset {}: the virtual size is {}", opts.offset, size));
     const uint64_t room = size - opts.offset;
-    if (Status s = input.Stage(room); !s.ok()) {
-      if (s.kind() != ErrorKind::kInvalidArgument) return Fail(DisplayName(opts.input), s);
+    auto fits = input.Stage(room);
+    if (!fits.ok()) return Fail(DisplayName(opts.input), fits.status());
+    if (!*fits)
       return Fail(opts.image, fmt::format("cannot write the input at offset {}: it is longer than the {} bytes "
                                           "left before the virtual size {} (nothing was written)",
                                           opts.offset, room, size));
-    }
     length = input.length();
   }
   if (opts.offset > size || length > size - opts.offset)

@@ -117,6 +117,7 @@ int ToQcow2(const ImageOptions& o) {
   if (!created.ok()) return out.Fail(opts.dst, created.status());
   dst = std::move(created).value();
   out.Claim();
+  WarnIfNoSharing(opts.dst, create);  // a valid width, now that the image is made
 
   Status s;
   bool src_failed = false;
@@ -206,7 +207,6 @@ int RunConvert() {
   }
   ImageOptions o;
   if (Status s = ParseImageOptions(opts.options, /*allow_verify=*/true, o); !s.ok()) return Fail(opts.dst, s);
-  WarnIfNoSharing(opts.dst, o.create);
   return ToQcow2(o);
 }
 

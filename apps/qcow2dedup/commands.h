@@ -62,6 +62,8 @@ void AddOutputOption(CLI::App& app, OutputFormat& out);
 void AddForceShareOption(CLI::App& app, bool& force_share);
 // -t writeback|unsafe (when written data is synced, as qemu-img -t).
 CLI::Option* AddCacheOption(CLI::App& app, CacheMode& cache);
+// --flush-interval SIZE (write, convert): flush after every SIZE bytes of data.
+CLI::Option* AddFlushIntervalOption(CLI::App& app, uint64_t& interval);
 // -f raw|qcow2 (the format of an image we read).
 CLI::Option* AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help);
 // A size with suffixes (64K, 10G), checked while parsing.

@@ -21,6 +21,7 @@ struct {
   std::string out_format = "qcow2";
   std::vector<std::string> options;
   bool progress = false, quiet = false, force = false, verify = false, force_share = false;
+  uint64_t flush_interval = 0;
   CacheMode cache = CacheMode::kWriteback;
 } opts;
 
@@ -116,6 +117,7 @@ int ToQcow2(const ImageOptions& o) {
   if (!created.ok()) return out.Fail(opts.dst, created.status());
   dst = std::move(created).value();
   out.Claim();
+  WarnIfNoSharing(opts.dst, create);  // a valid width, now that the image is made
 
   Status s;
   bool src_failed = false;
@@ -126,10 +128,10 @@ int ToQcow2(const ImageOptions& o) {
           if (!r.ok()) src_failed = true;
           return r;
         },
-        *dst, progress.fn());
+        *dst, progress.fn(), opts.flush_interval);
   } else {
     BlamedSource blamed(*src);
-    s = CopyInto(blamed, *dst, progress.fn());
+    s = CopyInto(blamed, *dst, progress.fn(), opts.flush_interval);
     src_failed = blamed.failed;
   }
   if (s.ok()) s = dst->Close();
@@ -182,6 +184,7 @@ void SetupConvert(CLI::App& app) {
   app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   AddCacheOption(app, opts.cache);
+  AddFlushIntervalOption(app, opts.flush_interval);
   app.add_flag("--force", opts.force, "Replace DST if it exists");
   app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
   AddForceShareOption(app, opts.force_share);
@@ -196,8 +199,10 @@ int RunConvert() {
   if (opts.src != "-" && SameFile(opts.src, opts.dst))
     return Fail(opts.dst, "is the source itself; convert to another file");
   if (opts.out_format == "raw") {
-    // A raw file has no options, and nothing is shared that could be verified.
-    if (!opts.options.empty() || opts.verify) return Fail(opts.dst, "-o and --verify apply to qcow2 output only");
+    // A raw file has no options, nothing is shared that could be verified,
+    // and no tables that a flush could put on disk early.
+    if (!opts.options.empty() || opts.verify || opts.flush_interval)
+      return Fail(opts.dst, "-o, --verify and --flush-interval apply to qcow2 output only");
     return ToRaw();
   }
   ImageOptions o;

@@ -38,6 +38,7 @@ int RunCreate() {
   if (!opts.quiet) fmt::print("{}\n", FormattingLine(opts.file, o.create));
   auto image = Image::Create(opts.file, o.create);
   if (!image.ok()) return Fail(opts.file, image.status());
+  WarnIfNoSharing(opts.file, o.create);  // a valid width, now that the image is made
   if (Status s = (*image)->Close(); !s.ok()) return Fail(opts.file, s);
   return 0;
 }

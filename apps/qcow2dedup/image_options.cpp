@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <string_view>
 
+#include "output.h"
+#include "qcow2dedup/share_limit.h"
+
 namespace qcow2dedup::cli {
 namespace {
 
@@ -78,6 +81,13 @@ std::string FormattingLine(const std::string& path, const CreateOptions& o) {
       "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={} "
       "lazy_refcounts={} refcount_bits={}",
       path, o.cluster_size, o.virtual_size, o.lazy_refcounts ? "on" : "off", o.refcount_bits);
+}
+
+void WarnIfNoSharing(const std::string& path, const CreateOptions& o) {
+  if (ShareLimit(o.refcount_bits) > 1) return;
+  Warn(path, fmt::format("with refcount_bits={} no cluster is shared (sharing stops at half the largest refcount, "
+                         "to leave room for a snapshot); use refcount_bits=4 or more to deduplicate",
+                         o.refcount_bits));
 }
 
 }  // namespace qcow2dedup::cli

@@ -19,6 +19,10 @@ struct ImageOptions {
 // allow_verify: only convert knows verify=on|off.
 Status ParseImageOptions(const std::vector<std::string>& args, bool allow_verify, ImageOptions& out);
 
+// Warns (one line on stderr) when o's refcount width leaves no room for
+// sharing at all (see ShareLimit): such an image stores every cluster.
+void WarnIfNoSharing(const std::string& path, const CreateOptions& o);
+
 // qemu-img create's "Formatting 'FILE', fmt=qcow2 cluster_size=..." line.
 std::string FormattingLine(const std::string& path, const CreateOptions& o);
 

@@ -95,6 +95,11 @@ CLI::Option* AddCacheOption(CLI::App& app, CacheMode& cache) {
                          "Cache mode: writeback (default) syncs in crash-safe order; unsafe never syncs");
 }
 
+CLI::Option* AddFlushIntervalOption(CLI::App& app, uint64_t& interval) {
+  return AddSizeOption(app, "--flush-interval", interval,
+                       "Flush data and tables after every SIZE bytes written (default: only at the end)");
+}
+
 CLI::Option* AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help) {
   return AddChoiceOption(app, "-f", format, {{"raw", ImageFormat::kRaw}, {"qcow2", ImageFormat::kQcow2}}, help);
 }

@@ -25,6 +25,13 @@ int Fail(std::string_view what, std::string_view message) {
   return 1;
 }
 
+void Warn(std::string_view what, std::string_view message) {
+  std::fflush(stdout);
+  if (g_stderr_line_open) std::fputc('\n', stderr);
+  g_stderr_line_open = false;
+  fmt::print(stderr, "qcow2dedup: {}: warning: {}\n", what, message);
+}
+
 std::string DisplayName(const std::string& path) { return path == "-" ? "standard input" : path; }
 
 std::string HumanSize(uint64_t bytes) {

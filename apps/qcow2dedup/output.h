@@ -21,6 +21,9 @@ using Json = nlohmann::ordered_json;
 int Fail(std::string_view what, const Status& status);
 int Fail(std::string_view what, std::string_view message);
 
+// Prints "qcow2dedup: WHAT: warning: message" on stderr; the command goes on.
+void Warn(std::string_view what, std::string_view message);
+
 // True while a progress line waits on stderr without its newline: Fail
 // ends it first so that the error gets a line of its own.
 extern bool g_stderr_line_open;

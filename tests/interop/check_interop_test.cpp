@@ -15,6 +15,7 @@
 #include "qcow2dedup/check.h"
 #include "support/check_helpers.h"
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/qcow2_layout.h"
 #include "support/qemu_images.h"
 #include "support/temp_dir.h"
@@ -33,7 +34,10 @@ std::string Io(const std::string& img, const std::vector<std::string>& cmds, con
   return line + Sh(img);
 }
 
-bool HaveQemu() { return testing::HaveCommand("qemu-img") && testing::HaveCommand("qemu-io"); }
+void RequireQemu() {
+  testing::RequireCommand("qemu-img");
+  testing::RequireCommand("qemu-io");
+}
 
 // A clean image: we agree with qemu-img, and repair leaves it byte for byte.
 void Agree(const std::string& img) {
@@ -82,7 +86,7 @@ std::vector<std::string> Life(const std::string& size_hint) {
 }  // namespace
 
 TEST_CASE("qemu-made images: cluster sizes and refcount widths") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   struct Variant {
     std::string options;
   };
@@ -110,7 +114,7 @@ TEST_CASE("qemu-made images: cluster sizes and refcount widths") {
 }
 
 TEST_CASE("qemu-made images: internal snapshots share clusters and L2 tables") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   for (std::string opts : {"cluster_size=65536", "cluster_size=4096,refcount_bits=64", "cluster_size=512"}) {
     CAPTURE(opts);
     TempDir dir;
@@ -128,7 +132,7 @@ TEST_CASE("qemu-made images: internal snapshots share clusters and L2 tables") {
 }
 
 TEST_CASE("qemu-made images: compressed by convert -c, and a persistent bitmap") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const std::string src = dir / "src.qcow2", img = dir / "c.qcow2";
   Sh0("qemu-img create -q -f qcow2 " + Sh(src) + " 8M");
@@ -147,7 +151,7 @@ TEST_CASE("qemu-made images: compressed by convert -c, and a persistent bitmap")
 }
 
 TEST_CASE("a crash with lazy refcounts: same findings and same repair as qemu-img") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "lazy.qcow2";
   Sh0("qemu-img create -q -f qcow2 -o lazy_refcounts=on " + Sh(img) + " 16M");
@@ -158,7 +162,7 @@ TEST_CASE("a crash with lazy refcounts: same findings and same repair as qemu-im
 }
 
 TEST_CASE("damage to a snapshot image: same counts as qemu-img, before and after repair") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "snapdmg.qcow2";
   Sh0("qemu-img create -q -f qcow2 " + Sh(img) + " 8M");
@@ -269,7 +273,7 @@ void SameJsonAsQemu(const std::string& ours_out, const QemuCheckResult& q) {
 }  // namespace
 
 TEST_CASE("damaged dedup images: the CLI's verdict beside qemu-img's, repair, then both clean and the guest data unchanged") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   for (const Damage& d : Damages()) {
     const std::string name = d.name;
     CAPTURE(name);
@@ -333,7 +337,7 @@ TEST_CASE("damaged dedup images: the CLI's verdict beside qemu-img's, repair, th
 }
 
 TEST_CASE("after a cluster changed behind the index is repaired, writing its original content stores it anew") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = MakeDedupImage(dir);
   uint64_t changed_at = 0;

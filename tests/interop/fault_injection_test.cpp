@@ -100,8 +100,10 @@ void ExpectRepairsToOldOrNew(const std::string& path, const Bytes& old_data, con
   {
     auto probe = Image::Open(path, {});
     if (!probe.ok() && may_be_unformatted) {
-      // Failed before the image was ever whole: it must not pass for one.
-      CHECK(probe.status().kind() != ErrorKind::kOk);
+      // Failed before the image was ever whole: it must not pass for one,
+      // and the refusal must say the file is no sound image (not that it
+      // could not be read, say).
+      CHECK_MESSAGE(probe.status().kind() == ErrorKind::kCorruption, probe.status().message());
       CHECK(testing::Run("qemu-img check " + testing::Sh(path)).exit_code != 0);
       return;
     }

@@ -4,6 +4,13 @@
 // clean, every guest cluster holds its old or its new content, and a
 // further `write` into the repaired image works and gives the right data.
 //
+// Both run with --flush-interval, so that data and tables reach the disk
+// all through the run, not only at its end: without it the tables stay in
+// the cache until Close (a 64 MiB run never fills it), and a kill could
+// only leave all of the old data or, while closing, all of the new. A good
+// share of the kills must leave part of the new data (some clusters new,
+// some old): that is what proves old-or-new per cluster.
+//
 // The seed is printed; QCOW2DEDUP_KILL_SEED=N reruns the same kill times
 // (the moments themselves still depend on the machine's speed).
 #include <doctest/doctest.h>
@@ -198,18 +205,29 @@ void WriteAfterRepair(const std::string& img, const Bytes& before, uint64_t cs, 
 }
 
 // When to kill a run that took full seconds whole: anywhere in half the
-// runs; near the end in the other half, where the run flushes its tables
-// and writes the header (metadata reaches the disk only then).
+// runs; near the end in the other half, where Close flushes the last
+// tables, stores the dedup index and writes the header.
 double KillDelay(double full, std::mt19937_64& rng) {
   if (rng() % 2) return std::uniform_real_distribution<double>(0.0, full)(rng);
   return std::uniform_real_distribution<double>(0.75 * full, 1.05 * full)(rng);
 }
+
+// Every this many bytes of input the runs flush: several flush points per run.
+constexpr const char* kFlushInterval = "4M";
 
 struct Tally {
   int kills = 0, finished = 0, no_image = 0;
   int partly_new = 0;  // kills after which some but not all changed clusters held new data
   int all_new = 0;     // kills after the new tables were on disk (while closing)
 };
+
+// At least a quarter of the kills must have landed mid-run, leaving some
+// but not all of the new data: otherwise old-or-new per cluster was not
+// really put to the test.
+void CheckPartlyNew(const Tally& t) {
+  CHECK_MESSAGE(t.partly_new * 4 >= t.kills, "only ", t.partly_new, " of ", t.kills,
+                " kills left part of the new data (at least a quarter must)");
+}
 
 // (a) Kills during `convert` of a raw file into a new image.
 Tally KillConvert(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
@@ -219,7 +237,8 @@ Tally KillConvert(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
   Spit(src, content);
   const Bytes zeros(size, '\0');
   const std::string cmd =
-      Tool() + " convert -f raw -o cluster_size=" + std::to_string(cs) + " " + Sh(src) + " " + Sh(img);
+      Tool() + " convert --flush-interval " + kFlushInterval + " -f raw -o cluster_size=" + std::to_string(cs) + " " +
+      Sh(src) + " " + Sh(img);
   // Whole runs: that a convert is right, and how long it takes (the faster
   // of two: the first reads the source cold).
   double full = TimeRun(cmd);
@@ -260,6 +279,7 @@ Tally KillConvert(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
     WriteAfterRepair(img, got, cs, rng, dir);
   }
   CHECK_MESSAGE(t.kills >= kills / 2, "too few runs were still going when killed: ", t.kills, " of ", kills);
+  CheckPartlyNew(t);
   return t;
 }
 
@@ -288,7 +308,8 @@ Tally KillWrite(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
   Spit(input, in);
   Bytes fresh = old;
   fresh.replace(off, len, in);
-  const std::string cmd = Tool() + " write --input " + Sh(input) + " " + Sh(img) + " " + std::to_string(off);
+  const std::string cmd = Tool() + " write --flush-interval " + kFlushInterval + " --input " + Sh(input) + " " +
+                          Sh(img) + " " + std::to_string(off);
   fs::copy_file(base, img, fs::copy_options::overwrite_existing);
   double full = TimeRun(cmd);
   fs::copy_file(base, img, fs::copy_options::overwrite_existing);
@@ -318,6 +339,7 @@ Tally KillWrite(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
     WriteAfterRepair(img, got, cs, rng, dir);
   }
   CHECK_MESSAGE(t.kills >= kills / 2, "too few runs were still going when killed: ", t.kills, " of ", kills);
+  CheckPartlyNew(t);
   return t;
 }
 

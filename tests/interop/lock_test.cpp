@@ -144,6 +144,13 @@ TEST_CASE("while qemu-io holds an image, our writers refuse it") {
     REQUIRE_MESSAGE(WaitFor([&] { return HoldsQemuLock(img); }, 30), "qemu-io never took the image's lock");
 
     ExpectRefused(img, Tool() + " write --pattern 0x11 --length 4096 " + Sh(img) + " 0");
+    {
+      // The refusal names the holder, as /proc tells it.
+      RunResult r = Run(Tool() + " write --pattern 0x11 --length 4096 " + Sh(img) + " 0");
+      INFO(r.err);
+      CHECK(r.err.find(": the image is in use: qemu-io (pid ") != std::string::npos);
+      CHECK(r.err.find(") holds its lock\n") != std::string::npos);
+    }
     ExpectRefused(img, "head -c 70000 /dev/urandom | " + Tool() + " write --input - " + Sh(img) + " 65536");
     ExpectRefused(img, Tool() + " convert --force " + Sh(dir / "src.raw") + " " + Sh(img));
     ExpectRefused(img, "head -c 100000 /dev/urandom | " + Tool() + " convert --force - " + Sh(img));
@@ -202,6 +209,11 @@ TEST_CASE("while we write an image, QEMU cannot open it") {
     CHECK(r.exit_code != 0);
     CHECK(MentionsLock(r.err));
     CHECK(LineCount(r.err) == 1);
+    // It names the other qcow2dedup, not QEMU (F_OFD_GETLK cannot tell who
+    // holds a lock; the holder's /proc/PID/fdinfo can).
+    CHECK(r.err.find("the image is in use: qcow2dedup (pid ") != std::string::npos);
+    CHECK(r.err.find("QEMU") == std::string::npos);
+    CHECK(ReadFileBytes(img) == before);
 
     CHECK(convert.Running());
     feed.Close();  // end of input: convert finishes

@@ -19,6 +19,7 @@
 #include "qcow2dedup/image.h"
 #include "support/check_helpers.h"
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/qcow2_layout.h"
 #include "support/temp_dir.h"
 
@@ -117,15 +118,12 @@ std::vector<uint8_t> ReadGuest(const std::string& path, uint64_t offset, size_t 
   return buf;
 }
 
-bool QemuAvailable() {
-  static bool have = testing::HaveCommand("qemu-img");
-  return have;
-}
+void RequireQemu() { testing::RequireCommand("qemu-img"); }
 
 }  // namespace
 
 TEST_CASE("a fresh dedup image is clean, as qemu-img says too") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::vector<std::pair<uint32_t, uint32_t>> variants = {
       {1, 65536}, {16, 65536}, {64, 65536}, {16, 512}, {2, 512}, {16, 2u << 20}};
@@ -185,7 +183,7 @@ TEST_CASE("writer: freeing the indexed copy of duplicated data keeps the index w
 }
 
 TEST_CASE("a raised refcount is a leak; -r leaks frees it") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   for (RepairMode mode : {RepairMode::kLeaks, RepairMode::kAll}) {
     CAPTURE(int(mode));
     TempDir dir;
@@ -213,7 +211,7 @@ TEST_CASE("a raised refcount is a leak; -r leaks frees it") {
 }
 
 TEST_CASE("a lowered refcount is a corruption; -r leaks cannot fix it, -r all can") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "low.qcow2";
   MakeImage(img);
@@ -230,7 +228,7 @@ TEST_CASE("a lowered refcount is a corruption; -r leaks cannot fix it, -r all ca
 }
 
 TEST_CASE("a referenced cluster with refcount 0 makes -r all rebuild the refcount structure") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "zero.qcow2";
   MakeImage(img);
@@ -265,7 +263,7 @@ TEST_CASE("a referenced cluster with refcount 0 makes -r all rebuild the refcoun
 }
 
 TEST_CASE("COPIED flipped on an L2 entry is a corruption") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "copied.qcow2";
   MakeImage(img);
@@ -285,7 +283,7 @@ TEST_CASE("COPIED flipped on an L2 entry is a corruption") {
 }
 
 TEST_CASE("COPIED flipped on an L1 entry is a corruption") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "l1copied.qcow2";
   MakeImage(img);
@@ -299,7 +297,7 @@ TEST_CASE("COPIED flipped on an L1 entry is a corruption") {
 }
 
 TEST_CASE("an L2 entry pointing at metadata is a corruption; repair moves the guest data off it") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   for (const char* target : {"l1", "reftable", "refblock", "l2"}) {
     CAPTURE(target);
     TempDir dir;
@@ -329,7 +327,7 @@ TEST_CASE("an L2 entry pointing at metadata is a corruption; repair moves the gu
 }
 
 TEST_CASE("guest data on metadata that qemu-img's repair leaves in place is still reported") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "qemu-fixed.qcow2";
   MakeImage(img);
@@ -353,7 +351,7 @@ TEST_CASE("guest data on metadata that qemu-img's repair leaves in place is stil
 }
 
 TEST_CASE("a data cluster changed behind the index's back: only our check sees it; repair forgets the old hash") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   // Guest 2's host cluster is its own; guest 1's is shared with guest 6.
   for (uint32_t g : {2u, 1u}) {
     CAPTURE(g);
@@ -408,7 +406,7 @@ TEST_CASE("a data cluster changed behind the index's back: only our check sees i
 }
 
 TEST_CASE("a data cluster changed behind the index's back: without a repair the writer does not link to it either") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "behind-unrepaired.qcow2";
   MakeImage(img);
@@ -447,7 +445,7 @@ TEST_CASE("a data cluster changed behind the index's back: without a repair the 
 }
 
 TEST_CASE("an index entry left for a freed cluster is stale") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "stale.qcow2";
   MakeImage(img);
@@ -503,7 +501,7 @@ static void KeepIndexEntries(const std::string& img, const std::function<bool(ui
 }
 
 TEST_CASE("an entry removed from the stored index is missing") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "missing.qcow2";
   MakeImage(img);
@@ -522,7 +520,7 @@ TEST_CASE("an entry removed from the stored index is missing") {
 // findable): a copy the index lacks is missing even when another copy of
 // the same data is indexed.
 TEST_CASE("a stored copy missing from the index is missing, though another copy is indexed") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "missing-copy.qcow2";
   MakeImage(img, 1);  // one-bit refcounts: nothing shared, guest 0, 4 and 5 are three copies
@@ -588,7 +586,7 @@ TEST_CASE("an in-sync index of a hash algorithm not ours is not checked, and no 
 }
 
 TEST_CASE("a dirty image after a crash: reported as found, repaired by -r all or by opening it for writing") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "dirty.qcow2";
   MakeImage(img);
@@ -633,7 +631,7 @@ TEST_CASE("a dirty image after a crash: reported as found, repaired by -r all or
 }
 
 TEST_CASE("a dirty image with nothing wrong: -r all and -r leaks clear the dirty bit, as QEMU does") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   for (RepairMode mode : {RepairMode::kLeaks, RepairMode::kAll}) {
     TempDir dir;
     const std::string img = dir / "dirty-clean.qcow2";
@@ -653,7 +651,7 @@ TEST_CASE("a dirty image with nothing wrong: -r all and -r leaks clear the dirty
 }
 
 TEST_CASE("damage beyond the end of the file: same verdict as qemu-img, no crash") {
-  if (!QemuAvailable()) return;
+  RequireQemu();
   struct Case {
     const char* name;
     std::function<void(ImageBytes&)> damage;
@@ -736,7 +734,8 @@ TEST_CASE("a failing read ends the check with an error, never a verdict") {
 }
 
 TEST_CASE("check takes QEMU's lock: a shared lock for reading, exclusive for repair") {
-  if (!testing::HaveCommand("qemu-io")) return;
+  testing::RequireCommand("qemu-img");
+  testing::RequireCommand("qemu-io");
   TempDir dir;
   const std::string img = dir / "locked.qcow2";
   MakeImage(img);

@@ -13,6 +13,7 @@
 
 #include "format/entries.h"
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
@@ -202,7 +203,7 @@ TEST_CASE("the other compression's data fails") {
 // Clusters compressed by qemu-img convert -c, read with the descriptor's
 // whole sector range (which runs into the next cluster's data).
 TEST_CASE("clusters compressed by qemu-img") {
-  if (!testing::HaveCommand("qemu-img")) return;
+  testing::RequireCommand("qemu-img");
   TempDir dir;
   for (const char* type : {"zlib", "zstd"}) {
     for (uint32_t cs : {4096u, 65536u}) {

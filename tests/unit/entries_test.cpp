@@ -13,6 +13,7 @@
 #include <span>
 
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
@@ -213,7 +214,7 @@ TEST_CASE("EncodeCompressed and DecodeCompressed round trip for cluster_bits 9..
 // find the exact stream length by decompressing, and require that
 // EncodeCompressed(offset, length) reproduces QEMU's entry bit for bit.
 TEST_CASE("descriptors from qemu-img convert -c") {
-  if (!testing::HaveCommand("qemu-img")) return;
+  testing::RequireCommand("qemu-img");
   TempDir dir;
   struct Case {
     uint32_t cluster_size;

@@ -10,6 +10,7 @@
 
 #include "qcow2dedup/image.h"
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
@@ -298,7 +299,7 @@ TEST_CASE("thread safety: concurrent writers and readers") {
 // The library over a FaultFile: an injected failure surfaces with its kind,
 // and Flush's durability survives a power cut.
 TEST_CASE("an Image over a FaultFile") {
-  if (!testing::HaveCommand("qemu-img")) return;
+  testing::RequireCommand("qemu-img");
   TempDir dir;
   const std::string img = dir / "a.qcow2";
   REQUIRE(testing::Run("qemu-img create -q -f qcow2 " + testing::Sh(img) + " 4M").exit_code == 0);

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
@@ -58,7 +59,7 @@ void Qemu(const std::string& cmd) {
   REQUIRE_MESSAGE(r.exit_code == 0, cmd, "\n", r.out, r.err);
 }
 
-bool HaveQemu() { return testing::HaveCommand("qemu-img"); }
+void RequireQemu() { testing::RequireCommand("qemu-img"); }
 
 // A v3 header using every part EncodeHeader writes.
 Header FullV3() {
@@ -365,7 +366,7 @@ struct QemuCase {
 };
 
 TEST_CASE("images from qemu-img create decode as qemu-img info reports them") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   Qemu("qemu-img create -q -f qcow2 " + Sh(dir / "base.qcow2") + " 1M");
   Qemu("qemu-img create -q -f raw " + Sh(dir / "base.raw") + " 1M");
@@ -480,7 +481,7 @@ TEST_CASE("images from qemu-img create decode as qemu-img info reports them") {
 // Rejections: the right kind and a message that names the problem.
 
 TEST_CASE("rejections of damaged headers") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const Bytes good = DefaultImage(dir);
   REQUIRE(ParseFile(good).ok());
@@ -697,7 +698,7 @@ TEST_CASE("rejections of damaged headers") {
 // Every cut of the first cluster either parses or fails with a message;
 // none crashes or reads past the buffer (run under ASan to make that count).
 TEST_CASE("a header cut at every length parses or fails cleanly") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   Qemu("qemu-img create -q -f raw " + Sh(dir / "base.raw") + " 1M");
   struct Source {
@@ -747,7 +748,7 @@ TEST_CASE("a header cut at every length parses or fails cleanly") {
 }
 
 TEST_CASE("internal snapshots: the snapshot table is located and vetted") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "s.qcow2";
   Qemu("qemu-img create -q -f qcow2 " + Sh(img) + " 1G && qemu-img snapshot -c one " + Sh(img) +

@@ -15,6 +15,7 @@
 
 #include "qcow2dedup/file.h"
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
@@ -110,7 +111,10 @@ void MakeImage(const std::string& path) {
   REQUIRE_MESSAGE(r.exit_code == 0, r.err);
 }
 
-bool HaveQemu() { return testing::HaveCommand("qemu-io") && testing::HaveCommand("qemu-img"); }
+void RequireQemu() {
+  testing::RequireCommand("qemu-img");
+  testing::RequireCommand("qemu-io");
+}
 
 }  // namespace
 
@@ -227,6 +231,10 @@ TEST_CASE("our locks are QEMU's bytes, and two openings exclude each other") {
     Status s1 = b->Lock(LockMode::kShared);
     CHECK(s1.kind() == ErrorKind::kBusy);
     CHECK(s1.message().find("in use") != std::string::npos);
+    // The holder is another opening in this very process.
+    CHECK_MESSAGE(s1.message().find("this process (pid " + std::to_string(::getpid()) + ") holds its lock") !=
+                      std::string::npos,
+                  s1.message());
     auto c = Open(p, OpenMode::kReadWrite);
     CHECK(c->Lock(LockMode::kExclusive).kind() == ErrorKind::kBusy);
     a.reset();  // closing releases
@@ -244,7 +252,7 @@ TEST_CASE("our locks are QEMU's bytes, and two openings exclude each other") {
 }
 
 TEST_CASE("while qemu-io holds the image read-write, we are busy") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "a.qcow2";
   MakeImage(img);
@@ -264,7 +272,7 @@ TEST_CASE("while qemu-io holds the image read-write, we are busy") {
 }
 
 TEST_CASE("while qemu-io -r holds the image, we may share it but not write") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "a.qcow2";
   MakeImage(img);
@@ -277,7 +285,7 @@ TEST_CASE("while qemu-io -r holds the image, we may share it but not write") {
 }
 
 TEST_CASE("while we hold the image, qemu-io cannot take it") {
-  if (!HaveQemu()) return;
+  RequireQemu();
   TempDir dir;
   const std::string img = dir / "a.qcow2";
   MakeImage(img);

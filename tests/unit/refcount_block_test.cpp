@@ -10,6 +10,7 @@
 #include <random>
 
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
@@ -136,7 +137,7 @@ TEST_CASE("refcount maxima") {
 // block and the L1 table, each with refcount 1. Read them back from the
 // first refcount block with GetRefcount.
 TEST_CASE("refcount blocks written by qemu-img create -o refcount_bits=N") {
-  if (!testing::HaveCommand("qemu-img")) return;
+  testing::RequireCommand("qemu-img");
   TempDir dir;
   for (uint32_t order = 0; order <= 6; ++order) {
     for (uint32_t cs : {512u, 65536u}) {

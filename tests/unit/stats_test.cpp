@@ -16,6 +16,7 @@
 #include "stats/digest_set.h"
 #include "stats/histogram.h"
 #include "support/process.h"
+#include "support/require_command.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
@@ -298,10 +299,7 @@ TEST_CASE("stats of an empty image") {
 }
 
 TEST_CASE("stats count unallocated clusters over a backing file apart") {
-  if (!testing::HaveCommand("qemu-img")) {
-    MESSAGE("qemu-img is missing: skipped");
-    return;
-  }
+  testing::RequireCommand("qemu-img");
   TempDir dir;
   const std::string base = dir / "base.raw", overlay = dir / "overlay.qcow2";
   REQUIRE(Run("truncate -s 1M " + Sh(base)).exit_code == 0);
@@ -326,10 +324,8 @@ TEST_CASE("stats count unallocated clusters over a backing file apart") {
 }
 
 TEST_CASE("stats of images QEMU wrote: compressed clusters and extended L2") {
-  if (!testing::HaveCommand("qemu-img") || !testing::HaveCommand("qemu-io")) {
-    MESSAGE("qemu-img or qemu-io is missing: skipped");
-    return;
-  }
+  testing::RequireCommand("qemu-img");
+  testing::RequireCommand("qemu-io");
   TempDir dir;
   SUBCASE("compressed clusters count as data, each stored once") {
     const std::string raw = MakeRaw(dir), image = dir / "c.qcow2";

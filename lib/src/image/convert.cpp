@@ -99,15 +99,33 @@ class HashPipeline {
   std::vector<std::unique_ptr<Chunk>> free_;
 };
 
+// Flushes dst after every `interval` bytes pushed (0: never). The pipeline
+// is drained first, so that a flush covers every byte before it.
+class FlushPoints {
+ public:
+  explicit FlushPoints(uint64_t interval) : interval_(interval) {}
+  Status After(uint64_t bytes, HashPipeline& pipe, Image& dst) {
+    pushed_ += bytes;
+    if (interval_ == 0 || pushed_ < interval_) return Status::Ok();
+    pushed_ = 0;
+    QD_RETURN_IF_ERROR(pipe.Drain());
+    return dst.Flush();
+  }
+
+ private:
+  uint64_t interval_, pushed_ = 0;
+};
+
 }  // namespace
 
-Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
+Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, uint64_t flush_interval) {
   const uint64_t cs = dst.cluster_size(), size = src.virtual_size();
   if (dst.virtual_size() < size) return Status::InvalidArgument("the target is smaller than the source");
   // Reads run on the workers, one at a time: a source need not be
   // thread-safe, and reading still overlaps hashing and writing.
   std::mutex src_mutex;
   HashPipeline pipe(dst);
+  FlushPoints flushes(flush_interval);
   uint64_t pos = 0;
   while (pos < size) {
     // Holes are skipped without reading them; a fresh image already reads
@@ -133,13 +151,15 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
       return src.Read(start, std::span<uint8_t>(chunk.data.data(), len));
     }));
     pos = start + len;
+    QD_RETURN_IF_ERROR(flushes.After(len, pipe, dst));
     if (progress) progress(pos, size);
   }
   return pipe.Drain();
 }
 
-Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress) {
+Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress, uint64_t flush_interval) {
   HashPipeline pipe(dst);
+  FlushPoints flushes(flush_interval);
   uint64_t total = 0;
   for (bool eof = false; !eof;) {
     auto c = pipe.Take(total, kChunkBytes);
@@ -162,6 +182,7 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
     }
     total += got;
     QD_RETURN_IF_ERROR(pipe.Push(std::move(c)));
+    QD_RETURN_IF_ERROR(flushes.After(got, pipe, dst));
     if (progress) progress(total, 0);
   }
   QD_RETURN_IF_ERROR(pipe.Drain());

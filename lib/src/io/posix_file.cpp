@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "io/lock_holders.h"
 #include "qcow2dedup/file.h"
 
 namespace qcow2dedup {
@@ -127,15 +128,20 @@ class PosixFile final : public File {
   Status Probe(off_t at) {
     struct flock fl = Byte(at, F_WRLCK);
     if (::fcntl(fd_, F_OFD_GETLK, &fl) != 0) return ErrnoStatus("lock query failed", errno);
-    if (fl.l_type != F_UNLCK)
-      return Status::Busy("the image is in use by another program (QEMU holds its lock)");
+    if (fl.l_type != F_UNLCK) return InUse();
     return Status::Ok();
+  }
+  // Names the holder where Linux tells (QEMU, another qcow2dedup, ...).
+  Status InUse() const {
+    const std::string holders = LockHolders(fd_);
+    if (holders.empty()) return Status::Busy("the image is in use by another program, which holds its lock");
+    const bool one = holders.find(", ") == std::string::npos;
+    return Status::Busy("the image is in use: " + holders + (one ? " holds" : " hold") + " its lock");
   }
   Status Take(off_t at) {
     struct flock fl = Byte(at, F_RDLCK);
     if (::fcntl(fd_, F_OFD_SETLK, &fl) != 0) {
-      if (errno == EAGAIN || errno == EACCES)
-        return Status::Busy("the image is in use by another program (QEMU holds its lock)");
+      if (errno == EAGAIN || errno == EACCES) return InUse();
       return ErrnoStatus("lock failed", errno);
     }
     return Status::Ok();

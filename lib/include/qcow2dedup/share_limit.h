@@ -10,7 +10,7 @@ namespace qcow2dedup {
 // largest refcount the width holds, at least 1. An internal snapshot
 // (qemu-img snapshot -c) adds a reference for every L2 entry, doubling a
 // shared cluster's refcount, and must still fit. At 1 and 2 bits this is 1:
-// nothing is shared. (lib/src/image/writer.cpp applies the same rule.)
+// nothing is shared.
 inline uint64_t ShareLimit(uint32_t refcount_bits) {
   const uint64_t max = refcount_bits >= 64 ? ~0ull : (1ull << refcount_bits) - 1;
   return std::max<uint64_t>(1, max / 2);

@@ -21,6 +21,7 @@
 #include "image/data_writer.h"
 #include "image/refcounts.h"
 #include "qcow2dedup/image.h"
+#include "qcow2dedup/share_limit.h"
 
 namespace qcow2dedup {
 
@@ -33,10 +34,7 @@ Status CheckWritableFormat(const Header& h);
 // Writes the header from s.header (cluster 0).
 Status WriteHeader(ImageState& s);
 
-// The most references the writer gives one cluster: half the refcount
-// maximum, so that an internal snapshot (qemu-img snapshot -c adds one
-// reference per L2 entry) still fits.
-inline uint64_t ShareLimit(const Header& h) { return std::max<uint64_t>(1, h.max_refcount() / 2); }
+inline uint64_t ShareLimit(const Header& h) { return ShareLimit(h.refcount_bits()); }
 
 class Writer {
  public:

@@ -48,6 +48,8 @@ Json StatsJson(const DedupStats& s) {
   j["dedup-ratio"] = Round(s.dedup_ratio, 4);
   j["saved-bytes"] = s.saved_bytes;
   j["saving-percent"] = Round(s.saving_percent, 2);
+  j["reclaimable-clusters"] = s.reclaimable_clusters;
+  j["reclaimable-bytes"] = s.reclaimable_clusters * s.cluster_size;
   j["metadata-bytes"] = {{"l1", s.metadata.l1},
                          {"l2", s.metadata.l2},
                          {"refcount", s.metadata.refcount},
@@ -82,6 +84,11 @@ void PrintStats(const DedupStats& s) {
       {"stored clusters:", fmt::format("{} ({})", s.stored_clusters, HumanSize(s.stored_clusters * cs))},
       {"dedup ratio:", fmt::format("{:.2f}", s.dedup_ratio)},
       {"saved:", fmt::format("{}, {:.2f}% of the data", SizeWithBytes(s.saved_bytes), s.saving_percent)},
+      {"dedup would reclaim:", s.reclaimable_clusters
+                                   ? fmt::format("{} cluster{}, {}; run 'qcow2dedup dedup'", s.reclaimable_clusters,
+                                                 s.reclaimable_clusters == 1 ? "" : "s",
+                                                 SizeWithBytes(s.reclaimable_clusters * cs))
+                                   : std::string("nothing")},
       {"metadata:", SizeWithBytes(s.metadata.total())},
       {"  L1 table:", SizeWithBytes(s.metadata.l1)},
       {"  L2 tables:", SizeWithBytes(s.metadata.l2)},
@@ -182,15 +189,19 @@ void SetupDedupStats(CLI::App& app) {
                        "--cluster-sizes", [](const std::string& t) { opts.cluster_sizes = ParseClusterSizes(t); },
                        "With --simulate: the cluster sizes to try (default 4K,16K,64K,256K,1M)")
                     ->option_text("SIZE,...");
-  auto* progress = app.add_flag("-p,--progress", opts.progress, "With --simulate: show progress on stderr");
+  auto* progress = app.add_flag("-p,--progress", opts.progress,
+                                "Show progress on stderr (hashing an image without an in-sync index, or --simulate)");
   auto* format = AddFormatOption(app, opts.format, "With --simulate: image format (default: probe)");
-  for (CLI::Option* o : {sizes, progress, format}) o->needs(simulate);
+  (void)progress;
+  for (CLI::Option* o : {sizes, format}) o->needs(simulate);
   app.add_option("FILE", opts.file, "The image")->required();
 }
 
 int RunDedupStats() {
   if (opts.simulate) return RunSimulate();
-  auto stats = ComputeDedupStats(opts.file, 10, opts.force_share);
+  Progress progress(opts.progress, Progress::Unit::kClusters);
+  auto stats = ComputeDedupStats(opts.file, 10, opts.force_share, progress.fn());
+  progress.Finish();
   if (!stats.ok()) {
     if (!LooksLikeQcow2(opts.file))
       return Fail(opts.file, stats.status().message() + "; dedup-stats --simulate reads any image");

@@ -53,6 +53,8 @@ TEST_CASE("dedup of a small QEMU-written image: duplicates and stored zeros go, 
               .exit_code == 0);
   REQUIRE(Run("qemu-img convert -O raw " + Sh(img) + " " + Sh(raw)).exit_code == 0);
   const uint64_t before = DiskUsage(img);
+  // dedup-stats says beforehand what dedup frees.
+  CHECK(RunJson(Tool() + " dedup-stats --output=json " + Sh(img))["reclaimable-clusters"] == 68);
   nlohmann::json r = RunJson(Tool() + " dedup --output=json " + Sh(img));
   // 16 + 16*3 + 4 + 2 data clusters, all 0x5a clusters alike: 1 + 1 (0x17) stored.
   CHECK(r["stored-clusters-before"] == 70);
@@ -88,7 +90,9 @@ TEST_CASE("dedup of the corpus as qemu-img converted it, at 4K and 64K clusters:
     REQUIRE(Run("qemu-img convert -O qcow2 -o cluster_size=" + std::to_string(cs) + " " + Sh(disk) + " " + Sh(img))
                 .exit_code == 0);
     const uint64_t before = DiskUsage(img);
+    const uint64_t reclaimable = RunJson(Tool() + " dedup-stats --output=json " + Sh(img))["reclaimable-clusters"];
     nlohmann::json r = RunJson(Tool() + " dedup --output=json " + Sh(img));
+    CHECK(r["freed-clusters"].get<uint64_t>() == reclaimable);
     if (unique.empty()) {
       REQUIRE(oracle_run.Wait(900) == 0);
       std::istringstream lines(ReadFileBytes(dir / "oracle.json"));
@@ -104,6 +108,7 @@ TEST_CASE("dedup of the corpus as qemu-img converted it, at 4K and 64K clusters:
     CheckQemuIdentical(img, disk);
     nlohmann::json stats = RunJson(Tool() + " dedup-stats --output=json " + Sh(img));
     CHECK(stats["stored-clusters"].get<uint64_t>() == unique[cs]);
+    CHECK(stats["reclaimable-clusters"] == 0);
     const uint64_t data = unique[cs] * cs + stats["metadata-bytes"]["total"].get<uint64_t>();
     const uint64_t du = DiskUsage(img);
     MESSAGE("dedup at ", cs, ": disk usage ", before, " -> ", du, " bytes; data + metadata ", data);

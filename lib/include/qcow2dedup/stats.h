@@ -48,6 +48,9 @@ struct DedupStats {
   double dedup_ratio = 1.0;      // data / stored (1 without data)
   uint64_t saved_bytes = 0;      // (data - stored) * cluster size
   double saving_percent = 0;     // saved bytes / data bytes * 100 (0 without data)
+  // Stored clusters that `dedup` would free: copies of data stored elsewhere
+  // too, and zeros (uncompressed clusters only).
+  uint64_t reclaimable_clusters = 0;
   struct Metadata {
     uint64_t l1 = 0;        // the L1 table, rounded up to whole clusters
     uint64_t l2 = 0;        // active L2 tables * cluster size
@@ -59,10 +62,12 @@ struct DedupStats {
   std::vector<SharedCluster> top;  // refcount >= 2; refcount desc, host offset asc
 };
 
-// Reads only metadata (L1, L2, refcount table, header): fast on any size.
+// Reads metadata (L1, L2, refcount table, header) and, for what `dedup`
+// would reclaim, the stored dedup index when it is in sync; otherwise (an
+// image QEMU wrote) it hashes every stored cluster, reporting progress.
 // Memory: 4 bytes per host cluster of the image file's data.
 Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count = 10,
-                                     bool force_share = false);
+                                     bool force_share = false, const ProgressFn& progress = {});
 
 struct Simulation {
   uint64_t cluster_size = 0;

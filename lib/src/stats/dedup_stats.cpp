@@ -13,6 +13,7 @@
 #include "stats/histogram.h"
 #include "stats/host_references.h"
 #include "stats/l2_walk.h"
+#include "stats/reclaimable.h"
 
 namespace qcow2dedup {
 namespace {
@@ -103,7 +104,8 @@ Status CollectGuestOffsets(ImageState& s, uint64_t guest_clusters, std::vector<S
 
 }  // namespace
 
-Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, bool force_share) {
+Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, bool force_share,
+                                     const ProgressFn& progress) {
   OpenOptions o;
   o.writable = false;
   o.force_share = force_share;
@@ -162,6 +164,7 @@ Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, 
   for (const Candidate& c : picked) st.top.push_back({c.key.host, c.refs, {}});
   QD_RETURN_IF_ERROR(CollectGuestOffsets(s, st.guest_clusters, st.top, picked));
   QD_RETURN_IF_ERROR(MeasureMetadata(s, st.metadata));
+  QD_ASSIGN_OR_RETURN(st.reclaimable_clusters, CountReclaimable(s, refs, progress));
   return st;
 }
 

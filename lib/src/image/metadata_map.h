@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 #include <unordered_set>
+#include <utility>
+#include <vector>
 
 #include "format/header.h"
 #include "qcow2dedup/status.h"
@@ -29,6 +31,8 @@ class MetadataMap {
     if (in(h_->l1_offset, uint64_t(h_->l1_size) * 8)) return "the L1 table";
     if (in(h_->reftable_offset, uint64_t(h_->reftable_clusters) * cs)) return "the refcount table";
     if (h_->nb_snapshots && in(h_->snapshots_offset, snapshot_table_bytes_)) return "the snapshot table";
+    for (const auto& [start, bytes] : snapshot_l1_tables_)
+      if (in(start, bytes)) return "a snapshot's L1 table";
     return nullptr;
   }
 
@@ -47,6 +51,7 @@ class MetadataMap {
   }
 
   void set_snapshot_table_bytes(uint64_t b) { snapshot_table_bytes_ = b; }
+  void AddSnapshotL1(uint64_t offset, uint64_t bytes) { snapshot_l1_tables_.emplace_back(offset, bytes); }
 
  private:
   static std::string fmt_overlap(const char* what, uint64_t offset, const char* target) {
@@ -57,6 +62,7 @@ class MetadataMap {
   }
   const Header* h_;
   uint64_t snapshot_table_bytes_ = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> snapshot_l1_tables_;  // offset, bytes
   std::unordered_set<uint64_t> tables_;
 };
 

@@ -128,6 +128,7 @@ Result<std::unique_ptr<Image>> OpenQcow2(const std::string& path, OpenOptions& o
   if (s->header.nb_snapshots > 0) {
     QD_ASSIGN_OR_RETURN(s->snapshots, ReadSnapshotTable(*s->file, s->header, file_size));
     s->meta.set_snapshot_table_bytes(s->snapshots.bytes);
+    for (const Snapshot& snap : s->snapshots.snapshots) s->meta.AddSnapshotL1(snap.l1_offset, uint64_t(snap.l1_size) * 8);
   }
   const uint64_t cache_tables = CacheTables(s->cs(), opts.metadata_cache_bytes);
   s->map = std::make_unique<ClusterMap>(s->file.get(), &s->header, &s->meta, cache_tables);

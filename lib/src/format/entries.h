@@ -14,6 +14,10 @@ constexpr uint64_t kL2ReservedMask = 0x3f000000000001feull;
 constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffull;
 constexpr uint64_t kRefTableReservedMask = 0x1ffull;
 
+// Extended L2 subcluster bitmaps: allocated bits low, zero bits high.
+constexpr uint64_t kAllSubclustersAllocated = 0x00000000ffffffffull;
+constexpr uint64_t kAllSubclustersZero = 0xffffffff00000000ull;
+
 inline uint64_t L1Offset(uint64_t e) { return e & kOffsetMask; }
 inline uint64_t L2Offset(uint64_t e) { return e & kOffsetMask; }
 inline bool IsCompressed(uint64_t e) { return e & kFlagCompressed; }

@@ -118,7 +118,14 @@ Result<uint64_t> ClusterMap::GetEntry(uint64_t guest_cluster) {
   const uint64_t l1_index = guest_cluster / h_->l2_entries();
   if (l1_index >= l1_.size() || L1Offset(l1_[l1_index]) == 0) return uint64_t(0);
   QD_ASSIGN_OR_RETURN(TableCache::Table * t, l2_.Get(L1Offset(l1_[l1_index])));
-  return LoadBe64(t->data() + (guest_cluster % h_->l2_entries()) * 8);
+  return LoadBe64(t->data() + (guest_cluster % h_->l2_entries()) * h_->l2_entry_bytes());
+}
+
+Result<uint64_t> ClusterMap::GetBitmap(uint64_t guest_cluster) {
+  const uint64_t l1_index = guest_cluster / h_->l2_entries();
+  if (!h_->extended_l2() || l1_index >= l1_.size() || L1Offset(l1_[l1_index]) == 0) return uint64_t(0);
+  QD_ASSIGN_OR_RETURN(TableCache::Table * t, l2_.Get(L1Offset(l1_[l1_index])));
+  return LoadBe64(t->data() + (guest_cluster % h_->l2_entries()) * h_->l2_entry_bytes() + 8);
 }
 
 Status ClusterMap::AddTable(uint64_t l1_index, uint64_t table) {
@@ -139,13 +146,15 @@ Status ClusterMap::SetL1Copied(uint64_t l1_index) {
   return Status::Ok();
 }
 
-Status ClusterMap::SetEntry(uint64_t guest_cluster, uint64_t entry) {
+Status ClusterMap::SetEntry(uint64_t guest_cluster, uint64_t entry, uint64_t bitmap) {
   const uint64_t l1_index = guest_cluster / h_->l2_entries();
   if (l1_index >= l1_.size() || L1Offset(l1_[l1_index]) == 0 || !(l1_[l1_index] & kFlagCopied))
     return Status::InvalidArgument(fmt::format("guest cluster {} has no L2 table of its own", guest_cluster));
   const uint64_t table = L1Offset(l1_[l1_index]);
   QD_ASSIGN_OR_RETURN(TableCache::Table * t, l2_.Get(table));
-  StoreBe64(t->data() + (guest_cluster % h_->l2_entries()) * 8, entry);
+  uint8_t* p = t->data() + (guest_cluster % h_->l2_entries()) * h_->l2_entry_bytes();
+  StoreBe64(p, entry);
+  if (h_->extended_l2()) StoreBe64(p + 8, bitmap);
   l2_.MarkDirty(table);
   return Status::Ok();
 }

@@ -46,11 +46,14 @@ class ClusterMap {
   // guest_cluster; entries the reader would refuse are Corruption.
   Result<L2Entry> Decode(uint64_t guest_cluster, const uint8_t* p) const;
 
-  // The raw L2 entry of a guest cluster (standard L2 only); 0 without a table.
+  // The raw L2 entry of a guest cluster; 0 without a table.
   Result<uint64_t> GetEntry(uint64_t guest_cluster);
-  // Sets it; the guest cluster's L2 table must exist and be ours alone
-  // (the writer creates or copies it first).
-  Status SetEntry(uint64_t guest_cluster, uint64_t entry);
+  // Its subcluster bitmap (extended L2); 0 without a table or without
+  // extended L2.
+  Result<uint64_t> GetBitmap(uint64_t guest_cluster);
+  // Sets the entry (and with extended L2 its bitmap); the guest cluster's L2
+  // table must exist and be ours alone (the writer creates or copies it first).
+  Status SetEntry(uint64_t guest_cluster, uint64_t entry, uint64_t bitmap = 0);
   // Points L1 entry l1_index at a new, empty L2 table at host offset table.
   Status AddTable(uint64_t l1_index, uint64_t table);
   // Sets COPIED on L1 entry l1_index: its table's refcount is 1.

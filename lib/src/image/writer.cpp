@@ -88,8 +88,9 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
   return Status::Ok();
 }
 
-// Releases what an L2 entry referenced.
-Status Writer::ReleaseEntry(uint64_t entry) {
+// Releases what an L2 entry referenced (bitmap: its subclusters', with
+// extended L2).
+Status Writer::ReleaseEntry(uint64_t entry, uint64_t bitmap) {
   const uint32_t bits = s_.header.cluster_bits;
   if (IsCompressed(entry)) {
     CompressedDescriptor d = DecodeCompressed(entry, bits);
@@ -97,8 +98,9 @@ Status Writer::ReleaseEntry(uint64_t entry) {
       QD_RETURN_IF_ERROR(Release(c, false));
     return Status::Ok();
   }
-  if (L2Offset(entry) != 0) return Release(L2Offset(entry) >> bits, !(entry & kFlagZero));
-  return Status::Ok();
+  if (L2Offset(entry) == 0) return Status::Ok();
+  const bool data = s_.header.extended_l2() ? (bitmap & kAllSubclustersAllocated) != 0 : !(entry & kFlagZero);
+  return Release(L2Offset(entry) >> bits, data);
 }
 
 // Whether the index's claim that cluster c holds data with this digest can
@@ -181,17 +183,27 @@ Status Writer::CopyL2Table(uint64_t l1_index) {
 
 Status Writer::WriteOne(const ClusterWrite& w) {
   const uint64_t cs = s_.cs();
+  const bool extended = s_.header.extended_l2();
   QD_ASSIGN_OR_RETURN(uint64_t old, s_.map->GetEntry(w.guest_cluster));
+  QD_ASSIGN_OR_RETURN(uint64_t old_bitmap, s_.map->GetBitmap(w.guest_cluster));
   ++stats_.clusters_written;
-  uint64_t entry;
+  uint64_t entry, bitmap = 0;
   if (w.zero) {
     ++stats_.zero_clusters;
     // Unallocated reads as zero unless a backing file would show through.
-    entry = s_.backing ? kFlagZero : 0;
-    if (old == entry) return Status::Ok();
+    if (extended) {
+      entry = 0;
+      bitmap = s_.backing ? kAllSubclustersZero : 0;
+    } else {
+      entry = s_.backing ? kFlagZero : 0;
+    }
+    if (old == entry && old_bitmap == bitmap) return Status::Ok();
   } else {
+    // A whole cluster of data: every subcluster allocated, so the guest
+    // reads exactly the host cluster's bytes (whose digest the index holds).
+    bitmap = extended ? kAllSubclustersAllocated : 0;
     std::optional<uint64_t> hit = index_.Find(w.digest);
-    if (hit && !IsCompressed(old) && !(old & kFlagZero) && L2Offset(old) == *hit * cs) {
+    if (hit && !IsCompressed(old) && !(old & kFlagZero) && L2Offset(old) == *hit * cs && old_bitmap == bitmap) {
       QD_ASSIGN_OR_RETURN(bool same, Believe(*hit, w.digest));
       if (same) {
         ++stats_.dedup_hits;  // the same data again: nothing changes
@@ -218,8 +230,8 @@ Status Writer::WriteOne(const ClusterWrite& w) {
     index_changed_ = true;
   }
   QD_RETURN_IF_ERROR(PrepareL2(w.guest_cluster));
-  QD_RETURN_IF_ERROR(s_.map->SetEntry(w.guest_cluster, entry));
-  return ReleaseEntry(old);
+  QD_RETURN_IF_ERROR(s_.map->SetEntry(w.guest_cluster, entry, bitmap));
+  return ReleaseEntry(old, old_bitmap);
 }
 
 Status Writer::WriteClusters(std::span<const ClusterWrite> clusters) {
@@ -292,13 +304,14 @@ Status Writer::FixCopiedFlags() {
     QD_ASSIGN_OR_RETURN(TableCache::Table * t, map.cache().Get(table));
     bool changed = false;
     for (uint64_t j = 0; j < s_.header.l2_entries(); ++j) {
-      uint64_t e = LoadBe64(t->data() + j * 8);
+      uint8_t* p = t->data() + j * s_.header.l2_entry_bytes();
+      uint64_t e = LoadBe64(p);
       if (IsCompressed(e) || L2Offset(e) == 0) continue;
       if (!fix_all_copied_ && !copied_fixups_.Contains(L2Offset(e) >> bits)) continue;
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(L2Offset(e) >> bits));
       uint64_t want = rc == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied);
       if (want != e) {
-        StoreBe64(t->data() + j * 8, want);
+        StoreBe64(p, want);
         changed = true;
       }
     }

@@ -87,7 +87,7 @@ class Writer {
   Status ReadCluster(uint64_t cluster);
   // known: the cluster's digest, when the caller has it (saves a read).
   Status Release(uint64_t cluster, bool data, const Digest* known = nullptr);
-  Status ReleaseEntry(uint64_t entry);
+  Status ReleaseEntry(uint64_t entry, uint64_t bitmap);
   Result<bool> Believe(uint64_t cluster, const Digest& digest);
   Result<Share> CanShare(uint64_t cluster, const ClusterWrite& w);
   Result<std::optional<uint64_t>> FindShareable(const ClusterWrite& w, std::optional<uint64_t> hit);

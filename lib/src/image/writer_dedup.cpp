@@ -43,12 +43,17 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
       if (!L1Offset(s_.map->l1()[i])) continue;
       for (uint64_t g = i * s_.header.l2_entries(); g < std::min(guest_clusters, (i + 1) * s_.header.l2_entries()); ++g) {
         QD_ASSIGN_OR_RETURN(uint64_t old, s_.map->GetEntry(g));
+        QD_ASSIGN_OR_RETURN(uint64_t bitmap, s_.map->GetBitmap(g));
         if (IsCompressed(old) || (old & kFlagZero) || L2Offset(old) == 0) continue;
+        // A partly allocated cluster reads other bytes than its host cluster holds.
+        if (s_.header.extended_l2() && bitmap != kAllSubclustersAllocated) continue;
         auto it = moves.find(L2Offset(old) / cs);
         if (it == moves.end()) continue;
         uint64_t entry;
         if (!it->second.keep) {
-          entry = s_.backing ? kFlagZero : 0;  // a backing file must not show through
+          // A backing file must not show through.
+          entry = s_.backing && !s_.header.extended_l2() ? kFlagZero : 0;
+          bitmap = s_.backing && s_.header.extended_l2() ? kAllSubclustersZero : 0;
           ++counts.zeroed;
         } else {
           const uint64_t keep = *it->second.keep;
@@ -60,7 +65,7 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
           ++counts.relinked;
         }
         QD_RETURN_IF_ERROR(PrepareL2(g));
-        QD_RETURN_IF_ERROR(s_.map->SetEntry(g, entry));
+        QD_RETURN_IF_ERROR(s_.map->SetEntry(g, entry, bitmap));
         QD_RETURN_IF_ERROR(Release(L2Offset(old) / cs, true, &it->second.digest));
         QD_RETURN_IF_ERROR(FlushIfCachesFull());
       }

@@ -14,7 +14,6 @@ namespace qcow2dedup {
 
 Status CheckWritableFormat(const Header& h) {
   if (h.version < 3) return Status::Unsupported("writing qcow2 version 2 images is not supported; convert it first");
-  if (h.extended_l2()) return Status::Unsupported("writing images with extended L2 entries is not supported");
   if (h.autoclear & kAutoclearBitmaps)
     return Status::Unsupported("writing images with persistent bitmaps is not supported");
   return Status::Ok();

@@ -1,14 +1,18 @@
-// Writing into images with internal snapshots (qemu-img snapshot -c):
-// clusters and L2 tables a snapshot shares are copied on write, never
-// changed in place, so every snapshot keeps its data (qemu-img convert -l
-// reads it unchanged) and qemu-img snapshot -a still returns to it; the
-// active view is what was written; qemu-img check and ours stay clean
-// (COPIED exactly when the refcount is 1).
+// Writing into images QEMU wrote, of kinds our own images never are.
+// Internal snapshots (qemu-img snapshot -c): clusters and L2 tables a
+// snapshot shares are copied on write, never changed in place, so every
+// snapshot keeps its data (qemu-img convert -l reads it unchanged) and
+// qemu-img snapshot -a still returns to it. Extended L2 entries: partly
+// allocated clusters, zero subclusters, and QEMU writing after us. Every
+// time the active view is what was written, and qemu-img check and ours
+// stay clean (COPIED exactly when the refcount is 1).
 #include <doctest/doctest.h>
 
 #include "support/process.h"
 #include "support/qemu_tools.h"
 #include "support/temp_dir.h"
+
+#include <fstream>
 
 using namespace testing;
 
@@ -29,6 +33,15 @@ void BothClean(const std::string& img) {
   CheckQemuClean(img);
   RunResult ours = Run(Tool() + " check " + Sh(img));
   CHECK_MESSAGE(ours.exit_code == 0, ours.out, ours.err);
+}
+
+// Writes n bytes of value v at offset into the raw model file.
+void Poke(const std::string& raw, uint64_t offset, uint64_t n, char v) {
+  std::fstream f(raw, std::ios::in | std::ios::out | std::ios::binary);
+  REQUIRE(f);
+  f.seekp(std::streamoff(offset));
+  const std::string bytes(n, v);
+  f.write(bytes.data(), std::streamsize(n));
 }
 
 }  // namespace
@@ -72,4 +85,38 @@ TEST_CASE("write, dedup and a second snapshot on an image with internal snapshot
     CheckQemuIdentical(img, dir / "after-write.raw");
     BothClean(img);
   }
+}
+
+TEST_CASE("write and dedup on an image with extended L2 entries (subclusters)") {
+  REQUIRE_MESSAGE(HaveCommand("qemu-io"), "qemu-io is missing: install qemu-utils");
+  TempDir dir;
+  const std::string img = dir / "x.qcow2", raw = dir / "x.raw";
+  Must("qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=64K " + Sh(img) + " 4M");
+  // Partly allocated clusters, zero subclusters, and a duplicate QEMU stored twice.
+  Must("qemu-io -c 'write -P 0x11 0 4k' -c 'write -P 0x22 70k 6k' -c 'write -z 128k 64k' "
+       "-c 'write -P 0x33 256k 64k' -c 'write -P 0x33 320k 64k' -c 'write -P 0x66 400k 2k' " + Sh(img));
+  Raw(img, raw);
+  // Into a partly allocated cluster, over a zero one, and a copy of stored data.
+  Must(Tool() + " write --pattern 0x44 --length 10K " + Sh(img) + " 66K");
+  Poke(raw, 66 << 10, 10 << 10, 0x44);
+  Must(Tool() + " write --pattern 0x45 --length 3K " + Sh(img) + " 130K");
+  Poke(raw, 130 << 10, 3 << 10, 0x45);
+  Must(Tool() + " write --pattern 0x33 --length 64K " + Sh(img) + " 1M");
+  Poke(raw, 1 << 20, 64 << 10, 0x33);
+  BothClean(img);
+  CheckQemuIdentical(img, raw);
+  RunResult d = Run(Tool() + " dedup --output=json " + Sh(img));
+  REQUIRE_MESSAGE(d.exit_code == 0, d.err);
+  CHECK(nlohmann::json::parse(d.out)["freed-clusters"] == 1);  // one of QEMU's two 0x33 copies
+  BothClean(img);
+  CheckQemuIdentical(img, raw);
+  // QEMU writes a subcluster of a cluster we share: it must copy, not write in place.
+  Must("qemu-io -c 'write -P 0x55 1M 2k' " + Sh(img));
+  Poke(raw, 1 << 20, 2 << 10, 0x55);
+  CheckQemuIdentical(img, raw);
+  BothClean(img);
+  Must(Tool() + " write --pattern 0x33 --length 64K " + Sh(img) + " 2M");
+  Poke(raw, 2 << 20, 64 << 10, 0x33);
+  BothClean(img);
+  CheckQemuIdentical(img, raw);
 }

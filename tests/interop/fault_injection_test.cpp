@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <random>
 
 #include "qcow2dedup/check.h"
@@ -169,6 +170,36 @@ void MaybeCutPower(FaultFile& f, Fault fault, uint64_t n) {
 
 uint64_t g_fault_points = 0;
 
+using RunFn = std::function<Status(const std::string& path, std::unique_ptr<FaultFile> file)>;
+
+// Every fault at every write or sync point: fresh(path) lays the run's file
+// down, run must fail with the injected error (the image it opened is gone
+// when it returns, as if the process ended there), the power may go, and
+// then the image must repair to old or new data in every cluster.
+void InjectEverywhere(const std::string& path, uint64_t writes, uint64_t syncs,
+                      const std::function<void(const std::string&)>& fresh, const RunFn& run, const Bytes& old_data,
+                      const Bytes& new_data, bool may_be_unformatted) {
+  for (Fault fault : {Fault::kWriteEIO, Fault::kWriteENOSPC, Fault::kSyncEIO, Fault::kPowerCutAtWrite,
+                      Fault::kPartialPowerCut}) {
+    const uint64_t points = fault == Fault::kSyncEIO ? syncs : writes;
+    for (uint64_t n = 1; n <= points; ++n) {
+      CAPTURE(Name(fault));
+      CAPTURE(n);
+      fresh(path);
+      auto ff = FaultFile::Open(path);
+      REQUIRE(ff.ok());
+      Arm(**ff, fault, n);
+      Status s = run(path, (*ff)->Share());
+      REQUIRE_FALSE(s.ok());
+      CHECK_MESSAGE(s.message().find("injected") != std::string::npos, s.message());
+      MaybeCutPower(**ff, fault, n);
+      ff->reset();
+      ExpectRepairsToOldOrNew(path, old_data, new_data, may_be_unformatted);
+      ++g_fault_points;
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("a write run fails or loses power at every write and sync point, and repairs to old or new") {
@@ -202,32 +233,19 @@ TEST_CASE("a write run fails or loses power at every write and sync point, and r
   REQUIRE(writes > 5);
   REQUIRE(syncs > 2);
 
-  for (Fault fault : {Fault::kWriteEIO, Fault::kWriteENOSPC, Fault::kSyncEIO, Fault::kPowerCutAtWrite,
-                      Fault::kPartialPowerCut}) {
-    const uint64_t points = fault == Fault::kSyncEIO ? syncs : writes;
-    for (uint64_t n = 1; n <= points; ++n) {
-      CAPTURE(Name(fault));
-      CAPTURE(n);
-      const std::string path = tmp / "run.qcow2";
-      std::filesystem::copy_file(base, path, std::filesystem::copy_options::overwrite_existing);
-      auto ff = FaultFile::Open(path);
-      REQUIRE(ff.ok());
-      Arm(**ff, fault, n);
-      OpenOptions o;
-      o.writable = true;
-      o.file = (*ff)->Share();
-      auto img = Image::Open(path, std::move(o));
-      REQUIRE(img.ok());
-      Status s = RunSteps(**img, steps);
-      REQUIRE_FALSE(s.ok());
-      CHECK_MESSAGE(s.message().find("injected") != std::string::npos, s.message());
-      img->reset();  // no Close: as if the process ended here
-      MaybeCutPower(**ff, fault, n);
-      ff->reset();
-      ExpectRepairsToOldOrNew(path, old_data, new_data, false);
-      ++g_fault_points;
-    }
-  }
+  auto copy_base = [&](const std::string& path) {
+    std::filesystem::copy_file(base, path, std::filesystem::copy_options::overwrite_existing);
+  };
+  InjectEverywhere(tmp / "run.qcow2", writes, syncs, copy_base,
+                   [&](const std::string& path, std::unique_ptr<FaultFile> file) -> Status {
+                     OpenOptions o;
+                     o.writable = true;
+                     o.file = std::move(file);
+                     auto img = Image::Open(path, std::move(o));
+                     REQUIRE(img.ok());
+                     return RunSteps(**img, steps);  // no Close on failure
+                   },
+                   old_data, new_data, false);
   MESSAGE("write run: ", writes, " write points, ", syncs, " sync points");
 }
 
@@ -262,26 +280,10 @@ TEST_CASE("a dedup run fails or loses power at every write and sync point, and t
               .exit_code == 0);
   }
   REQUIRE(writes > 3);
-  for (Fault fault : {Fault::kWriteEIO, Fault::kWriteENOSPC, Fault::kSyncEIO, Fault::kPowerCutAtWrite,
-                      Fault::kPartialPowerCut}) {
-    const uint64_t points = fault == Fault::kSyncEIO ? syncs : writes;
-    for (uint64_t n = 1; n <= points; ++n) {
-      CAPTURE(Name(fault));
-      CAPTURE(n);
-      const std::string path = tmp / "run.qcow2";
-      std::filesystem::copy_file(base, path, std::filesystem::copy_options::overwrite_existing);
-      auto ff = FaultFile::Open(path);
-      REQUIRE(ff.ok());
-      Arm(**ff, fault, n);
-      Status s = run(path, (*ff)->Share());
-      REQUIRE_FALSE(s.ok());
-      CHECK_MESSAGE(s.message().find("injected") != std::string::npos, s.message());
-      MaybeCutPower(**ff, fault, n);
-      ff->reset();
-      ExpectRepairsToOldOrNew(path, data, data, false);
-      ++g_fault_points;
-    }
-  }
+  auto copy_base = [&](const std::string& path) {
+    std::filesystem::copy_file(base, path, std::filesystem::copy_options::overwrite_existing);
+  };
+  InjectEverywhere(tmp / "run.qcow2", writes, syncs, copy_base, run, data, data, false);
   MESSAGE("dedup run: ", writes, " write points, ", syncs, " sync points");
 }
 
@@ -320,26 +322,8 @@ TEST_CASE("a convert run fails or loses power at every write and sync point") {
   }
   REQUIRE(writes > 3);
 
-  for (Fault fault : {Fault::kWriteEIO, Fault::kWriteENOSPC, Fault::kSyncEIO, Fault::kPowerCutAtWrite,
-                      Fault::kPartialPowerCut}) {
-    const uint64_t points = fault == Fault::kSyncEIO ? syncs : writes;
-    for (uint64_t n = 1; n <= points; ++n) {
-      CAPTURE(Name(fault));
-      CAPTURE(n);
-      const std::string path = tmp / "run.qcow2";
-      WriteFile(path, {});
-      auto ff = FaultFile::Open(path);
-      REQUIRE(ff.ok());
-      Arm(**ff, fault, n);
-      Status s = run(path, (*ff)->Share());
-      REQUIRE_FALSE(s.ok());
-      CHECK_MESSAGE(s.message().find("injected") != std::string::npos, s.message());
-      MaybeCutPower(**ff, fault, n);
-      ff->reset();
-      ExpectRepairsToOldOrNew(path, zeros, src, true);
-      ++g_fault_points;
-    }
-  }
+  InjectEverywhere(tmp / "run.qcow2", writes, syncs, [](const std::string& path) { WriteFile(path, {}); }, run, zeros,
+                   src, true);
   MESSAGE("convert run: ", writes, " write points, ", syncs, " sync points; ", g_fault_points,
           " fault points injected in all");
 }

@@ -5,7 +5,7 @@
 
 #include "check/context.h"
 #include "check/passes.h"
-#include "dedup/hasher.h"
+#include "dedup/hash_clusters.h"
 #include "dedup/index_store.h"
 #include "image/image_state.h"
 #include "image/writer.h"
@@ -80,24 +80,8 @@ Status Writer::RebuildIndex(const ProgressFn& progress) {
   }
   std::sort(clusters.begin(), clusters.end());
   clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
-  const size_t batch = std::max<size_t>(64, (8u << 20) / cs);
-  std::vector<uint8_t> buf(batch * cs);
-  std::vector<Digest> digests(batch);
-  std::vector<Status> errors(batch);
-  for (size_t start = 0; start < clusters.size(); start += batch) {
-    size_t n = std::min(batch, clusters.size() - start);
-    ParallelFor(n, 8, [&](size_t k) {
-      std::span<uint8_t> c(&buf[k * cs], cs);
-      errors[k] = s_.file->ReadAt(clusters[start + k] * cs, c);
-      digests[k] = Sha256(c);
-    });
-    for (size_t k = 0; k < n; ++k) {
-      QD_RETURN_IF_ERROR(errors[k]);
-      index_.Insert(digests[k], clusters[start + k]);
-    }
-    if (progress) progress(start + n, clusters.size());
-  }
-  return Status::Ok();
+  return HashClusters(*s_.file, cs, clusters, progress,
+                      [&](uint64_t c, const Digest& d) { index_.Insert(d, c); });
 }
 
 }  // namespace qcow2dedup

@@ -2,7 +2,7 @@
 
 #include <cstring>
 
-#include "dedup/hasher.h"
+#include "dedup/hash_clusters.h"
 #include "dedup/index_store.h"
 #include "stats/digest_set.h"
 
@@ -28,23 +28,9 @@ Result<uint64_t> ByHashing(ImageState& s, const HostReferences& refs, const Prog
   const Digest zero = Sha256(std::vector<uint8_t>(cs, 0));
   DigestSet distinct;
   uint64_t kept = 0;
-  const size_t batch = std::max<size_t>(64, (8u << 20) / cs);
-  std::vector<uint8_t> buf(batch * cs);
-  std::vector<Digest> digests(batch);
-  std::vector<Status> errors(batch);
-  for (size_t start = 0; start < clusters.size(); start += batch) {
-    const size_t n = std::min(batch, clusters.size() - start);
-    ParallelFor(n, 8, [&](size_t k) {
-      std::span<uint8_t> c(&buf[k * cs], cs);
-      errors[k] = s.file->ReadAt(clusters[start + k] * cs, c);
-      digests[k] = Sha256(c);
-    });
-    for (size_t k = 0; k < n; ++k) {
-      QD_RETURN_IF_ERROR(errors[k]);
-      if (digests[k] != zero && distinct.Insert(digests[k].data())) ++kept;
-    }
-    if (progress) progress(start + n, clusters.size());
-  }
+  QD_RETURN_IF_ERROR(HashClusters(*s.file, cs, clusters, progress, [&](uint64_t, const Digest& d) {
+    if (d != zero && distinct.Insert(d.data())) ++kept;
+  }));
   return clusters.size() - kept;
 }
 

@@ -1,0 +1,20 @@
+// Reading and hashing many host clusters: batches of about 8 MiB, each
+// read and hashed on every core, handed on in the order asked for.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+
+#include "dedup/sha256.h"
+#include "qcow2dedup/file.h"
+#include "qcow2dedup/image.h"
+
+namespace qcow2dedup {
+
+// Calls done(cluster, digest) for each of clusters, in order; progress
+// counts clusters.
+Status HashClusters(File& file, uint64_t cluster_size, std::span<const uint64_t> clusters,
+                    const ProgressFn& progress, const std::function<void(uint64_t, const Digest&)>& done);
+
+}  // namespace qcow2dedup

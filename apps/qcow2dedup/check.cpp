@@ -34,22 +34,22 @@ std::string DedupLine(const DedupFindings& d) {
       d.missing, d.duplicates, rebuilt);
 }
 
-// Findings about the dedup index (index_audit.cpp), as opposed to those
-// about the qcow2 structure, which are qemu-img's.
-bool IsDedupFinding(const std::string& m) {
-  return m.starts_with("ERROR dedup index") || m.starts_with("Repairing dedup index") ||
-         m.starts_with("Dedup index not checked");
+bool IsDedupFinding(const Finding& f) { return f.area == FindingArea::kDedupIndex; }
+
+// Every finding on stderr, as qemu-img check prints them (with -q and
+// --output=json too): first the qcow2 structure's, which are qemu-img's
+// lines, then the dedup index's.
+void PrintFindings(const CheckReport& r) {
+  for (bool dedup : {false, true})
+    for (const Finding& f : r.findings)
+      if (IsDedupFinding(f) == dedup) fmt::print(stderr, "{}\n", f.text);
 }
 
-// Two parts. First the qcow2 structure: its findings, then qemu-img's
+// Two parts on stdout. First the qcow2 structure: qemu-img's
 // dump_human_image_check line for line, except that "No errors were found
 // on the image." is not said of an image whose dedup index is wrong. Then
-// the dedup index: its findings, its state, and a count of what is wrong.
+// the dedup index: its state, and a count of what is wrong.
 void PrintHuman(const CheckReport& r) {
-  // On stdout, ahead of the summary: a check that fails (exit 1) then
-  // still prints one line on stderr, like every other failure.
-  for (const std::string& m : r.messages)
-    if (!IsDedupFinding(m)) fmt::print("{}\n", m);
   if (r.leaks_fixed || r.corruptions_fixed)
     fmt::print(
         "The following inconsistencies were found and repaired:\n\n"
@@ -77,8 +77,6 @@ void PrintHuman(const CheckReport& r) {
                r.compressed_clusters * 100.0 / r.allocated_clusters);
   if (r.image_end_offset) fmt::print("Image end offset: {}\n", r.image_end_offset);
 
-  for (const std::string& m : r.messages)
-    if (IsDedupFinding(m)) fmt::print("{}\n", m);
   fmt::print("{}\n", DedupLine(r.dedup));
   if (index_errors)
     fmt::print("\n{} corruptions were found in the dedup metadata.\n"
@@ -144,14 +142,15 @@ int RunCheck() {
     return Fail(opts.file, report.status());
   }
   progress.Finish();
-  if (opts.output == OutputFormat::kJson) {
-    // The findings have no JSON key: stderr, as qemu-img prints them, keeps stdout JSON.
-    for (const std::string& m : report->messages) fmt::print(stderr, "{}\n", m);
-    if (!opts.quiet) PrintJson(CheckJson(*report));
-  } else if (!opts.quiet) {
-    PrintHuman(*report);
+  PrintFindings(*report);
+  // A check that gave up half way has no summary, in qemu-img either.
+  if (!opts.quiet && !report->stopped) {
+    if (opts.output == OutputFormat::kJson) PrintJson(CheckJson(*report));
+    else PrintHuman(*report);
   }
-  if (report->check_errors)
+  if (report->stopped)
+    Fail(opts.file, "the check could not complete");
+  else if (report->check_errors)
     Fail(opts.file, fmt::format("the check could not complete ({} internal errors)", report->check_errors));
   return CheckExitCode(*report);
 }

@@ -37,7 +37,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!a.ok()) Fail("a repaired image that check -r all calls clean cannot be checked", a.status().message());
     if (CheckExitCode(*a) != 0) {
       std::string m = "corruptions " + std::to_string(a->corruptions) + ", leaks " + std::to_string(a->leaks);
-      for (const std::string& line : a->messages) m += "\n  " + line;
+      for (const Finding& f : a->findings) m += "\n  " + f.text;
       Fail("check -r all called the image clean, a second check does not", m);
     }
     OpenOptions oo;

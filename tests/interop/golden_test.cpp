@@ -12,6 +12,9 @@
 //   stdout  the exact expected standard output
 //   stderr  the exact expected standard error
 //   exit    the expected exit code
+//   qemu    optional: the same command for qemu-img (`qemu-img check ...`),
+//           run on the same fixture; its stdout, stderr and exit code must
+//           be ours with our dedup index part left out (see QcowPart)
 //
 // On a mismatch the test shows `diff -u expected actual`.
 //
@@ -40,6 +43,8 @@
 #include <map>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "support/process.h"
 #include "support/qcow2_layout.h"
@@ -198,6 +203,13 @@ const std::map<std::string, std::function<void(const std::string&)>> kFixtures =
        MakeDedup(dir);
        REQUIRE(::truncate((dir + "/disk.qcow2").c_str(), 40) == 0);
      }},
+    // disk.qcow2 cut 100 bytes into its dedup index (at the image end,
+    // 917504): the header still vouches for 9 entries, 3 are there.
+    {"truncated-index",
+     [](const std::string& dir) {
+       MakeDedup(dir);
+       REQUIRE(::truncate((dir + "/disk.qcow2").c_str(), 917504 + 100) == 0);
+     }},
     // disk.qcow2 cut after its first 3 clusters (header, refcount table and
     // refcount block): the L1 table and everything after it are gone.
     {"truncated-body",
@@ -237,6 +249,57 @@ std::string Diff(const std::string& expected, const std::string& actual) {
 bool Updating() {
   const char* v = std::getenv("QCOW2DEDUP_UPDATE_GOLDEN");
   return v && *v && std::string(v) != "0";
+}
+
+std::vector<std::string> SplitLines(const std::string& s) {
+  std::vector<std::string> lines;
+  size_t at = 0;
+  while (at < s.size()) {
+    const size_t nl = s.find('\n', at);
+    const size_t end = nl == std::string::npos ? s.size() : nl;
+    lines.push_back(s.substr(at, end - at));
+    at = end + 1;
+  }
+  return lines;
+}
+
+bool StartsWith(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+
+// What of check's output qemu-img shares, from a tool's stdout and stderr:
+//  - stdout, human: everything before our dedup index part (which starts
+//    with the "Dedup index" line); "No errors were found in the qcow2
+//    structure." is our deliberate wording for a clean qcow2 structure
+//    under a wrong index, where qemu-img says "No errors were found on the
+//    image.". info's human output ends where our "Dedup:" block begins.
+//    JSON: the object without our "dedup" key.
+//  - stderr: the findings without the dedup index's, and without the
+//    tool's own last line on failure ("qemu-img: Check failed: ...",
+//    "qcow2dedup: FILE: ..."): only that such a line is there.
+struct QcowPart {
+  std::string out, err;
+};
+
+QcowPart QcowPartOf(const std::string& out, const std::string& err, bool json) {
+  QcowPart p;
+  if (json) {
+    auto j = nlohmann::json::parse(out, nullptr, false);
+    if (j.is_object()) j.erase("dedup");
+    p.out = j.is_discarded() ? out : j.dump(4) + "\n";
+  } else {
+    for (const std::string& line : SplitLines(out)) {
+      if (StartsWith(line, "Dedup")) break;  // "Dedup index: ..." (check), "Dedup:" (info)
+      p.out += (line == "No errors were found in the qcow2 structure." ? "No errors were found on the image." : line) +
+               "\n";
+    }
+  }
+  for (const std::string& line : SplitLines(err)) {
+    if (StartsWith(line, "ERROR dedup index") || StartsWith(line, "Repairing dedup index") ||
+        StartsWith(line, "Dedup index not checked"))
+      continue;
+    p.err += StartsWith(line, "qemu-img: ") || StartsWith(line, "qcow2dedup: ") ? "(the tool's failure line)\n"
+                                                                               : line + "\n";
+  }
+  return p;
 }
 
 }  // namespace
@@ -286,6 +349,49 @@ TEST_CASE("golden: the CLI's exact stdout, stderr and exit code for every case i
     CHECK_MESSAGE(same_exit, c.name << ": exit code " << r.exit_code << ", expected " << Trim(want_exit) << " (`"
                                     << cmd << "`)");
   }
+}
+
+// Where qemu-img has the same feature, the same input and the same
+// options give the same qcow2 part of the output: qemu-img is the judge of
+// the goldens that have a `qemu` file (a missing qemu-img fails).
+TEST_CASE("golden: qemu-img prints the same for the qcow2 part, on both streams") {
+  REQUIRE_MESSAGE(testing::HaveCommand("qemu-img"), "qemu-img is the judge of these cases");
+  int compared = 0;
+  for (const Case& c : Cases()) {
+    if (!fs::exists(c.dir + "/qemu")) continue;
+    CAPTURE(c.name);
+    const std::string cmd = Trim(Slurp(c.dir + "/qemu"));
+    REQUIRE_MESSAGE(StartsWith(cmd, "qemu-img "), c.name << ": the qemu file must hold a qemu-img command");
+    std::string fixture = fs::exists(c.dir + "/setup") ? Trim(Slurp(c.dir + "/setup")) : "none";
+    auto f = kFixtures.find(fixture);
+    REQUIRE(f != kFixtures.end());
+    TempDir work;
+    f->second(work.path());
+    auto q = Run("cd " + Sh(work.path()) + " || exit 125\nexport LC_ALL=C\n" + cmd);
+    const bool json = cmd.find("--output=json") != std::string::npos;
+    const QcowPart theirs = QcowPartOf(q.out, q.err, json);
+    const QcowPart ours = QcowPartOf(Slurp(c.dir + "/stdout"), Slurp(c.dir + "/stderr"), json);
+    const bool same_out = theirs.out == ours.out, same_err = theirs.err == ours.err;
+    CHECK_MESSAGE(same_out, c.name << ": qemu-img's stdout (`" << cmd << "`) is not ours\n"
+                                   << Diff(theirs.out, ours.out));
+    CHECK_MESSAGE(same_err, c.name << ": qemu-img's stderr (`" << cmd << "`) is not ours\n"
+                                   << Diff(theirs.err, ours.err));
+    // Our exit code is qemu-img's, or 2 where our dedup index part counts
+    // corruptions (qemu-img knows no index).
+    const std::string our_out = Slurp(c.dir + "/stdout");
+    bool index_errors = our_out.find("corruptions were found in the dedup metadata") != std::string::npos;
+    if (json) {
+      auto d = nlohmann::json::parse(our_out, nullptr, false).value("dedup", nlohmann::json::object());
+      index_errors = d.value("in-sync", false) &&
+                     (d.value("mismatched", 0) + d.value("stale", 0) + d.value("missing", 0) > 0 ||
+                      (d.value("present", false) && !d.value("index-loaded", false)));
+    }
+    const int want_exit = index_errors && q.exit_code != 1 ? 2 : q.exit_code;
+    CHECK_MESSAGE(std::to_string(want_exit) + "\n" == Slurp(c.dir + "/exit"),
+                  c.name << ": qemu-img exits " << q.exit_code << ", ours " << Trim(Slurp(c.dir + "/exit")));
+    ++compared;
+  }
+  CHECK(compared >= 8);
 }
 
 // Every fixture is used by some case, so none rots unnoticed.

@@ -32,7 +32,7 @@ Status Recount::CountBitmaps() {
   MarkMeta(dir_offset, dir_size, "the bitmap directory");
   if (dir_size > kMaxBitmapDirectory || dir_offset > ctx_.file_size || dir_size > ctx_.file_size - dir_offset) {
     ++r_.corruptions;
-    Note(r_, "ERROR the bitmap directory lies outside the image");
+    Note(r_, FindingArea::kBitmaps, FindingKind::kError, "ERROR the bitmap directory lies outside the image");
     return Status::Ok();
   }
   std::vector<uint8_t> dir(dir_size);
@@ -46,7 +46,7 @@ Status Recount::CountBitmaps() {
   for (uint32_t b = 0; b < nb; ++b) {
     if (pos + kDirEntryBytes > dir.size()) {
       ++r_.corruptions;
-      Note(r_, "ERROR the bitmap directory is truncated");
+      Note(r_, FindingArea::kBitmaps, FindingKind::kError, "ERROR the bitmap directory is truncated");
       return Status::Ok();
     }
     const uint8_t* p = &dir[pos];
@@ -61,12 +61,12 @@ Status Recount::CountBitmaps() {
     MarkMeta(table_offset, table_bytes, "a bitmap table");
     if (table_offset % cs || table_offset > ctx_.file_size || table_bytes > ctx_.file_size - table_offset) {
       ++r_.corruptions;
-      Note(r_, fmt::format("ERROR bitmap table at {:#x} lies outside the image", table_offset));
+      Note(r_, FindingArea::kBitmaps, FindingKind::kError, fmt::format("ERROR bitmap table at {:#x} lies outside the image", table_offset));
       continue;
     }
     if (table_bytes > budget) {
       ++r_.check_errors;
-      Note(r_, fmt::format("ERROR bitmap tables overlap beyond what the file can hold; the one at {:#x} is not checked",
+      Note(r_, FindingArea::kBitmaps, FindingKind::kError, fmt::format("ERROR bitmap tables overlap beyond what the file can hold; the one at {:#x} is not checked",
                            table_offset));
       continue;
     }
@@ -78,7 +78,7 @@ Status Recount::CountBitmaps() {
       const uint64_t offset = e & kBitmapEntryOffsetMask;
       if ((e & kBitmapEntryReserved) || offset % cs || (offset && (e & 1))) {
         ++r_.corruptions;
-        Note(r_, fmt::format("ERROR bitmap table entry {:#x} is corrupted", e));
+        Note(r_, FindingArea::kBitmaps, FindingKind::kError, fmt::format("ERROR bitmap table entry {:#x} is corrupted", e));
         continue;
       }
       if (!offset) continue;

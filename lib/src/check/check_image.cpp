@@ -9,7 +9,6 @@
 
 #include "check/index_audit.h"
 #include "check/passes.h"
-#include "format/endian.h"
 #include "qcow2dedup/check.h"
 
 namespace qcow2dedup {
@@ -32,53 +31,18 @@ Result<Examination> Examine(Context& ctx, const ProgressFn& progress) {
 
 CheckReport Report(Examination& e) {
   CheckReport r = std::move(e.pass.report);
-  for (std::string& m : e.index_notes.messages) Note(r, std::move(m));
+  NoteAll(r, e.index_notes);
   return r;
-}
-
-// Parses the header as QEMU's check sees it. The library's parser refuses
-// tables at offset 0, an empty refcount table and tables past the end of
-// the file; QEMU opens such an image and its check reports the damage (it
-// refuses only offsets past INT64_MAX). So the parser gets a copy with
-// those fields made harmless, and the real values are put back after.
-Result<Header> ParseLeniently(std::vector<uint8_t> head, uint64_t file_size) {
-  constexpr uint64_t kQemuLimit = uint64_t(INT64_MAX);
-  const bool room = head.size() >= 72;
-  uint32_t cluster_bits = 0;
-  uint64_t l1 = 0, reftable = 0, snapshots = 0;
-  uint32_t reftable_clusters = 0;
-  if (room) {
-    cluster_bits = uint32_t(LoadBe64(&head[16]) & 0xffffffffu);
-    l1 = LoadBe64(&head[40]);
-    reftable = LoadBe64(&head[48]);
-    reftable_clusters = uint32_t(LoadBe64(&head[52]) & 0xffffffffu);
-    snapshots = LoadBe64(&head[64]);
-    if (cluster_bits >= kMinClusterBits && cluster_bits <= kMaxClusterBits) {
-      const uint64_t cs = 1ull << cluster_bits;
-      if (l1 == 0) StoreBe64(&head[40], cs);
-      if (reftable == 0) StoreBe64(&head[48], cs);
-      if (reftable_clusters == 0) head[59] = 1;
-      if (snapshots == 0) StoreBe64(&head[64], cs);
-    }
-  }
-  QD_ASSIGN_OR_RETURN(Header h, ParseHeader(head, std::max(file_size, kQemuLimit)));
-  if (room) {
-    h.l1_offset = l1;
-    h.reftable_offset = reftable;
-    h.reftable_clusters = reftable_clusters;
-    h.snapshots_offset = snapshots;
-  }
-  // QEMU refuses a misaligned snapshot table even when there are no snapshots.
-  if (h.snapshots_offset % h.cluster_size() || h.snapshots_offset > kQemuLimit - uint64_t(h.nb_snapshots) * 40)
-    return Status::Corruption("snapshot table offset invalid");
-  return h;
 }
 
 Status OpenContext(Context& ctx) {
   QD_ASSIGN_OR_RETURN(ctx.file_size, ctx.file->Size());
   std::vector<uint8_t> head(std::min<uint64_t>(ctx.file_size, 1u << kMaxClusterBits));
   QD_RETURN_IF_ERROR(ctx.file->ReadAt(0, head));
-  QD_ASSIGN_OR_RETURN(ctx.header, ParseLeniently(std::move(head), ctx.file_size));
+  // As QEMU's check sees it: tables at offset 0, an empty refcount table
+  // and tables past the end are the check's findings, not a reason to stop.
+  QD_ASSIGN_OR_RETURN(ctx.header, DecodeHeader(head));
+  QD_RETURN_IF_ERROR(ValidateHeader(ctx.header));
   return ReadSnapshots(ctx);
 }
 
@@ -130,6 +94,13 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   // where the index lay, and rebuilds the index instead.
   const bool keep_index = mode == RepairMode::kLeaks && before.in_sync && before.index_loaded && !before.errors();
   QD_RETURN_IF_ERROR(WriteFeatureBits(ctx, new_incompatible, keep_index ? autoclear : autoclear & ~kAutoclearDedupInSync));
+  if (f.stopped) {
+    // qemu-img does not check again after a repair that gave up.
+    CheckReport r = f;
+    r.findings = moved.findings;
+    NoteAll(r, f);
+    return r;
+  }
 
   QD_ASSIGN_OR_RETURN(Examination last, Examine(ctx, progress));
   bool rebuilt = false;
@@ -146,13 +117,12 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   CheckReport r;
   // What the rebuild mended, worded as qemu-img words a mended finding.
   if (rebuilt)
-    for (std::string& m : first.index_notes.messages)
-      Note(r, m.starts_with("ERROR ") ? "Repairing " + m.substr(6) : std::move(m));
-  for (std::string& m : moved.messages) Note(r, std::move(m));
-  for (const std::string& m : f.messages) Note(r, m);
+    for (const Finding& m : first.index_notes.findings) Note(r, Mended(m));
+  NoteAll(r, moved);
+  NoteAll(r, f);
   CheckReport final_report = Report(last);
-  for (std::string& m : final_report.messages) Note(r, std::move(m));
-  final_report.messages = std::move(r.messages);
+  NoteAll(r, final_report);
+  final_report.findings = std::move(r.findings);
   final_report.leaks_fixed = f.leaks_fixed;
   final_report.corruptions_fixed = f.corruptions_fixed + moved.corruptions_fixed;
   final_report.dedup.rebuilt = rebuilt;
@@ -184,8 +154,9 @@ Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode re
     // Only -r all can rebuild: qemu-img gives up here (exit 1) and so do
     // we, before writing anything.
     r = check::Report(first);
-    check::Note(r, "ERROR need to rebuild refcount structures");
+    check::Note(r, FindingArea::kRefcounts, FindingKind::kError, "ERROR need to rebuild refcount structures");
     ++r.check_errors;
+    r.stopped = true;
   } else if (ctx.writable && check::NeedsRepair(ctx, first.pass.report, repair)) {
     QD_ASSIGN_OR_RETURN(r, check::Repair(ctx, first, repair, progress));
   } else {

@@ -38,12 +38,26 @@ Result<uint64_t> Context::RefreshFileSize() {
   return file_size;
 }
 
-void Note(CheckReport& r, std::string line) {
-  if (r.messages.size() < kMaxMessages) {
-    r.messages.push_back(std::move(line));
-  } else if (r.messages.size() == kMaxMessages) {
-    r.messages.push_back("(further findings are not listed)");
+void Note(CheckReport& r, Finding f) {
+  if (r.findings.size() < kMaxMessages) {
+    r.findings.push_back(std::move(f));
+  } else if (r.findings.size() == kMaxMessages) {
+    r.findings.push_back({f.area, FindingKind::kNote, std::nullopt, "(further findings are not listed)"});
   }
+}
+
+void NoteAll(CheckReport& into, const CheckReport& from) {
+  for (const Finding& f : from.findings) Note(into, f);
+}
+
+const char* Word(FindingKind kind) {
+  switch (kind) {
+    case FindingKind::kError: return "ERROR";
+    case FindingKind::kLeak: return "Leaked";
+    case FindingKind::kRepaired: return "Repairing";
+    case FindingKind::kNote: break;
+  }
+  return "";
 }
 
 }  // namespace qcow2dedup::check

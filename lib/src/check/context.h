@@ -2,6 +2,7 @@
 // disk (repair changes it as it goes), and the report a pass fills in.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -24,9 +25,9 @@ constexpr uint64_t kRefTableEntryReserved = 0x1ffull;
 constexpr uint64_t kSubclustersAllocated = 0xffffffffull;
 
 // Header fields repair patches in place (byte offsets in cluster 0).
-constexpr uint64_t kHeaderRefTableAt = 48;
-constexpr uint64_t kHeaderIncompatibleAt = 72;
-constexpr uint64_t kHeaderAutoclearAt = 88;
+constexpr uint64_t kHeaderRefTableAt = offsetof(RawHeader, refcount_table_offset);
+constexpr uint64_t kHeaderIncompatibleAt = offsetof(RawHeader, incompatible_features);
+constexpr uint64_t kHeaderAutoclearAt = offsetof(RawHeader, autoclear_features);
 
 struct Context {
   File* file = nullptr;
@@ -57,6 +58,16 @@ Status ReadSnapshots(Context& ctx);
 
 // Adds one finding to a report. The list is bounded: a hostile image can
 // produce a finding for every cluster of a huge file.
-void Note(CheckReport& r, std::string line);
+void Note(CheckReport& r, Finding f);
+inline void Note(CheckReport& r, FindingArea area, FindingKind kind, std::string text,
+                 std::optional<uint64_t> cluster = std::nullopt) {
+  Note(r, Finding{area, kind, cluster, std::move(text)});
+}
+// Appends from's findings to into's.
+void NoteAll(CheckReport& into, const CheckReport& from);
+
+// The word qemu-img starts a line of that kind with ("" for a note), so
+// that a line's words and its kind cannot disagree.
+const char* Word(FindingKind kind);
 
 }  // namespace qcow2dedup::check

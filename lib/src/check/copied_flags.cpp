@@ -35,8 +35,10 @@ Status CheckCopiedFlags(Context& ctx, const References& refs, StoredRefcounts& s
     if (!rc.ok()) continue;  // already reported by the comparison
     if ((*rc == 1) != ((e & kFlagCopied) != 0)) {
       ++r.corruptions;
-      Note(r, fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
-                          repair ? "Repairing" : "ERROR", i, e, *rc));
+      const FindingKind kind = repair ? FindingKind::kRepaired : FindingKind::kError;
+      Note(r, FindingArea::kCopiedFlags, kind,
+           fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}", Word(kind), i, e, *rc),
+           l2 / cs);
       if (repair) {
         e = *rc == 1 ? e | kFlagCopied : e & ~kFlagCopied;
         StoreBe64(&l1[uint64_t(i) * 8], e);
@@ -44,6 +46,7 @@ Status CheckCopiedFlags(Context& ctx, const References& refs, StoredRefcounts& s
         StoreBe64(raw, e);
         if (!ctx.Write(h.l1_offset + uint64_t(i) * 8, raw).ok()) {
           ++r.check_errors;
+          r.stopped = true;
           return Status::Ok();
         }
         --r.corruptions;
@@ -68,8 +71,9 @@ Status CheckCopiedFlags(Context& ctx, const References& refs, StoredRefcounts& s
       // QEMU walks the table once per L1 entry; after a repair the later
       // walks find nothing.
       r.corruptions += repair ? 1 : uses;
-      Note(r, fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}", repair ? "Repairing" : "ERROR",
-                          e, *rc));
+      const FindingKind kind = repair ? FindingKind::kRepaired : FindingKind::kError;
+      Note(r, FindingArea::kCopiedFlags, kind,
+           fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}", Word(kind), e, *rc), data / cs);
       if (repair) {
         StoreBe64(p, *rc == 1 ? e | kFlagCopied : e & ~kFlagCopied);
         ++dirty;
@@ -77,13 +81,15 @@ Status CheckCopiedFlags(Context& ctx, const References& refs, StoredRefcounts& s
     }
     if (!dirty) continue;
     if (!PureL2Table(refs, l2, cs)) {
-      Note(r, "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error");
+      Note(r, FindingArea::kCopiedFlags, FindingKind::kError, "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error");
       ++r.check_errors;
+      r.stopped = true;
       return Status::Ok();
     }
     if (!ctx.Write(l2, table).ok()) {
-      Note(r, "ERROR: Could not write L2 table: Input/output error");
+      Note(r, FindingArea::kCopiedFlags, FindingKind::kError, "ERROR: Could not write L2 table: Input/output error");
       ++r.check_errors;
+      r.stopped = true;
       return Status::Ok();
     }
     r.corruptions -= dirty;

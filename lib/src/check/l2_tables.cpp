@@ -38,21 +38,21 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
 
     if (!compressed && (e & kL2EntryReserved)) {
       r_.corruptions += n;
-      Note(r_, fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
+      Note(r_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
     }
 
     if (compressed) {
       const CompressedDescriptor d = DecodeCompressed(e, h.cluster_bits);
       if (e & kFlagCopied) {
         r_.corruptions += n;
-        Note(r_, fmt::format("ERROR: coffset={:#x}: copied flag must never be set for compressed clusters", d.offset));
+        Note(r_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR: coffset={:#x}: copied flag must never be set for compressed clusters", d.offset));
         fixes->push_back({l2, i, e & ~kFlagCopied, bitmap,
                           fmt::format("Repairing coffset={:#x}: copied flag must never be set for compressed clusters",
                                       d.offset)});
       }
       if (bitmap) {
         r_.corruptions += n;
-        Note(r_, fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, entry={:#x}",
+        Note(r_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, entry={:#x}",
                              i, e));
         continue;
       }
@@ -69,7 +69,7 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
     if (offset == 0) {
       if (!zero_flag && (bitmap & kSubclustersAllocated)) {
         r_.corruptions += n;
-        Note(r_, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
+        Note(r_, FindingArea::kL2Tables, FindingKind::kError, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
       }
       continue;
     }
@@ -77,13 +77,13 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
     // A standard cluster, or a preallocated zero cluster.
     if ((bitmap >> 32) & bitmap) {
       r_.corruptions += n;
-      Note(r_, fmt::format("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation bitmap", offset));
+      Note(r_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation bitmap", offset));
     }
     if (offset % cs) {
       r_.corruptions += n;
       const bool contains_data = ext ? (bitmap & kSubclustersAllocated) != 0 : !zero_flag;
       if (!contains_data) {
-        Note(r_, fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+        Note(r_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                              offset));
         // Reads as zero either way: a plain zero entry loses nothing.
         const uint64_t zero_bitmap = (bitmap | (bitmap << 32)) & ~kSubclustersAllocated;
@@ -92,7 +92,7 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
                                       "corrupted.",
                                       offset)});
       } else {
-        Note(r_, fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry corrupted.", offset));
+        Note(r_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry corrupted.", offset));
       }
     }
     if (a) {
@@ -124,7 +124,7 @@ Result<uint64_t> ApplyL2Fixes(Context& ctx, const References& refs, const std::v
         uint8_t* p = &table[fixes[k].index * h.l2_entry_bytes()];
         StoreBe64(p, fixes[k].entry);
         if (h.extended_l2()) StoreBe64(p + 8, fixes[k].bitmap);
-        Note(r, fixes[k].message);
+        Note(r, FindingArea::kL2Tables, FindingKind::kRepaired, fixes[k].message);
         ++r.corruptions_fixed;
         ++applied;
       }

@@ -34,21 +34,22 @@ std::string DedupLine(const DedupFindings& d) {
       d.missing, d.duplicates, rebuilt);
 }
 
-bool IsDedupFinding(const Finding& f) { return f.area == FindingArea::kDedupIndex; }
+// Findings qemu-img does not make: overlaps it cannot see, and anything
+// about the dedup index.
+bool IsOurs(const Finding& f) { return f.area == FindingArea::kOverlaps || f.area == FindingArea::kDedupIndex; }
 
 // Every finding on stderr, as qemu-img check prints them (with -q and
-// --output=json too): first the qcow2 structure's, which are qemu-img's
-// lines, then the dedup index's.
+// --output=json too): first qemu-img's lines, in qemu-img's order, then ours.
 void PrintFindings(const CheckReport& r) {
-  for (bool dedup : {false, true})
+  for (bool ours : {false, true})
     for (const Finding& f : r.findings)
-      if (IsDedupFinding(f) == dedup) fmt::print(stderr, "{}\n", f.text);
+      if (IsOurs(f) == ours) fmt::print(stderr, "{}\n", f.text);
 }
 
-// Two parts on stdout. First the qcow2 structure: qemu-img's
-// dump_human_image_check line for line, except that "No errors were found
-// on the image." is not said of an image whose dedup index is wrong. Then
-// the dedup index: its state, and a count of what is wrong.
+// Two parts on stdout. First qemu-img's dump_human_image_check line for
+// line, except that "No errors were found on the image." is not said of
+// an image with overlaps qemu-img does not count or a wrong dedup index.
+// Then ours: the dedup index's state, and counts of what is wrong.
 void PrintHuman(const CheckReport& r) {
   if (r.leaks_fixed || r.corruptions_fixed)
     fmt::print(
@@ -57,8 +58,9 @@ void PrintHuman(const CheckReport& r) {
         r.leaks_fixed, r.corruptions_fixed);
   const uint64_t index_errors = r.dedup.errors();
   if (!r.corruptions && !r.leaks && !r.check_errors) {
-    fmt::print("{}\n", index_errors ? "No errors were found in the qcow2 structure."
-                                     : "No errors were found on the image.");
+    fmt::print("{}\n", r.overlaps       ? "No errors that qemu-img counts were found on the image."
+                       : index_errors ? "No errors were found in the qcow2 structure."
+                                      : "No errors were found on the image.");
   } else {
     if (r.corruptions)
       fmt::print("\n{} errors were found on the image.\n"
@@ -78,6 +80,10 @@ void PrintHuman(const CheckReport& r) {
   if (r.image_end_offset) fmt::print("Image end offset: {}\n", r.image_end_offset);
 
   fmt::print("{}\n", DedupLine(r.dedup));
+  if (r.overlaps)
+    fmt::print("\n{} metadata overlaps were found that qemu-img does not count.\n"
+               "Data may be corrupted, or further writes to the image may corrupt it.\n",
+               r.overlaps);
   if (index_errors)
     fmt::print("\n{} corruptions were found in the dedup metadata.\n"
                "This costs dedup, not data (a write checks an index entry against its cluster before\n"
@@ -109,6 +115,7 @@ Json CheckJson(const CheckReport& r) {
                 {"indexed", d.indexed},       {"stored-clusters", d.stored_clusters},
                 {"mismatched", d.mismatched}, {"stale", d.stale},       {"missing", d.missing},
                 {"duplicates", d.duplicates}, {"rebuilt", d.rebuilt}};
+  if (r.overlaps) j["metadata-overlaps"] = r.overlaps;
   return j;
 }
 

@@ -14,7 +14,7 @@
 //   exit    the expected exit code
 //   qemu    optional: the same command for qemu-img (`qemu-img check ...`),
 //           run on the same fixture; its stdout, stderr and exit code must
-//           be ours with our dedup index part left out (see QcowPart)
+//           be ours with our own part left out (support/check_output.h)
 //
 // On a mismatch the test shows `diff -u expected actual`.
 //
@@ -44,8 +44,7 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
+#include "support/check_output.h"
 #include "support/process.h"
 #include "support/qcow2_layout.h"
 #include "support/temp_dir.h"
@@ -251,56 +250,7 @@ bool Updating() {
   return v && *v && std::string(v) != "0";
 }
 
-std::vector<std::string> SplitLines(const std::string& s) {
-  std::vector<std::string> lines;
-  size_t at = 0;
-  while (at < s.size()) {
-    const size_t nl = s.find('\n', at);
-    const size_t end = nl == std::string::npos ? s.size() : nl;
-    lines.push_back(s.substr(at, end - at));
-    at = end + 1;
-  }
-  return lines;
-}
-
 bool StartsWith(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
-
-// What of check's output qemu-img shares, from a tool's stdout and stderr:
-//  - stdout, human: everything before our dedup index part (which starts
-//    with the "Dedup index" line); "No errors were found in the qcow2
-//    structure." is our deliberate wording for a clean qcow2 structure
-//    under a wrong index, where qemu-img says "No errors were found on the
-//    image.". info's human output ends where our "Dedup:" block begins.
-//    JSON: the object without our "dedup" key.
-//  - stderr: the findings without the dedup index's, and without the
-//    tool's own last line on failure ("qemu-img: Check failed: ...",
-//    "qcow2dedup: FILE: ..."): only that such a line is there.
-struct QcowPart {
-  std::string out, err;
-};
-
-QcowPart QcowPartOf(const std::string& out, const std::string& err, bool json) {
-  QcowPart p;
-  if (json) {
-    auto j = nlohmann::json::parse(out, nullptr, false);
-    if (j.is_object()) j.erase("dedup");
-    p.out = j.is_discarded() ? out : j.dump(4) + "\n";
-  } else {
-    for (const std::string& line : SplitLines(out)) {
-      if (StartsWith(line, "Dedup")) break;  // "Dedup index: ..." (check), "Dedup:" (info)
-      p.out += (line == "No errors were found in the qcow2 structure." ? "No errors were found on the image." : line) +
-               "\n";
-    }
-  }
-  for (const std::string& line : SplitLines(err)) {
-    if (StartsWith(line, "ERROR dedup index") || StartsWith(line, "Repairing dedup index") ||
-        StartsWith(line, "Dedup index not checked"))
-      continue;
-    p.err += StartsWith(line, "qemu-img: ") || StartsWith(line, "qcow2dedup: ") ? "(the tool's failure line)\n"
-                                                                               : line + "\n";
-  }
-  return p;
-}
 
 }  // namespace
 
@@ -369,24 +319,14 @@ TEST_CASE("golden: qemu-img prints the same for the qcow2 part, on both streams"
     f->second(work.path());
     auto q = Run("cd " + Sh(work.path()) + " || exit 125\nexport LC_ALL=C\n" + cmd);
     const bool json = cmd.find("--output=json") != std::string::npos;
-    const QcowPart theirs = QcowPartOf(q.out, q.err, json);
-    const QcowPart ours = QcowPartOf(Slurp(c.dir + "/stdout"), Slurp(c.dir + "/stderr"), json);
+    const testing::QcowPart theirs = testing::QcowPartOf(q.out, q.err, json);
+    const testing::QcowPart ours = testing::QcowPartOf(Slurp(c.dir + "/stdout"), Slurp(c.dir + "/stderr"), json);
     const bool same_out = theirs.out == ours.out, same_err = theirs.err == ours.err;
     CHECK_MESSAGE(same_out, c.name << ": qemu-img's stdout (`" << cmd << "`) is not ours\n"
                                    << Diff(theirs.out, ours.out));
     CHECK_MESSAGE(same_err, c.name << ": qemu-img's stderr (`" << cmd << "`) is not ours\n"
                                    << Diff(theirs.err, ours.err));
-    // Our exit code is qemu-img's, or 2 where our dedup index part counts
-    // corruptions (qemu-img knows no index).
-    const std::string our_out = Slurp(c.dir + "/stdout");
-    bool index_errors = our_out.find("corruptions were found in the dedup metadata") != std::string::npos;
-    if (json) {
-      auto d = nlohmann::json::parse(our_out, nullptr, false).value("dedup", nlohmann::json::object());
-      index_errors = d.value("in-sync", false) &&
-                     (d.value("mismatched", 0) + d.value("stale", 0) + d.value("missing", 0) > 0 ||
-                      (d.value("present", false) && !d.value("index-loaded", false)));
-    }
-    const int want_exit = index_errors && q.exit_code != 1 ? 2 : q.exit_code;
+    const int want_exit = testing::ExpectedCheckExit(q.exit_code, ours);
     CHECK_MESSAGE(std::to_string(want_exit) + "\n" == Slurp(c.dir + "/exit"),
                   c.name << ": qemu-img exits " << q.exit_code << ", ours " << Trim(Slurp(c.dir + "/exit")));
     ++compared;

@@ -613,7 +613,7 @@ TEST_CASE("rejections of damaged headers") {
     CHECK(h->l1_offset == 0);  // as on disk: nothing patched
     CHECK(h->reftable_clusters == 0);
     CHECK(ValidateHeader(*h).ok());
-    const Status placed = CheckTablePlacement(*h, b.size());
+    const Status placed = CheckUsable(*h, b.size());
     CHECK(placed.kind() == ErrorKind::kCorruption);
     CHECK(placed.message().find("L1 table") != std::string::npos);
   }

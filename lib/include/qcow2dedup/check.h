@@ -78,7 +78,10 @@ struct CheckReport {
   uint64_t fragmented_clusters = 0;
   uint64_t compressed_clusters = 0;
   uint64_t leaks = 0;
-  uint64_t corruptions = 0;
+  uint64_t corruptions = 0;  // as qemu-img counts them
+  // Ours: metadata sharing its cluster with other metadata or data where
+  // the refcount does not show it, so that qemu-img counts nothing there.
+  uint64_t overlaps = 0;
   uint64_t leaks_fixed = 0;
   uint64_t corruptions_fixed = 0;
   // The check gave up half way (QEMU's check returns an error there):

@@ -57,7 +57,7 @@ Status WriteFeatureBits(Context& ctx, uint64_t incompatible, uint64_t autoclear)
 }
 
 bool NeedsRepair(const Context& ctx, const CheckReport& r, RepairMode mode) {
-  if (r.leaks || r.corruptions || r.check_errors) return true;
+  if (r.leaks || r.corruptions || r.overlaps || r.check_errors) return true;
   if (ctx.header.incompatible & (kIncompatDirty | kIncompatCorrupt)) return true;
   const DedupFindings& d = r.dedup;
   return mode == RepairMode::kAll && d.present && (!d.in_sync || !d.index_loaded || d.errors());
@@ -84,7 +84,7 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   }
   QD_ASSIGN_OR_RETURN(PassResult fixed, RunPass(ctx, mode));
   const CheckReport& f = fixed.report;
-  const bool clean = !f.corruptions && !f.check_errors;
+  const bool clean = !f.corruptions && !f.overlaps && !f.check_errors;
 
   // QEMU marks the image clean and consistent when the repair left no
   // corruption; otherwise it stays as it was.
@@ -105,6 +105,7 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   QD_ASSIGN_OR_RETURN(Examination last, Examine(ctx, progress));
   bool rebuilt = false;
   if (mode == RepairMode::kAll && clean && ctx.header.dedup && !last.pass.report.corruptions &&
+      !last.pass.report.overlaps &&
       !last.pass.report.check_errors) {
     StoredRefcounts stored(ctx);
     QD_RETURN_IF_ERROR(stored.Load());
@@ -121,7 +122,12 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   NoteAll(r, moved);
   NoteAll(r, f);
   CheckReport final_report = Report(last);
-  NoteAll(r, final_report);
+  // qemu-img checks again only when the repair fixed something; what the
+  // second check finds, it prints too. Our own part is always the last
+  // examination's.
+  const bool fixed_any = f.leaks_fixed || f.corruptions_fixed || moved.corruptions_fixed;
+  for (const Finding& m : final_report.findings)
+    if (fixed_any || m.area == FindingArea::kDedupIndex || m.area == FindingArea::kOverlaps) Note(r, m);
   final_report.findings = std::move(r.findings);
   final_report.leaks_fixed = f.leaks_fixed;
   final_report.corruptions_fixed = f.corruptions_fixed + moved.corruptions_fixed;
@@ -152,11 +158,10 @@ Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode re
   CheckReport r;
   if (repair == RepairMode::kLeaks && first.pass.needs_rebuild) {
     // Only -r all can rebuild: qemu-img gives up here (exit 1) and so do
-    // we, before writing anything.
-    r = check::Report(first);
-    check::Note(r, FindingArea::kRefcounts, FindingKind::kError, "ERROR need to rebuild refcount structures");
-    ++r.check_errors;
-    r.stopped = true;
+    // we, with its findings so far. A -r leaks pass stops at that very
+    // point, before it writes anything.
+    QD_ASSIGN_OR_RETURN(check::PassResult stop, check::RunPass(ctx, RepairMode::kLeaks));
+    r = std::move(stop.report);
   } else if (ctx.writable && check::NeedsRepair(ctx, first.pass.report, repair)) {
     QD_ASSIGN_OR_RETURN(r, check::Repair(ctx, first, repair, progress));
   } else {
@@ -168,7 +173,7 @@ Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode re
 
 int CheckExitCode(const CheckReport& r) {
   if (r.check_errors) return 1;  // qemu-img: the check could not complete
-  if (r.corruptions || r.dedup.errors()) return 2;
+  if (r.corruptions || r.overlaps || r.dedup.errors()) return 2;
   if (r.leaks) return 3;
   return 0;
 }

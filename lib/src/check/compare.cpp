@@ -41,6 +41,16 @@ Status CompareRefcounts(Context& ctx, const References& refs, StoredRefcounts& s
     const uint64_t first = b * per, end = std::min(nb, first + per);
     auto block = stored.Block(b);
     if (!block.ok()) {
+      const uint64_t offset = stored.TableEntry(b) & kRefTableOffsetMask;
+      if (offset % ctx.cs() && !ctx.corruption_signalled) {
+        // qcow2_signal_corruption(), the words of qcow2_get_refcount() (C's
+        // %#x prints 0 as "0").
+        ctx.corruption_signalled = true;
+        Note(r, FindingArea::kRefcounts, FindingKind::kNote,
+             fmt::format("qcow2: Image is corrupt: Refblock offset {:#x} unaligned (reftable index: {}); further "
+                         "non-fatal corruption events will be suppressed",
+                         offset, b ? fmt::format("{:#x}", b) : "0"));
+      }
       for (uint64_t i = first; i < end; ++i) {
         ++r.check_errors;
         Note(r, FindingArea::kRefcounts, FindingKind::kError,

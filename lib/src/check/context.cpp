@@ -7,6 +7,7 @@ namespace qcow2dedup::check {
 
 namespace {
 constexpr size_t kMaxMessages = 20000;
+constexpr const char* kOverflowNote = "(further findings are not listed)";
 }
 
 Status Context::Read(uint64_t offset, std::span<uint8_t> buf) {
@@ -42,9 +43,13 @@ void Note(CheckReport& r, Finding f) {
   if (r.findings.size() < kMaxMessages) {
     r.findings.push_back(std::move(f));
   } else if (r.findings.size() == kMaxMessages) {
-    r.findings.push_back({f.area, FindingKind::kNote, std::nullopt, "(further findings are not listed)"});
+    r.findings.push_back({f.area, FindingKind::kNote, std::nullopt, kOverflowNote});
   }
 }
+
+bool Full(const CheckReport& r) { return r.findings.size() >= kMaxMessages; }
+
+bool IsOverflowNote(const Finding& f) { return f.kind == FindingKind::kNote && f.text == kOverflowNote; }
 
 void NoteAll(CheckReport& into, const CheckReport& from) {
   for (const Finding& f : from.findings) Note(into, f);

@@ -36,6 +36,9 @@ struct Context {
   SnapshotTable snapshots;
   std::vector<bool> snapshot_incomplete;  // entries without the extra data v3 requires
   bool writable = false;
+  // QEMU reports the first corruption event it meets while reading the
+  // image, and suppresses the rest.
+  bool corruption_signalled = false;
 
   uint64_t cs() const { return header.cluster_size(); }
   uint32_t bits() const { return header.cluster_bits; }
@@ -63,6 +66,10 @@ inline void Note(CheckReport& r, FindingArea area, FindingKind kind, std::string
                  std::optional<uint64_t> cluster = std::nullopt) {
   Note(r, Finding{area, kind, cluster, std::move(text)});
 }
+// Whether r holds as many findings as it lists (the rest are not kept).
+bool Full(const CheckReport& r);
+// The note that says further findings are not listed.
+bool IsOverflowNote(const Finding& f);
 // Appends from's findings to into's.
 void NoteAll(CheckReport& into, const CheckReport& from);
 

@@ -39,12 +39,33 @@ class OuterWalk {
         r_.corruptions += n;
         Note(r_, FindingArea::kL1Table, FindingKind::kError,
              fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2));
-        continue;  // not walked: a misaligned table is garbage, and reading it costs a cluster each
+        // QEMU walks it all the same. Misaligned tables may overlap one
+        // another: only as many as the file could hold side by side.
+        if (!refs_.l2_tables.count(l2)) {
+          if (l2 >= ctx_.file_size) continue;
+          if (misaligned_budget_ < cs) {
+            if (!misaligned_refused_) {
+              ++r_.check_errors;
+              Note(r_, FindingArea::kL1Table, FindingKind::kError,
+                   "ERROR misaligned L2 tables beyond what the file can hold are not checked");
+            }
+            misaligned_refused_ = true;
+            continue;
+          }
+          misaligned_budget_ -= cs;
+        }
+      } else {
+        if (l2 >= ctx_.file_size) continue;  // reads as zeros: nothing to walk
+        rc_.MarkMeta(l2, cs, kMetaL2Table, n);
       }
-      if (l2 >= ctx_.file_size) continue;  // reads as zeros: nothing to walk
       L2Use& use = refs_.l2_tables[l2];
       (active ? use.active : use.inactive) += n;
-      rc_.MarkMeta(l2, cs, kMetaL2Table, n);
+      // The table's findings go here, where QEMU prints them.
+      const size_t at = r_.findings.size();
+      if (!refs_.l2_walks.empty() && refs_.l2_walks.back().at == at && refs_.l2_walks.back().table == l2)
+        refs_.l2_walks.back().times += n;
+      else
+        refs_.l2_walks.push_back({at, l2, n});
     }
     return Status::Ok();
   }
@@ -160,6 +181,8 @@ class OuterWalk {
   CheckReport& r_;
   References& refs_;
   Recount rc_;
+  uint64_t misaligned_budget_ = ctx_.file_size;
+  bool misaligned_refused_ = false;
 };
 
 }  // namespace
@@ -189,6 +212,7 @@ Result<References> CountOnce(Context& ctx, CheckReport& r, const CountOptions& o
   if (o.refcount_structures) rc.Inc(h.reftable_offset, uint64_t(h.reftable_clusters) * cs);
   QD_RETURN_IF_ERROR(rc.CountBitmaps());
   QD_RETURN_IF_ERROR(rc.CountL2Tables(fixes));
+  PlaceL2Findings(r, refs);
   if (o.refcount_structures) walk.CheckRefblocks(reftable, o.fix, rebuild);
   return refs;
 }
@@ -196,6 +220,7 @@ Result<References> CountOnce(Context& ctx, CheckReport& r, const CountOptions& o
 void Merge(CheckReport& into, const CheckReport& from) {
   into.check_errors += from.check_errors;
   into.corruptions += from.corruptions;
+  into.overlaps += from.overlaps;
   into.leaks += from.leaks;
   into.corruptions_fixed += from.corruptions_fixed;
   into.leaks_fixed += from.leaks_fixed;

@@ -32,7 +32,7 @@ Status ReportOverlaps(const References& refs, StoredRefcounts& stored, CheckRepo
          fmt::format("ERROR cluster {}: {} shares its cluster with other {} (reference={})", c, m.kind,
                      m.mixed ? "metadata" : "data", counted),
          c);
-    if (!qemu_sees_it) ++r.corruptions;
+    if (!qemu_sees_it) ++r.overlaps;
   }
   return Status::Ok();
 }

@@ -13,6 +13,7 @@ namespace {
 // up twice, and qemu-img reports the statistics of its second run anyway).
 void TakeFindings(CheckReport& into, const CheckReport& from) {
   into.corruptions = from.corruptions;
+  into.overlaps = from.overlaps;
   into.check_errors += from.check_errors;
   NoteAll(into, from);
 }

@@ -50,8 +50,10 @@ Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t e
     if (len > end - pos)
       return Status::Corruption(fmt::format("header extension {:#010x} length {} runs past the header",
                                             type, len));
+    // QEMU reads a repeated extension again (the last one counts); we do
+    // not use such a header (CheckUsable), but check must read it.
     for (uint32_t t : seen)
-      if (t == type) return Status::Corruption(fmt::format("header extension {:#010x} appears twice", type));
+      if (t == type && !h.repeated_extension) h.repeated_extension = type;
     seen.push_back(type);
     std::span<const uint8_t> data = head.subspan(pos, len);
     switch (type) {
@@ -133,8 +135,7 @@ Result<Header> DecodeHeader(std::span<const uint8_t> head) {
     h.refcount_order = 4;
   } else {
     h.header_length = raw.header_length;
-    if (h.header_length < 104 || h.header_length % 8 != 0)
-      return Status::Corruption(fmt::format("bad header_length {}", h.header_length));
+    if (h.header_length < 104) return Status::Corruption(fmt::format("bad header_length {}", h.header_length));
     if (h.header_length > cs || h.header_length > head.size())
       return Status::Corruption(fmt::format("header_length {} exceeds the first cluster", h.header_length));
     h.incompatible = raw.incompatible_features;
@@ -210,7 +211,12 @@ Status ValidateHeader(const Header& h) {
   return Status::Ok();
 }
 
-Status CheckTablePlacement(const Header& h, uint64_t file_size) {
+Status CheckUsable(const Header& h, uint64_t file_size) {
+  // The format wants both; QEMU enforces neither.
+  if (h.version == 3 && h.header_length % 8 != 0)
+    return Status::Corruption(fmt::format("bad header_length {}", h.header_length));
+  if (h.repeated_extension)
+    return Status::Corruption(fmt::format("header extension {:#010x} appears twice", h.repeated_extension));
   if (h.l1_offset == 0 && h.l1_size > 0) return Status::Corruption("L1 table overlaps the header");
   if (h.reftable_clusters == 0) return Status::Corruption("refcount table is empty");
   if (h.reftable_offset == 0) return Status::Corruption("refcount table overlaps the header");
@@ -226,9 +232,17 @@ Status CheckTablePlacement(const Header& h, uint64_t file_size) {
 
 Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
   if (file_size < kV2HeaderLength) return Status::Corruption("file too short for a qcow2 header");
+  // A header_length that is not a multiple of 8 is named as the problem,
+  // before its misaligned extensions fail to decode.
+  if (head.size() >= sizeof(RawHeader)) {
+    RawHeader raw;
+    std::memcpy(&raw, head.data(), sizeof raw);
+    if (raw.magic == kQcowMagic && raw.version == 3 && raw.header_length >= 104 && raw.header_length % 8 != 0)
+      return Status::Corruption(fmt::format("bad header_length {}", uint32_t(raw.header_length)));
+  }
   QD_ASSIGN_OR_RETURN(Header h, DecodeHeader(head));
   QD_RETURN_IF_ERROR(ValidateHeader(h));
-  QD_RETURN_IF_ERROR(CheckTablePlacement(h, file_size));
+  QD_RETURN_IF_ERROR(CheckUsable(h, file_size));
   return h;
 }
 

@@ -114,6 +114,7 @@ struct Header {
   uint32_t header_length = sizeof(RawHeader);
   CompressionType compression = CompressionType::kDeflate;
   std::vector<uint8_t> header_tail;  // header bytes past RawHeader, kept verbatim
+  uint32_t repeated_extension = 0;   // the first extension type found twice (0: none)
 
   std::string backing_file;
   std::optional<std::string> backing_format;
@@ -152,10 +153,11 @@ Result<Header> DecodeHeader(std::span<const uint8_t> head);
 // the format's limits, misaligned or unaddressable tables. A table past
 // the end of the file is not refused: it reads as zeros, as in QEMU.
 Status ValidateHeader(const Header& h);
-// CheckTablePlacement: what QEMU opens but this library does not work
-// with: tables over the header, an empty refcount table, a snapshot
-// table past the end of the file. Check reports these as damage instead.
-Status CheckTablePlacement(const Header& h, uint64_t file_size);
+// CheckUsable: what QEMU opens but this library does not work with: a
+// header_length that is not a multiple of 8, an extension twice, tables
+// over the header, an empty refcount table, a snapshot table past the end
+// of the file. Check reports the damage among these instead.
+Status CheckUsable(const Header& h, uint64_t file_size);
 // All three.
 Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size);
 

@@ -229,7 +229,7 @@ Status VetStructure(ImageState& s) {
   uint64_t copied = 0;
   for (const Finding& f : pass.report.findings)
     copied += f.area == FindingArea::kCopiedFlags && f.kind == FindingKind::kError;
-  const uint64_t serious = pass.report.corruptions - std::min(copied, pass.report.corruptions);
+  const uint64_t serious = pass.report.corruptions - std::min(copied, pass.report.corruptions) + pass.report.overlaps;
   if (serious > 0 || pass.report.check_errors > 0)
     return Status::Corruption(fmt::format("the image has {} corruptions; repair it with 'check -r all' first",
                                           serious + pass.report.check_errors));

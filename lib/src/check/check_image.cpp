@@ -37,8 +37,10 @@ CheckReport Report(Examination& e) {
 
 Status OpenContext(Context& ctx) {
   QD_ASSIGN_OR_RETURN(ctx.file_size, ctx.file->Size());
-  std::vector<uint8_t> head(std::min<uint64_t>(ctx.file_size, 1u << kMaxClusterBits));
-  QD_RETURN_IF_ERROR(ctx.file->ReadAt(0, head));
+  if (ctx.file_size < kV2HeaderLength) return Status::Corruption("file too short for a qcow2 header");
+  // Past the end of the file QEMU reads zeros, in cluster 0 too.
+  std::vector<uint8_t> head(1u << kMaxClusterBits);
+  QD_RETURN_IF_ERROR(ctx.Read(0, head));
   // As QEMU's check sees it: tables at offset 0, an empty refcount table
   // and tables past the end are the check's findings, not a reason to stop.
   QD_ASSIGN_OR_RETURN(ctx.header, DecodeHeader(head));

@@ -42,6 +42,8 @@ struct Context {
 
   uint64_t cs() const { return header.cluster_size(); }
   uint32_t bits() const { return header.cluster_bits; }
+  // The file's length as QEMU's block layer gives it: whole 512-byte sectors.
+  uint64_t SectorLength() const { return (file_size + 511) / 512 * 512; }
   // Clusters the file holds, the last one perhaps partly.
   uint64_t FileClusters() const { return (file_size + cs() - 1) / cs(); }
 

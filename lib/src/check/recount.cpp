@@ -39,7 +39,7 @@ void Recount::Inc(uint64_t offset, uint64_t size, uint64_t n) {
   const uint64_t cs = ctx_.cs();
   // QEMU tolerates a reference into the partly written last cluster, not
   // one a whole cluster or more past the end of the file.
-  if (offset + size >= ctx_.file_size + cs || offset + size < offset) {
+  if (offset + size >= ctx_.SectorLength() + cs || offset + size < offset) {
     r_.corruptions += n;
     Note(*notes_, FindingArea::kRefcounts, FindingKind::kError, fmt::format("ERROR: counting reference for region exceeding the end of the file by one cluster "
                          "or more: offset {:#x} size {:#x}",

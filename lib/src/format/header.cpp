@@ -35,14 +35,19 @@ const char* KnownFeatureName(int group, int bit) {
   return nullptr;
 }
 
-Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t end, Header& h) {
+// Extensions from start up to limit (the backing file name or the end of
+// the cluster); head may end before limit, and what it lacks reads as zero.
+Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t limit, Header& h) {
   uint64_t pos = start;
   std::vector<uint32_t> seen;
+  const uint64_t end = std::min<uint64_t>(limit, head.size());
   while (true) {
-    if (pos + 8 > end) {
-      // QEMU accepts a v3 header whose extensions simply stop at the backing name.
-      return Status::Ok();
-    }
+    // QEMU accepts a v3 header whose extensions simply stop at the backing
+    // name, but not one whose next extension header would cross it.
+    if (pos >= limit) return Status::Ok();
+    if (pos + 8 > limit)
+      return Status::Corruption(fmt::format("header extension at {:#x} runs past the header", pos));
+    if (pos + 8 > end) return Status::Ok();  // past the end of the file: zeros, the end marker
     uint32_t type = reinterpret_cast<const be32*>(&head[pos])[0];
     uint32_t len = reinterpret_cast<const be32*>(&head[pos + 4])[0];
     pos += 8;
@@ -161,7 +166,7 @@ Result<Header> DecodeHeader(std::span<const uint8_t> head) {
 
   uint64_t backing_offset = raw.backing_file_offset;
   uint32_t backing_size = raw.backing_file_size;
-  uint64_t ext_end = std::min<uint64_t>(cs, head.size());
+  uint64_t ext_end = cs;
   if (backing_offset != 0) {
     if (backing_size > kMaxBackingNameBytes || backing_offset >= cs ||
         backing_offset + backing_size > cs || backing_offset < h.header_length)

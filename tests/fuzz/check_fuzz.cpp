@@ -44,9 +44,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     oo.follow_backing = false;
     oo.file = std::make_unique<testing::MemoryFile>(file->bytes());
     auto img = Image::Open("fuzz.qcow2", std::move(oo));
-    // Known and deliberate: Image::Open refuses tables past the end of the
-    // file (a truncated image), which QEMU reads as zeros and its check, so
-    // ours, lets pass; and backing files, not followed here.
+    // Known and deliberate: Image::Open refuses L2 tables and data past the
+    // end of the file (a truncated image), which QEMU reads as zeros and
+    // its check, so ours, lets pass (the L1 and refcount tables it reads as
+    // zeros, as QEMU); and backing files, not followed here.
     if (!img.ok() && img.status().kind() != ErrorKind::kUnsupported &&
         img.status().message().find("beyond the end of the file") == std::string::npos)
       Fail("a repaired image that check calls clean does not open", img.status().message());

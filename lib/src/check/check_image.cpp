@@ -164,6 +164,7 @@ Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode re
     // point, before it writes anything.
     QD_ASSIGN_OR_RETURN(check::PassResult stop, check::RunPass(ctx, RepairMode::kLeaks));
     r = std::move(stop.report);
+    r.dedup = first.pass.report.dedup;
   } else if (ctx.writable && check::NeedsRepair(ctx, first.pass.report, repair)) {
     QD_ASSIGN_OR_RETURN(r, check::Repair(ctx, first, repair, progress));
   } else {

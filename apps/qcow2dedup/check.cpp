@@ -34,22 +34,23 @@ std::string DedupLine(const DedupFindings& d) {
       d.missing, d.duplicates, rebuilt);
 }
 
-// Findings about the dedup index (index_audit.cpp), as opposed to those
-// about the qcow2 structure, which are qemu-img's.
-bool IsDedupFinding(const std::string& m) {
-  return m.starts_with("ERROR dedup index") || m.starts_with("Repairing dedup index") ||
-         m.starts_with("Dedup index not checked");
+// Findings qemu-img does not make: overlaps it cannot see, and anything
+// about the dedup index.
+bool IsOurs(const Finding& f) { return f.area == FindingArea::kOverlaps || f.area == FindingArea::kDedupIndex; }
+
+// Every finding on stderr, as qemu-img check prints them (with -q and
+// --output=json too): first qemu-img's lines, in qemu-img's order, then ours.
+void PrintFindings(const CheckReport& r) {
+  for (bool ours : {false, true})
+    for (const Finding& f : r.findings)
+      if (IsOurs(f) == ours) fmt::print(stderr, "{}\n", f.text);
 }
 
-// Two parts. First the qcow2 structure: its findings, then qemu-img's
-// dump_human_image_check line for line, except that "No errors were found
-// on the image." is not said of an image whose dedup index is wrong. Then
-// the dedup index: its findings, its state, and a count of what is wrong.
+// Two parts on stdout. First qemu-img's dump_human_image_check line for
+// line, except that "No errors were found on the image." is not said of
+// an image with overlaps qemu-img does not count or a wrong dedup index.
+// Then ours: the dedup index's state, and counts of what is wrong.
 void PrintHuman(const CheckReport& r) {
-  // On stdout, ahead of the summary: a check that fails (exit 1) then
-  // still prints one line on stderr, like every other failure.
-  for (const std::string& m : r.messages)
-    if (!IsDedupFinding(m)) fmt::print("{}\n", m);
   if (r.leaks_fixed || r.corruptions_fixed)
     fmt::print(
         "The following inconsistencies were found and repaired:\n\n"
@@ -57,8 +58,9 @@ void PrintHuman(const CheckReport& r) {
         r.leaks_fixed, r.corruptions_fixed);
   const uint64_t index_errors = r.dedup.errors();
   if (!r.corruptions && !r.leaks && !r.check_errors) {
-    fmt::print("{}\n", index_errors ? "No errors were found in the qcow2 structure."
-                                     : "No errors were found on the image.");
+    fmt::print("{}\n", r.overlaps       ? "No errors that qemu-img counts were found on the image."
+                       : index_errors ? "No errors were found in the qcow2 structure."
+                                      : "No errors were found on the image.");
   } else {
     if (r.corruptions)
       fmt::print("\n{} errors were found on the image.\n"
@@ -77,9 +79,11 @@ void PrintHuman(const CheckReport& r) {
                r.compressed_clusters * 100.0 / r.allocated_clusters);
   if (r.image_end_offset) fmt::print("Image end offset: {}\n", r.image_end_offset);
 
-  for (const std::string& m : r.messages)
-    if (IsDedupFinding(m)) fmt::print("{}\n", m);
   fmt::print("{}\n", DedupLine(r.dedup));
+  if (r.overlaps)
+    fmt::print("\n{} metadata overlaps were found that qemu-img does not count.\n"
+               "Data may be corrupted, or further writes to the image may corrupt it.\n",
+               r.overlaps);
   if (index_errors)
     fmt::print("\n{} corruptions were found in the dedup metadata.\n"
                "This costs dedup, not data (a write checks an index entry against its cluster before\n"
@@ -111,6 +115,7 @@ Json CheckJson(const CheckReport& r) {
                 {"indexed", d.indexed},       {"stored-clusters", d.stored_clusters},
                 {"mismatched", d.mismatched}, {"stale", d.stale},       {"missing", d.missing},
                 {"duplicates", d.duplicates}, {"rebuilt", d.rebuilt}};
+  if (r.overlaps) j["metadata-overlaps"] = r.overlaps;
   return j;
 }
 
@@ -144,14 +149,15 @@ int RunCheck() {
     return Fail(opts.file, report.status());
   }
   progress.Finish();
-  if (opts.output == OutputFormat::kJson) {
-    // The findings have no JSON key: stderr, as qemu-img prints them, keeps stdout JSON.
-    for (const std::string& m : report->messages) fmt::print(stderr, "{}\n", m);
-    if (!opts.quiet) PrintJson(CheckJson(*report));
-  } else if (!opts.quiet) {
-    PrintHuman(*report);
+  PrintFindings(*report);
+  // A check that gave up half way has no summary, in qemu-img either.
+  if (!opts.quiet && !report->stopped) {
+    if (opts.output == OutputFormat::kJson) PrintJson(CheckJson(*report));
+    else PrintHuman(*report);
   }
-  if (report->check_errors)
+  if (report->stopped)
+    Fail(opts.file, "the check could not complete");
+  else if (report->check_errors)
     Fail(opts.file, fmt::format("the check could not complete ({} internal errors)", report->check_errors));
   return CheckExitCode(*report);
 }

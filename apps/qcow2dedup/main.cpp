@@ -74,11 +74,17 @@ int Main(int argc, char** argv) {
 
 }  // namespace
 
+// Whether QEMU's probe takes the file for qcow2 (qcow2_probe: the magic in
+// 8 bytes or more, version 2 or above) or for its version 1, qcow
+// (qcow_probe: 64 bytes or more), rather than for raw.
 bool LooksLikeQcow2(const std::string& path) {
   auto f = OpenPosixFile(path, OpenMode::kReadOnly);
-  std::array<uint8_t, 4> magic{};
-  if (!f.ok() || !(*f)->ReadAt(0, magic).ok()) return true;
-  return magic == std::array<uint8_t, 4>{'Q', 'F', 'I', 0xfb};
+  std::array<uint8_t, 8> head{};
+  auto size = f.ok() ? (*f)->Size() : Result<uint64_t>(f.status());
+  if (!f.ok() || !size.ok() || !(*f)->ReadAt(0, head).ok()) return true;
+  const uint32_t version = uint32_t(head[4]) << 24 | uint32_t(head[5]) << 16 | uint32_t(head[6]) << 8 | head[7];
+  const bool magic = head[0] == 'Q' && head[1] == 'F' && head[2] == 'I' && head[3] == 0xfb;
+  return magic && ((*size >= 8 && version >= 2) || (*size >= 64 && version == 1));
 }
 
 void AddOutputOption(CLI::App& app, OutputFormat& out) {

@@ -37,16 +37,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!a.ok()) Fail("a repaired image that check -r all calls clean cannot be checked", a.status().message());
     if (CheckExitCode(*a) != 0) {
       std::string m = "corruptions " + std::to_string(a->corruptions) + ", leaks " + std::to_string(a->leaks);
-      for (const std::string& line : a->messages) m += "\n  " + line;
+      for (const Finding& f : a->findings) m += "\n  " + f.text;
       Fail("check -r all called the image clean, a second check does not", m);
     }
     OpenOptions oo;
     oo.follow_backing = false;
     oo.file = std::make_unique<testing::MemoryFile>(file->bytes());
     auto img = Image::Open("fuzz.qcow2", std::move(oo));
-    // Known and deliberate: Image::Open refuses tables past the end of the
-    // file (a truncated image), which QEMU reads as zeros and its check, so
-    // ours, lets pass; and backing files, not followed here.
+    // Known and deliberate: Image::Open refuses L2 tables and data past the
+    // end of the file (a truncated image), which QEMU reads as zeros and
+    // its check, so ours, lets pass (the L1 and refcount tables it reads as
+    // zeros, as QEMU); and backing files, not followed here.
     if (!img.ok() && img.status().kind() != ErrorKind::kUnsupported &&
         img.status().message().find("beyond the end of the file") == std::string::npos)
       Fail("a repaired image that check calls clean does not open", img.status().message());

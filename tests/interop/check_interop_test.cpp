@@ -311,7 +311,7 @@ TEST_CASE("damaged dedup images: the CLI's verdict beside qemu-img's, repair, th
     CHECK(human.out.find("No errors were found on the image.") == std::string::npos);
     if (q.exit_code == 0) {
       CHECK(human.out.find("No errors were found in the qcow2 structure.") != std::string::npos);
-      CHECK(human.out.find("ERROR dedup index") != std::string::npos);
+      CHECK(human.err.find("ERROR dedup index") != std::string::npos);
       // -r leaks leaves the index alone (and the file with it).
       CHECK(OurCli("check -r leaks " + Sh(img)).exit_code == 2);
       CHECK(images::FileDigest(img) == digest);
@@ -329,7 +329,7 @@ TEST_CASE("damaged dedup images: the CLI's verdict beside qemu-img's, repair, th
     INFO("ours after the repair:\n" << again.out << again.err);
     CHECK(again.exit_code == 0);
     CHECK(again.out.find("No errors were found on the image.") != std::string::npos);
-    CHECK(again.out.find("ERROR") == std::string::npos);
+    CHECK(again.err.find("ERROR") == std::string::npos);
     CheckQemuClean(img);
     CheckQemuIdentical(img, view);
     if (d.guest_data_unchanged) CheckQemuIdentical(img, dir / "guest.raw");

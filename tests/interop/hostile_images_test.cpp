@@ -8,7 +8,8 @@
 // (in an ASan build, ASan's allocation cap instead: support/sanitizers.h):
 // no signal, no timeout; either success with a correct result (judged by
 // qemu-img) or failure with exactly one stderr line "qcow2dedup: ...".
-// Read-only subcommands leave the file byte for byte as it was. Where only
+// Read-only subcommands leave the file byte for byte as it was; check prints
+// what qemu-img check prints, for the qcow2 part, on both streams. Where only
 // our index lies, reading must still give qemu-img's view of the data and a
 // write of data stored elsewhere in the image must give the right data.
 #include <doctest/doctest.h>
@@ -20,6 +21,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "support/check_output.h"
 #include "support/process.h"
 #include "support/qcow2_layout.h"
 #include "support/sanitizers.h"
@@ -97,7 +99,9 @@ struct Entry {
 struct QemuView {
   bool readable = false;  // qemu-img convert -O raw succeeded
   std::string raw;        // its output
-  int check = -1;         // qemu-img check's exit code
+  int check = -1;         // qemu-img check's exit code, the file taken as qcow2
+  int check_exit = -1;    // and as qemu-img takes it, with its output
+  std::string check_out, check_err;
 };
 
 class Harness {
@@ -134,6 +138,22 @@ class Harness {
     RunResult chk = read_only("check", "check " + Sh(img), true);
     if (chk.exit_code == 0 && (q.check == 2 || q.check == 3))
       CHECK_MESSAGE(false, label, ": check found nothing, qemu-img check exits ", q.check);
+    // qemu-img is the judge of the qcow2 part of check's output: stdout,
+    // stderr and exit code each (support/check_output.h).
+    {
+      const testing::QcowPart ours = testing::QcowPartOf(chk.out, chk.err, false);
+      const testing::QcowPart theirs = testing::QcowPartOf(q.check_out, q.check_err, false);
+      ++compared_;
+      const bool same_out = ours.out == theirs.out, same_err = ours.err == theirs.err;
+      CHECK_MESSAGE(same_out, label, ": check's stdout is not qemu-img check's\n--- qemu-img:\n", theirs.out,
+                    "--- ours:\n", ours.out);
+      CHECK_MESSAGE(same_err, label, ": check's stderr is not qemu-img check's\n--- qemu-img:\n",
+                    theirs.err.substr(0, 4000), "--- ours:\n", ours.err.substr(0, 4000));
+      const int want = testing::ExpectedCheckExit(q.check_exit, ours);
+      CHECK_MESSAGE(chk.exit_code == want, label, ": check exits ", chk.exit_code, ", qemu-img check ",
+                    q.check_exit);
+      if (same_out && same_err && chk.exit_code == want) ++matched_;
+    }
 
     // convert -O raw: qemu-img's view of the data, or a clean failure that
     // leaves no destination behind.
@@ -188,8 +208,13 @@ class Harness {
         CHECK_MESSAGE(c.exit_code == 0, label, ": check -r all says clean, qemu-img check does not: ", c.out, c.err);
       }
       if (index_only) CHECK_MESSAGE(r.exit_code == 0, label, ": check -r all did not repair: ", r.out, r.err);
-      // Could not check: nothing was repaired, so nothing may have changed.
-      if (r.exit_code == 1) CHECK_MESSAGE(Slurp(copy) == before, label, ": check -r all failed but changed the file");
+      // Could not check, and repaired nothing (as qemu-img does, a repair
+      // may give up half way, exit 1, having said what it mended): then
+      // nothing may have changed.
+      const bool mended = r.err.find("\nRepairing ") != std::string::npos || r.err.rfind("Repairing ", 0) == 0 ||
+                          r.err.find("Rebuilding refcount structure") != std::string::npos;
+      if (r.exit_code == 1 && !mended)
+        CHECK_MESSAGE(Slurp(copy) == before, label, ": check -r all failed, repaired nothing, but changed the file");
       fs::remove(copy);
     }
     // write on a copy: data stored elsewhere in the image, over other data.
@@ -235,6 +260,8 @@ class Harness {
 
   uint64_t files() const { return files_; }
   uint64_t runs() const { return runs_; }
+  uint64_t compared() const { return compared_; }
+  uint64_t matched() const { return matched_; }
 
  private:
   QemuView Judge(const std::string& img, const std::string& name, bool read_data) {
@@ -247,25 +274,42 @@ class Harness {
     }
     if (!q.readable) fs::remove(q.raw);
     q.check = QemuCheck(img).exit_code;
+    // check's output is compared with qemu-img check's on the file as
+    // qemu-img takes it (what it does not take for qcow2 has no checks, as
+    // for us); with a backing file, on the image alone.
+    const RunResult c = read_data ? ::testing::Run("timeout 20 qemu-img check " + Sh(img)) : QemuCheck(img);
+    q.check_exit = c.exit_code;
+    q.check_out = c.out;
+    q.check_err = c.err;
     return q;
   }
 
-  // No crash, no timeout; success, or one line of error. A check that ran
-  // to its end and found problems (exit 2 or 3) prints them, one a line, as
-  // qemu-img check does.
+  // No crash, no timeout; success, or one line of error. A check prints
+  // its findings on stderr, one a line, as qemu-img check does: one that
+  // ran to its end (exit 2 or 3) nothing else there, one that could not
+  // complete (exit 1) its one line of error last.
   static void Verdict(const std::string& label, const std::string& cmd, const RunResult& r, bool is_check) {
     INFO(label << ": `" << cmd << "` exit " << r.exit_code << "\nstdout: " << r.out.substr(0, 2000)
                << "\nstderr: " << r.err.substr(0, 2000));
     CHECK_MESSAGE(r.exit_code != 124, "timed out");
     CHECK_MESSAGE(r.exit_code < 124, "killed by a signal or could not run");
     if (r.exit_code == 0 || r.exit_code == 124) return;
-    if (is_check && (r.exit_code == 2 || r.exit_code == 3)) return;
-    CHECK_MESSAGE(Lines(r.err) == 1, "a failure must print exactly one line on stderr");
-    CHECK_MESSAGE(r.err.rfind("qcow2dedup:", 0) == 0, "a failure's line must start with \"qcow2dedup:\"");
+    if (is_check && (r.exit_code == 2 || r.exit_code == 3)) {
+      CHECK_MESSAGE(r.err.find("qcow2dedup:") == std::string::npos, "a check that ran to its end failed nothing");
+      return;
+    }
+    std::string last = r.err;
+    if (is_check) {
+      const size_t at = r.err.rfind('\n', r.err.size() >= 2 ? r.err.size() - 2 : 0);
+      last = at == std::string::npos ? r.err : r.err.substr(at + 1);
+      CHECK_MESSAGE(r.err.find("qcow2dedup:") == r.err.size() - last.size(), "one line of error, and that last");
+    }
+    CHECK_MESSAGE(Lines(last) == 1, "a failure must print exactly one line of error on stderr");
+    CHECK_MESSAGE(last.rfind("qcow2dedup:", 0) == 0, "a failure's line must start with \"qcow2dedup:\"");
   }
 
   std::string corpus_, work_;
-  uint64_t files_ = 0, runs_ = 0;
+  uint64_t files_ = 0, runs_ = 0, compared_ = 0, matched_ = 0;
 };
 
 }  // namespace
@@ -291,5 +335,7 @@ TEST_CASE("hostile images: every subcommand fails cleanly or answers right, and 
   Harness h(corpus, work);
   for (const Entry& e : entries) h.Run(e);
   MESSAGE("hostile corpus: ", h.files(), " files, ", h.runs(), " subcommand runs");
-  std::cout << "hostile corpus: " << h.files() << " files, " << h.runs() << " subcommand runs\n";
+  std::cout << "hostile corpus: " << h.files() << " files, " << h.runs() << " subcommand runs; check's output "
+            << h.matched() << " of " << h.compared() << " times the same as qemu-img check's\n";
+  CHECK(h.compared() == entries.size());
 }

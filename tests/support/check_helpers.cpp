@@ -24,13 +24,13 @@ CheckReport OurCheck(const std::string& path, RepairMode mode) {
 
 std::string Messages(const CheckReport& r) {
   std::string s;
-  for (const auto& m : r.messages) s += m + "\n";
+  for (const auto& f : r.findings) s += f.text + "\n";
   return s;
 }
 
 bool HasMessage(const CheckReport& r, const std::string& part) {
-  for (const auto& m : r.messages)
-    if (m.find(part) != std::string::npos) return true;
+  for (const auto& f : r.findings)
+    if (f.text.find(part) != std::string::npos) return true;
   return false;
 }
 

@@ -3,7 +3,9 @@
 // repaired and judged again. qemu-img is the referee for everything but the
 // dedup index, which it cannot see.
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 
+#include <algorithm>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -97,7 +99,7 @@ Outcome JudgeAndRepair(const TempDir& dir, const std::string& img, const Expect&
   SameAsQemu(again, q);
   CHECK(q.exit_code == 0);
   CHECK(CheckExitCode(again) == 0);
-  CHECK(again.messages.empty());
+  CHECK(again.findings.empty());
   CHECK(GuestView(img, dir / "after.raw") == o.view);
   // And our check agrees with qemu-img about qemu-img's own repair (which,
   // opening the image for writing, takes our index out of sync).
@@ -136,7 +138,7 @@ TEST_CASE("a fresh dedup image is clean, as qemu-img says too") {
     const CheckReport r = OurCheck(img);
     SameAsQemu(r, QemuImgCheck(img));
     CHECK(CheckExitCode(r) == 0);
-    CHECK(r.messages.empty());
+    CHECK(r.findings.empty());
     CHECK(r.dedup.present);
     CHECK(r.dedup.in_sync);
     CHECK(r.dedup.index_loaded);
@@ -340,7 +342,8 @@ TEST_CASE("guest data on metadata that qemu-img's repair leaves in place is stil
   // writes to guest cluster 3 would still land... on a copy; the table is
   // shared with guest data all the same.
   const CheckReport r = OurCheck(img);
-  CHECK(r.corruptions == 1);
+  CHECK(r.corruptions == 0);  // as qemu-img counts
+  CHECK(r.overlaps == 1);     // ours
   CHECK(CheckExitCode(r) == 2);
   CHECK(QemuImgCheck(img).exit_code == 0);
   const std::string before_view = GuestView(img, dir / "before.raw");
@@ -539,6 +542,76 @@ TEST_CASE("a stored copy missing from the index is missing, though another copy 
   CHECK(o.before.dedup.duplicates == 3);
   CHECK(HasMessage(o.before, "ERROR dedup index: no entry for the data stored in cluster " + std::to_string(gone)));
   CHECK(o.repaired.dedup.indexed == o.repaired.dedup.stored_clusters);
+}
+
+// The 4 entries cannot be read: none is stale (none was read), each of the
+// 4 stored clusters lacks its entry, and that is the count, once each.
+TEST_CASE("an index cut short by the end of the file is counted once: every stored cluster missing") {
+  RequireQemu();
+  TempDir dir;
+  const std::string img = dir / "cut.qcow2";
+  MakeImage(img);
+  const DedupExtension ext = *ImageBytes(img).header().dedup;
+  REQUIRE(ext.index_entries == 4);
+  std::filesystem::resize_file(img, ext.index_offset + kIndexEntryBytes * 2 + 5);
+  const Outcome o = JudgeAndRepair(dir, img, {2, 0});
+  CHECK_FALSE(o.before.dedup.index_loaded);
+  CHECK(o.before.dedup.unreadable);
+  CHECK(o.before.dedup.stored_clusters == 4);
+  CHECK(o.before.dedup.stale == 0);
+  CHECK(o.before.dedup.missing == 4);
+  CHECK(o.before.dedup.errors() == 4);
+  // One finding says why, in the dedup index's area.
+  REQUIRE(o.before.findings.size() == 1);
+  CHECK(o.before.findings[0].area == FindingArea::kDedupIndex);
+  CHECK(o.before.findings[0].kind == FindingKind::kError);
+  CHECK(o.before.findings[0].text == fmt::format("ERROR dedup index: 4 entries at {:#x} do not fit in the file",
+                                                 ext.index_offset));
+  CHECK(o.repaired.dedup.rebuilt);
+  CHECK(o.repaired.dedup.indexed == 4);
+  // The repair says what it mended, worded as qemu-img words a repair.
+  REQUIRE(!o.repaired.findings.empty());
+  CHECK(o.repaired.findings[0].kind == FindingKind::kRepaired);
+  CHECK(o.repaired.findings[0].text.rfind("Repairing dedup index: 4 entries", 0) == 0);
+}
+
+// Findings are data: the write path and the CLI go by area and kind, not
+// by the words of a line.
+TEST_CASE("findings carry their area, kind and cluster") {
+  TempDir dir;
+  const std::string img = dir / "findings.qcow2";
+  MakeImage(img);
+  uint64_t shared = 0, l1_cluster = 0;
+  {
+    ImageBytes raw(img);
+    shared = raw.HostCluster(1);       // refcount 2, shared by guest 1 and 6
+    raw.SetRefcount(shared, 1);        // too low: a corruption, and COPIED now looks wrong
+    l1_cluster = raw.header().l1_offset / kCs;
+    raw.SetRefcount(l1_cluster, 2);    // too high: a leak
+  }
+  const CheckReport r = OurCheck(img);
+  INFO(Messages(r));
+  auto count = [&r](FindingArea a, FindingKind k) {
+    return std::count_if(r.findings.begin(), r.findings.end(),
+                         [&](const Finding& f) { return f.area == a && f.kind == k; });
+  };
+  CHECK(count(FindingArea::kRefcounts, FindingKind::kError) == 1);
+  CHECK(count(FindingArea::kRefcounts, FindingKind::kLeak) == 1);
+  CHECK(count(FindingArea::kCopiedFlags, FindingKind::kError) == 2);
+  CHECK(count(FindingArea::kDedupIndex, FindingKind::kError) == 0);
+  for (const Finding& f : r.findings) {
+    if (f.area == FindingArea::kRefcounts && f.kind == FindingKind::kError) {
+      CHECK(f.cluster == shared);
+      CHECK(f.text == fmt::format("ERROR cluster {} refcount=1 reference=2", shared));
+    }
+    if (f.kind == FindingKind::kLeak) {
+      CHECK(f.cluster == l1_cluster);
+      CHECK(f.text == fmt::format("Leaked cluster {} refcount=2 reference=1", l1_cluster));
+    }
+    if (f.area == FindingArea::kCopiedFlags) {
+      CHECK(f.cluster == shared);
+    }
+  }
 }
 
 TEST_CASE("an index the header no longer vouches for is not an error") {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,34 @@ struct CheckOptions {
   std::unique_ptr<File> file;  // instead of opening the path (tests)
 };
 
+// Which part of the image a finding is about. All but kDedupIndex are the
+// qcow2 structure, whose findings qemu-img check prints too.
+enum class FindingArea {
+  kRefcounts,    // the refcount table, its blocks, and the counts in them
+  kL1Table,
+  kL2Tables,
+  kCopiedFlags,  // OFLAG_COPIED against the refcount
+  kSnapshots,
+  kBitmaps,
+  kOverlaps,     // metadata sharing its cluster (QEMU only sees a low refcount)
+  kDedupIndex,   // ours: qemu-img knows nothing of it
+};
+
+// What a finding says: the first word of qemu-img's line.
+enum class FindingKind {
+  kError,     // "ERROR": a corruption, or what stopped the check
+  kLeak,      // "Leaked"
+  kRepaired,  // "Repairing": found and mended
+  kNote,      // anything else said along the way ("Rebuilding refcount structure")
+};
+
+struct Finding {
+  FindingArea area = FindingArea::kRefcounts;
+  FindingKind kind = FindingKind::kNote;
+  std::optional<uint64_t> cluster;  // the host cluster it is about, where there is one
+  std::string text;                 // the whole line, worded as qemu-img words it
+};
+
 struct DedupFindings {
   bool present = false;         // our header extension exists
   bool in_sync = false;         // our autoclear bit was set
@@ -33,8 +62,13 @@ struct DedupFindings {
   uint64_t stale = 0;           // entries for clusters that hold no data
   uint64_t missing = 0;         // stored clusters the index lacks
   uint64_t duplicates = 0;      // clusters stored more than once (missed dedup)
+  bool unreadable = false;      // in sync, but not whole: its place or its digest is wrong
   bool rebuilt = false;         // repair rewrote the index from the data
-  uint64_t errors() const { return in_sync ? mismatched + stale + missing : 0; }
+  // An unreadable index is wrong even when there is nothing stored to miss.
+  uint64_t errors() const {
+    const uint64_t n = mismatched + stale + missing;
+    return !in_sync ? 0 : n || !unreadable ? n : 1;
+  }
 };
 
 struct CheckReport {
@@ -46,10 +80,16 @@ struct CheckReport {
   uint64_t fragmented_clusters = 0;
   uint64_t compressed_clusters = 0;
   uint64_t leaks = 0;
-  uint64_t corruptions = 0;
+  uint64_t corruptions = 0;  // as qemu-img counts them
+  // Ours: metadata sharing its cluster with other metadata or data where
+  // the refcount does not show it, so that qemu-img counts nothing there.
+  uint64_t overlaps = 0;
   uint64_t leaks_fixed = 0;
   uint64_t corruptions_fixed = 0;
-  std::vector<std::string> messages;  // one finding a line, as qemu-img prints them
+  // The check gave up half way (QEMU's check returns an error there):
+  // check_errors says so too, and the counts are not a summary.
+  bool stopped = false;
+  std::vector<Finding> findings;  // in the order qemu-img prints them
   DedupFindings dedup;
 };
 

@@ -30,11 +30,10 @@ Status Recount::CountBitmaps() {
 
   Inc(dir_offset, dir_size);
   MarkMeta(dir_offset, dir_size, "the bitmap directory");
-  if (dir_size > kMaxBitmapDirectory || dir_offset > ctx_.file_size || dir_size > ctx_.file_size - dir_offset) {
-    ++r_.corruptions;
-    Note(r_, "ERROR the bitmap directory lies outside the image");
-    return Status::Ok();
-  }
+  // A broken directory is where QEMU stops (it refuses to open the image),
+  // and so does check: there is nothing to count.
+  if (dir_size > kMaxBitmapDirectory || dir_offset > ctx_.file_size || dir_size > ctx_.file_size - dir_offset)
+    return Status::Corruption("the bitmap directory lies outside the image");
   std::vector<uint8_t> dir(dir_size);
   QD_RETURN_IF_ERROR(ctx_.Read(dir_offset, dir));
   const uint64_t cs = ctx_.cs();
@@ -44,11 +43,7 @@ Status Recount::CountBitmaps() {
   uint64_t budget = ctx_.file_size;
   size_t pos = 0;
   for (uint32_t b = 0; b < nb; ++b) {
-    if (pos + kDirEntryBytes > dir.size()) {
-      ++r_.corruptions;
-      Note(r_, "ERROR the bitmap directory is truncated");
-      return Status::Ok();
-    }
+    if (pos + kDirEntryBytes > dir.size()) return Status::Corruption("the bitmap directory is truncated");
     const uint8_t* p = &dir[pos];
     const uint64_t table_offset = LoadBe64(p);
     const uint32_t table_size = uint32_t(LoadBe64(p + 8) >> 32);
@@ -59,15 +54,13 @@ Status Recount::CountBitmaps() {
     const uint64_t table_bytes = uint64_t(table_size) * 8;
     Inc(table_offset, table_bytes);
     MarkMeta(table_offset, table_bytes, "a bitmap table");
-    if (table_offset % cs || table_offset > ctx_.file_size || table_bytes > ctx_.file_size - table_offset) {
-      ++r_.corruptions;
-      Note(r_, fmt::format("ERROR bitmap table at {:#x} lies outside the image", table_offset));
-      continue;
-    }
+    if (table_offset % cs || table_offset > ctx_.file_size || table_bytes > ctx_.file_size - table_offset)
+      return Status::Corruption(fmt::format("bitmap table at {:#x} lies outside the image", table_offset));
     if (table_bytes > budget) {
       ++r_.check_errors;
-      Note(r_, fmt::format("ERROR bitmap tables overlap beyond what the file can hold; the one at {:#x} is not checked",
-                           table_offset));
+      Note(r_, FindingArea::kBitmaps, FindingKind::kError,
+           fmt::format("ERROR bitmap tables overlap beyond what the file can hold; the one at {:#x} is not checked",
+                       table_offset));
       continue;
     }
     budget -= table_bytes;
@@ -78,7 +71,8 @@ Status Recount::CountBitmaps() {
       const uint64_t offset = e & kBitmapEntryOffsetMask;
       if ((e & kBitmapEntryReserved) || offset % cs || (offset && (e & 1))) {
         ++r_.corruptions;
-        Note(r_, fmt::format("ERROR bitmap table entry {:#x} is corrupted", e));
+        Note(r_, FindingArea::kBitmaps, FindingKind::kError,
+             fmt::format("ERROR bitmap table entry {:#x} is corrupted", e));
         continue;
       }
       if (!offset) continue;

@@ -9,7 +9,6 @@
 
 #include "check/index_audit.h"
 #include "check/passes.h"
-#include "format/endian.h"
 #include "qcow2dedup/check.h"
 
 namespace qcow2dedup {
@@ -32,53 +31,20 @@ Result<Examination> Examine(Context& ctx, const ProgressFn& progress) {
 
 CheckReport Report(Examination& e) {
   CheckReport r = std::move(e.pass.report);
-  for (std::string& m : e.index_notes.messages) Note(r, std::move(m));
+  NoteAll(r, e.index_notes);
   return r;
-}
-
-// Parses the header as QEMU's check sees it. The library's parser refuses
-// tables at offset 0, an empty refcount table and tables past the end of
-// the file; QEMU opens such an image and its check reports the damage (it
-// refuses only offsets past INT64_MAX). So the parser gets a copy with
-// those fields made harmless, and the real values are put back after.
-Result<Header> ParseLeniently(std::vector<uint8_t> head, uint64_t file_size) {
-  constexpr uint64_t kQemuLimit = uint64_t(INT64_MAX);
-  const bool room = head.size() >= 72;
-  uint32_t cluster_bits = 0;
-  uint64_t l1 = 0, reftable = 0, snapshots = 0;
-  uint32_t reftable_clusters = 0;
-  if (room) {
-    cluster_bits = uint32_t(LoadBe64(&head[16]) & 0xffffffffu);
-    l1 = LoadBe64(&head[40]);
-    reftable = LoadBe64(&head[48]);
-    reftable_clusters = uint32_t(LoadBe64(&head[52]) & 0xffffffffu);
-    snapshots = LoadBe64(&head[64]);
-    if (cluster_bits >= kMinClusterBits && cluster_bits <= kMaxClusterBits) {
-      const uint64_t cs = 1ull << cluster_bits;
-      if (l1 == 0) StoreBe64(&head[40], cs);
-      if (reftable == 0) StoreBe64(&head[48], cs);
-      if (reftable_clusters == 0) head[59] = 1;
-      if (snapshots == 0) StoreBe64(&head[64], cs);
-    }
-  }
-  QD_ASSIGN_OR_RETURN(Header h, ParseHeader(head, std::max(file_size, kQemuLimit)));
-  if (room) {
-    h.l1_offset = l1;
-    h.reftable_offset = reftable;
-    h.reftable_clusters = reftable_clusters;
-    h.snapshots_offset = snapshots;
-  }
-  // QEMU refuses a misaligned snapshot table even when there are no snapshots.
-  if (h.snapshots_offset % h.cluster_size() || h.snapshots_offset > kQemuLimit - uint64_t(h.nb_snapshots) * 40)
-    return Status::Corruption("snapshot table offset invalid");
-  return h;
 }
 
 Status OpenContext(Context& ctx) {
   QD_ASSIGN_OR_RETURN(ctx.file_size, ctx.file->Size());
-  std::vector<uint8_t> head(std::min<uint64_t>(ctx.file_size, 1u << kMaxClusterBits));
-  QD_RETURN_IF_ERROR(ctx.file->ReadAt(0, head));
-  QD_ASSIGN_OR_RETURN(ctx.header, ParseLeniently(std::move(head), ctx.file_size));
+  if (ctx.file_size < kV2HeaderLength) return Status::Corruption("file too short for a qcow2 header");
+  // Past the end of the file QEMU reads zeros, in cluster 0 too.
+  std::vector<uint8_t> head(1u << kMaxClusterBits);
+  QD_RETURN_IF_ERROR(ctx.Read(0, head));
+  // As QEMU's check sees it: tables at offset 0, an empty refcount table
+  // and tables past the end are the check's findings, not a reason to stop.
+  QD_ASSIGN_OR_RETURN(ctx.header, DecodeHeader(head));
+  QD_RETURN_IF_ERROR(ValidateHeader(ctx.header));
   return ReadSnapshots(ctx);
 }
 
@@ -93,7 +59,7 @@ Status WriteFeatureBits(Context& ctx, uint64_t incompatible, uint64_t autoclear)
 }
 
 bool NeedsRepair(const Context& ctx, const CheckReport& r, RepairMode mode) {
-  if (r.leaks || r.corruptions || r.check_errors) return true;
+  if (r.leaks || r.corruptions || r.overlaps || r.check_errors) return true;
   if (ctx.header.incompatible & (kIncompatDirty | kIncompatCorrupt)) return true;
   const DedupFindings& d = r.dedup;
   return mode == RepairMode::kAll && d.present && (!d.in_sync || !d.index_loaded || d.errors());
@@ -120,7 +86,7 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   }
   QD_ASSIGN_OR_RETURN(PassResult fixed, RunPass(ctx, mode));
   const CheckReport& f = fixed.report;
-  const bool clean = !f.corruptions && !f.check_errors;
+  const bool clean = !f.corruptions && !f.overlaps && !f.check_errors;
 
   // QEMU marks the image clean and consistent when the repair left no
   // corruption; otherwise it stays as it was.
@@ -130,10 +96,18 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   // where the index lay, and rebuilds the index instead.
   const bool keep_index = mode == RepairMode::kLeaks && before.in_sync && before.index_loaded && !before.errors();
   QD_RETURN_IF_ERROR(WriteFeatureBits(ctx, new_incompatible, keep_index ? autoclear : autoclear & ~kAutoclearDedupInSync));
+  if (f.stopped) {
+    // qemu-img does not check again after a repair that gave up.
+    CheckReport r = f;
+    r.findings = moved.findings;
+    NoteAll(r, f);
+    return r;
+  }
 
   QD_ASSIGN_OR_RETURN(Examination last, Examine(ctx, progress));
   bool rebuilt = false;
   if (mode == RepairMode::kAll && clean && ctx.header.dedup && !last.pass.report.corruptions &&
+      !last.pass.report.overlaps &&
       !last.pass.report.check_errors) {
     StoredRefcounts stored(ctx);
     QD_RETURN_IF_ERROR(stored.Load());
@@ -146,13 +120,17 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   CheckReport r;
   // What the rebuild mended, worded as qemu-img words a mended finding.
   if (rebuilt)
-    for (std::string& m : first.index_notes.messages)
-      Note(r, m.starts_with("ERROR ") ? "Repairing " + m.substr(6) : std::move(m));
-  for (std::string& m : moved.messages) Note(r, std::move(m));
-  for (const std::string& m : f.messages) Note(r, m);
+    for (const Finding& m : first.index_notes.findings) Note(r, Mended(m));
+  NoteAll(r, moved);
+  NoteAll(r, f);
   CheckReport final_report = Report(last);
-  for (std::string& m : final_report.messages) Note(r, std::move(m));
-  final_report.messages = std::move(r.messages);
+  // qemu-img checks again only when the repair fixed something; what the
+  // second check finds, it prints too. Our own part is always the last
+  // examination's.
+  const bool fixed_any = f.leaks_fixed || f.corruptions_fixed || moved.corruptions_fixed;
+  for (const Finding& m : final_report.findings)
+    if (fixed_any || m.area == FindingArea::kDedupIndex || m.area == FindingArea::kOverlaps) Note(r, m);
+  final_report.findings = std::move(r.findings);
   final_report.leaks_fixed = f.leaks_fixed;
   final_report.corruptions_fixed = f.corruptions_fixed + moved.corruptions_fixed;
   final_report.dedup.rebuilt = rebuilt;
@@ -182,10 +160,11 @@ Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode re
   CheckReport r;
   if (repair == RepairMode::kLeaks && first.pass.needs_rebuild) {
     // Only -r all can rebuild: qemu-img gives up here (exit 1) and so do
-    // we, before writing anything.
-    r = check::Report(first);
-    check::Note(r, "ERROR need to rebuild refcount structures");
-    ++r.check_errors;
+    // we, with its findings so far. A -r leaks pass stops at that very
+    // point, before it writes anything.
+    QD_ASSIGN_OR_RETURN(check::PassResult stop, check::RunPass(ctx, RepairMode::kLeaks));
+    r = std::move(stop.report);
+    r.dedup = first.pass.report.dedup;
   } else if (ctx.writable && check::NeedsRepair(ctx, first.pass.report, repair)) {
     QD_ASSIGN_OR_RETURN(r, check::Repair(ctx, first, repair, progress));
   } else {
@@ -197,7 +176,7 @@ Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode re
 
 int CheckExitCode(const CheckReport& r) {
   if (r.check_errors) return 1;  // qemu-img: the check could not complete
-  if (r.corruptions || r.dedup.errors()) return 2;
+  if (r.corruptions || r.overlaps || r.dedup.errors()) return 2;
   if (r.leaks) return 3;
   return 0;
 }

@@ -21,7 +21,8 @@ Status DropRefcountsPastEnd(Context& ctx, uint64_t nb, StoredRefcounts& stored, 
     QD_ASSIGN_OR_RETURN(uint8_t * block, stored.Block(b));
     for (uint64_t i = std::max(nb, b * per); i < (b + 1) * per; ++i) {
       if (uint64_t v = GetRefcount(block, order, i - b * per)) {
-        Note(r, fmt::format("Repairing cluster {} refcount={} past the end of the file", i, v));
+        Note(r, FindingArea::kRefcounts, FindingKind::kRepaired,
+             fmt::format("Repairing cluster {} refcount={} past the end of the file", i, v), i);
         QD_RETURN_IF_ERROR(stored.Set(i, 0));
       }
     }
@@ -40,9 +41,20 @@ Status CompareRefcounts(Context& ctx, const References& refs, StoredRefcounts& s
     const uint64_t first = b * per, end = std::min(nb, first + per);
     auto block = stored.Block(b);
     if (!block.ok()) {
+      const uint64_t offset = stored.TableEntry(b) & kRefTableOffsetMask;
+      if (offset % ctx.cs() && !ctx.corruption_signalled) {
+        // qcow2_signal_corruption(), the words of qcow2_get_refcount() (C's
+        // %#x prints 0 as "0").
+        ctx.corruption_signalled = true;
+        Note(r, FindingArea::kRefcounts, FindingKind::kNote,
+             fmt::format("qcow2: Image is corrupt: Refblock offset {:#x} unaligned (reftable index: {}); further "
+                         "non-fatal corruption events will be suppressed",
+                         offset, b ? fmt::format("{:#x}", b) : "0"));
+      }
       for (uint64_t i = first; i < end; ++i) {
         ++r.check_errors;
-        Note(r, fmt::format("Can't get refcount for cluster {}: Input/output error", i));
+        Note(r, FindingArea::kRefcounts, FindingKind::kError,
+             fmt::format("Can't get refcount for cluster {}: Input/output error", i), i);
       }
       continue;
     }
@@ -59,8 +71,11 @@ Status CompareRefcounts(Context& ctx, const References& refs, StoredRefcounts& s
       } else if (stored_rc < counted && fix == RepairMode::kAll) {
         fixed = &r.corruptions_fixed;
       }
-      Note(r, fmt::format("{} cluster {} refcount={} reference={}",
-                          fixed ? "Repairing" : stored_rc < counted ? "ERROR" : "Leaked", i, stored_rc, counted));
+      const FindingKind kind = fixed                ? FindingKind::kRepaired
+                               : stored_rc < counted ? FindingKind::kError
+                                                     : FindingKind::kLeak;
+      Note(r, FindingArea::kRefcounts, kind,
+           fmt::format("{} cluster {} refcount={} reference={}", Word(kind), i, stored_rc, counted), i);
       if (fixed && stored.Set(i, counted).ok()) {
         ++*fixed;
         continue;

@@ -7,6 +7,7 @@ namespace qcow2dedup::check {
 
 namespace {
 constexpr size_t kMaxMessages = 20000;
+constexpr const char* kOverflowNote = "(further findings are not listed)";
 }
 
 Status Context::Read(uint64_t offset, std::span<uint8_t> buf) {
@@ -38,12 +39,30 @@ Result<uint64_t> Context::RefreshFileSize() {
   return file_size;
 }
 
-void Note(CheckReport& r, std::string line) {
-  if (r.messages.size() < kMaxMessages) {
-    r.messages.push_back(std::move(line));
-  } else if (r.messages.size() == kMaxMessages) {
-    r.messages.push_back("(further findings are not listed)");
+void Note(CheckReport& r, Finding f) {
+  if (r.findings.size() < kMaxMessages) {
+    r.findings.push_back(std::move(f));
+  } else if (r.findings.size() == kMaxMessages) {
+    r.findings.push_back({f.area, FindingKind::kNote, std::nullopt, kOverflowNote});
   }
+}
+
+bool Full(const CheckReport& r) { return r.findings.size() >= kMaxMessages; }
+
+bool IsOverflowNote(const Finding& f) { return f.kind == FindingKind::kNote && f.text == kOverflowNote; }
+
+void NoteAll(CheckReport& into, const CheckReport& from) {
+  for (const Finding& f : from.findings) Note(into, f);
+}
+
+const char* Word(FindingKind kind) {
+  switch (kind) {
+    case FindingKind::kError: return "ERROR";
+    case FindingKind::kLeak: return "Leaked";
+    case FindingKind::kRepaired: return "Repairing";
+    case FindingKind::kNote: break;
+  }
+  return "";
 }
 
 }  // namespace qcow2dedup::check

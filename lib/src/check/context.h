@@ -2,6 +2,7 @@
 // disk (repair changes it as it goes), and the report a pass fills in.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -24,9 +25,9 @@ constexpr uint64_t kRefTableEntryReserved = 0x1ffull;
 constexpr uint64_t kSubclustersAllocated = 0xffffffffull;
 
 // Header fields repair patches in place (byte offsets in cluster 0).
-constexpr uint64_t kHeaderRefTableAt = 48;
-constexpr uint64_t kHeaderIncompatibleAt = 72;
-constexpr uint64_t kHeaderAutoclearAt = 88;
+constexpr uint64_t kHeaderRefTableAt = offsetof(RawHeader, refcount_table_offset);
+constexpr uint64_t kHeaderIncompatibleAt = offsetof(RawHeader, incompatible_features);
+constexpr uint64_t kHeaderAutoclearAt = offsetof(RawHeader, autoclear_features);
 
 struct Context {
   File* file = nullptr;
@@ -35,9 +36,14 @@ struct Context {
   SnapshotTable snapshots;
   std::vector<bool> snapshot_incomplete;  // entries without the extra data v3 requires
   bool writable = false;
+  // QEMU reports the first corruption event it meets while reading the
+  // image, and suppresses the rest.
+  bool corruption_signalled = false;
 
   uint64_t cs() const { return header.cluster_size(); }
   uint32_t bits() const { return header.cluster_bits; }
+  // The file's length as QEMU's block layer gives it: whole 512-byte sectors.
+  uint64_t SectorLength() const { return (file_size + 511) / 512 * 512; }
   // Clusters the file holds, the last one perhaps partly.
   uint64_t FileClusters() const { return (file_size + cs() - 1) / cs(); }
 
@@ -57,6 +63,20 @@ Status ReadSnapshots(Context& ctx);
 
 // Adds one finding to a report. The list is bounded: a hostile image can
 // produce a finding for every cluster of a huge file.
-void Note(CheckReport& r, std::string line);
+void Note(CheckReport& r, Finding f);
+inline void Note(CheckReport& r, FindingArea area, FindingKind kind, std::string text,
+                 std::optional<uint64_t> cluster = std::nullopt) {
+  Note(r, Finding{area, kind, cluster, std::move(text)});
+}
+// Whether r holds as many findings as it lists (the rest are not kept).
+bool Full(const CheckReport& r);
+// The note that says further findings are not listed.
+bool IsOverflowNote(const Finding& f);
+// Appends from's findings to into's.
+void NoteAll(CheckReport& into, const CheckReport& from);
+
+// The word qemu-img starts a line of that kind with ("" for a note), so
+// that a line's words and its kind cannot disagree.
+const char* Word(FindingKind kind);
 
 }  // namespace qcow2dedup::check

@@ -30,19 +30,42 @@ class OuterWalk {
       if (!e) continue;
       if (e & kL1EntryReserved) {
         r_.corruptions += n;
-        Note(r_, fmt::format("ERROR found L1 entry with reserved bits set: {:x}", e));
+        Note(r_, FindingArea::kL1Table, FindingKind::kError,
+             fmt::format("ERROR found L1 entry with reserved bits set: {:x}", e));
       }
       const uint64_t l2 = e & kL1OffsetMask;
       rc_.Inc(l2, cs, n);
       if (l2 % cs) {
         r_.corruptions += n;
-        Note(r_, fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2));
-        continue;  // not walked: a misaligned table is garbage, and reading it costs a cluster each
+        Note(r_, FindingArea::kL1Table, FindingKind::kError,
+             fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2));
+        // QEMU walks it all the same. Misaligned tables may overlap one
+        // another: only as many as the file could hold side by side.
+        if (!refs_.l2_tables.count(l2)) {
+          if (l2 >= ctx_.file_size) continue;
+          if (misaligned_budget_ < cs) {
+            if (!misaligned_refused_) {
+              ++r_.check_errors;
+              Note(r_, FindingArea::kL1Table, FindingKind::kError,
+                   "ERROR misaligned L2 tables beyond what the file can hold are not checked");
+            }
+            misaligned_refused_ = true;
+            continue;
+          }
+          misaligned_budget_ -= cs;
+        }
+      } else {
+        if (l2 >= ctx_.file_size) continue;  // reads as zeros: nothing to walk
+        rc_.MarkMeta(l2, cs, kMetaL2Table, n);
       }
-      if (l2 >= ctx_.file_size) continue;  // reads as zeros: nothing to walk
       L2Use& use = refs_.l2_tables[l2];
       (active ? use.active : use.inactive) += n;
-      rc_.MarkMeta(l2, cs, kMetaL2Table, n);
+      // The table's findings go here, where QEMU prints them.
+      const size_t at = r_.findings.size();
+      if (!refs_.l2_walks.empty() && refs_.l2_walks.back().at == at && refs_.l2_walks.back().table == l2)
+        refs_.l2_walks.back().times += n;
+      else
+        refs_.l2_walks.push_back({at, l2, n});
     }
     return Status::Ok();
   }
@@ -52,7 +75,7 @@ class OuterWalk {
     for (size_t i = 0; i < ctx_.snapshot_incomplete.size(); ++i) {
       if (!ctx_.snapshot_incomplete[i]) continue;
       ++r_.corruptions;
-      Note(r_, fmt::format("ERROR snapshot table entry {} is incomplete", i));
+      Note(r_, FindingArea::kSnapshots, FindingKind::kError, fmt::format("ERROR snapshot table entry {} is incomplete", i));
     }
     // Identical snapshot L1 tables are walked once; distinct ones only as far
     // as the file could hold them side by side (a valid image's L1 tables
@@ -60,14 +83,14 @@ class OuterWalk {
     std::map<std::pair<uint64_t, uint32_t>, uint64_t> tables;
     for (const Snapshot& s : ctx_.snapshots.snapshots) {
       if (s.l1_offset % cs) {
-        Note(r_, fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot "
+        Note(r_, FindingArea::kSnapshots, FindingKind::kError, fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot "
                              "table entry corrupted",
                              s.info.id, s.info.name, s.l1_offset));
         ++r_.corruptions;
         continue;
       }
       if (uint64_t(s.l1_size) * 8 > kMaxL1Bytes) {
-        Note(r_, fmt::format("ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry "
+        Note(r_, FindingArea::kSnapshots, FindingKind::kError, fmt::format("ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry "
                              "corrupted",
                              s.info.id, s.info.name, s.l1_size));
         ++r_.corruptions;
@@ -82,7 +105,7 @@ class OuterWalk {
       const uint64_t inside = key.first >= ctx_.file_size ? 0 : std::min(bytes, ctx_.file_size - key.first);
       if (inside > budget) {
         ++r_.check_errors;
-        Note(r_, fmt::format("ERROR snapshot L1 tables overlap beyond what the file can hold; the one at {:#x} "
+        Note(r_, FindingArea::kSnapshots, FindingKind::kError, fmt::format("ERROR snapshot L1 tables overlap beyond what the file can hold; the one at {:#x} "
                              "is not checked",
                              key.first));
         continue;
@@ -109,13 +132,15 @@ class OuterWalk {
     for (uint64_t i = 0; i < table.size(); ++i) {
       const uint64_t offset = table[i] & kRefTableOffsetMask, cluster = offset / cs;
       if (table[i] & kRefTableEntryReserved) {
-        Note(r_, fmt::format("ERROR refcount table entry {} has reserved bits set", i));
+        Note(r_, FindingArea::kRefcounts, FindingKind::kError,
+             fmt::format("ERROR refcount table entry {} has reserved bits set", i));
         ++r_.corruptions;
         *rebuild = true;
         continue;
       }
       if (offset % cs) {
-        Note(r_, fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry corrupted", i));
+        Note(r_, FindingArea::kRefcounts, FindingKind::kError,
+             fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry corrupted", i));
         ++r_.corruptions;
         *rebuild = true;
         continue;
@@ -124,14 +149,16 @@ class OuterWalk {
         // QEMU grows the file to hold the block; a rebuild puts it back
         // inside the image instead.
         ++r_.corruptions;
-        Note(r_, fmt::format("{} refcount block {} is outside image", fix == RepairMode::kAll ? "Repairing" : "ERROR", i));
+        const FindingKind kind = fix == RepairMode::kAll ? FindingKind::kRepaired : FindingKind::kError;
+        Note(r_, FindingArea::kRefcounts, kind, fmt::format("{} refcount block {} is outside image", Word(kind), i));
         if (fix == RepairMode::kAll) *rebuild = true;
         continue;
       }
       if (offset != 0) {
         rc_.Inc(offset, cs);
         if (refs_.counts.Get(cluster) != 1) {
-          Note(r_, fmt::format("ERROR refcount block {} refcount={}", i, refs_.counts.Get(cluster)));
+          Note(r_, FindingArea::kRefcounts, FindingKind::kError,
+               fmt::format("ERROR refcount block {} refcount={}", i, refs_.counts.Get(cluster)), cluster);
           ++r_.corruptions;
           *rebuild = true;
         }
@@ -154,6 +181,8 @@ class OuterWalk {
   CheckReport& r_;
   References& refs_;
   Recount rc_;
+  uint64_t misaligned_budget_ = ctx_.file_size;
+  bool misaligned_refused_ = false;
 };
 
 }  // namespace
@@ -183,6 +212,7 @@ Result<References> CountOnce(Context& ctx, CheckReport& r, const CountOptions& o
   if (o.refcount_structures) rc.Inc(h.reftable_offset, uint64_t(h.reftable_clusters) * cs);
   QD_RETURN_IF_ERROR(rc.CountBitmaps());
   QD_RETURN_IF_ERROR(rc.CountL2Tables(fixes));
+  PlaceL2Findings(r, refs);
   if (o.refcount_structures) walk.CheckRefblocks(reftable, o.fix, rebuild);
   return refs;
 }
@@ -190,13 +220,14 @@ Result<References> CountOnce(Context& ctx, CheckReport& r, const CountOptions& o
 void Merge(CheckReport& into, const CheckReport& from) {
   into.check_errors += from.check_errors;
   into.corruptions += from.corruptions;
+  into.overlaps += from.overlaps;
   into.leaks += from.leaks;
   into.corruptions_fixed += from.corruptions_fixed;
   into.leaks_fixed += from.leaks_fixed;
   into.allocated_clusters += from.allocated_clusters;
   into.fragmented_clusters += from.fragmented_clusters;
   into.compressed_clusters += from.compressed_clusters;
-  for (const std::string& m : from.messages) Note(into, m);
+  NoteAll(into, from);
 }
 
 }  // namespace

@@ -29,19 +29,18 @@ const HashedCluster* FindCluster(const std::vector<HashedCluster>& hashed, uint6
 }
 
 // The stored index bytes, if they are whole: the same tests LoadIndex
-// makes before the writer trusts them. The empty string means whole.
-std::string ReadIndex(Context& ctx, const DedupExtension& ext, std::vector<uint8_t>& bytes) {
-  const uint64_t cs = ctx.cs();
-  if (ext.hash_algorithm != kHashSha256) return fmt::format("unknown hash algorithm {}", ext.hash_algorithm);
-  if (ext.index_entries == 0)
-    return ext.index_offset == 0 ? "" : "an empty index with an offset";
-  if (ext.index_entries > ctx.file_size / cs || ext.index_offset % cs != 0 || ext.index_offset < cs ||
-      ext.index_offset > ctx.file_size || ext.index_entries * kIndexEntryBytes > ctx.file_size - ext.index_offset)
-    return fmt::format("{} entries at {:#x} do not fit in the file", ext.index_entries, ext.index_offset);
+// makes before the writer trusts them.
+Status ReadIndex(Context& ctx, const DedupExtension& ext, std::vector<uint8_t>& bytes) {
+  QD_RETURN_IF_ERROR(CheckIndexPlacement(ext, ctx.cs(), ctx.file_size));
   bytes.resize(ext.index_entries * kIndexEntryBytes);
-  if (!ctx.Read(ext.index_offset, bytes).ok()) return "it cannot be read";
-  if (Sha256(bytes) != ext.index_digest) return "its bytes do not match the digest in the header";
-  return "";
+  if (!ctx.Read(ext.index_offset, bytes).ok()) return Status::Corruption("it cannot be read");
+  if (Sha256(bytes) != ext.index_digest) return Status::Corruption("its bytes do not match the digest in the header");
+  return Status::Ok();
+}
+
+void IndexError(CheckReport& notes, std::string text, std::optional<uint64_t> cluster = std::nullopt) {
+  Note(notes, FindingArea::kDedupIndex, FindingKind::kError, std::string(Word(FindingKind::kError)) + " " + text,
+       cluster);
 }
 
 }  // namespace
@@ -87,16 +86,17 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
   if (!d.in_sync) return Status::Ok();
 
   std::vector<uint8_t> bytes;
-  const std::string broken = ReadIndex(ctx, *h.dedup, bytes);
-  if (!broken.empty()) {
+  if (Status broken = ReadIndex(ctx, *h.dedup, bytes); !broken.ok()) {
     // A newer tool's index is not ours to judge (nor an error: the writer
     // rebuilds an index it cannot read).
-    if (h.dedup->hash_algorithm != kHashSha256) {
-      Note(notes, "Dedup index not checked: " + broken);
+    if (broken.kind() == ErrorKind::kUnsupported) {
+      Note(notes, FindingArea::kDedupIndex, FindingKind::kNote, "Dedup index not checked: " + broken.message());
       return Status::Ok();
     }
-    Note(notes, "ERROR dedup index: " + broken);
-    d.stale = h.dedup->index_entries;
+    IndexError(notes, "dedup index: " + broken.message());
+    d.unreadable = true;
+    // No entry could be read, so none is stale; every stored cluster lacks
+    // its entry, and that is the count of what is wrong (once each).
     for (const HashedCluster& hc : hashed)
       if (hc.cluster <= DedupIndex::kMaxCluster) ++d.missing;
     return Status::Ok();
@@ -111,16 +111,16 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
     const uint8_t* p = &bytes[i * kIndexEntryBytes];
     const uint64_t offset = LoadBe64(p);
     const Key key = KeyOf(p + 8);
-    const HashedCluster* hc = offset % cs == 0 && offset >= cs && offset < h.dedup->index_offset
-                                  ? FindCluster(hashed, offset / cs)
-                                  : nullptr;
+    const HashedCluster* hc =
+        IndexEntryOffsetOk(offset, cs, *h.dedup) ? FindCluster(hashed, offset / cs) : nullptr;
     if (!hc) {
       ++d.stale;
-      Note(notes, fmt::format("ERROR dedup index entry for offset {:#x}: the cluster holds no guest data", offset));
+      IndexError(notes, fmt::format("dedup index entry for offset {:#x}: the cluster holds no guest data", offset));
     } else if (hc->key != key) {
       ++d.mismatched;
-      Note(notes, fmt::format("ERROR dedup index entry for cluster {}: the data there does not match the hash",
-                              offset / cs));
+      IndexError(notes,
+                 fmt::format("dedup index entry for cluster {}: the data there does not match the hash", offset / cs),
+                 offset / cs);
     } else {
       good.push_back(hc->cluster);
     }
@@ -129,9 +129,17 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
   for (const HashedCluster& hc : hashed) {
     if (hc.cluster > DedupIndex::kMaxCluster || std::binary_search(good.begin(), good.end(), hc.cluster)) continue;
     ++d.missing;
-    Note(notes, fmt::format("ERROR dedup index: no entry for the data stored in cluster {}", hc.cluster));
+    IndexError(notes, fmt::format("dedup index: no entry for the data stored in cluster {}", hc.cluster), hc.cluster);
   }
   return Status::Ok();
+}
+
+Finding Mended(Finding f) {
+  if (f.area == FindingArea::kDedupIndex && f.kind == FindingKind::kError) {
+    f.kind = FindingKind::kRepaired;
+    f.text = std::string(Word(FindingKind::kRepaired)) + f.text.substr(std::string_view(Word(FindingKind::kError)).size());
+  }
+  return f;
 }
 
 Status SaveRebuiltIndex(Context& ctx, const std::vector<HashedCluster>& hashed, StoredRefcounts& stored) {

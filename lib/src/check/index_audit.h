@@ -26,8 +26,13 @@ struct HashedCluster {
 Result<std::vector<HashedCluster>> HashDataClusters(Context& ctx, const References& refs,
                                                     const ProgressFn& progress);
 
-// Fills d; what is wrong with an in-sync index goes to notes' messages.
+// Fills d; what is wrong with an in-sync index goes to notes' findings.
 Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupFindings& d, CheckReport& notes);
+
+// An error of AuditIndex's, worded as qemu-img words a mended one
+// ("Repairing ..."), for when the index has been rebuilt; other findings
+// are returned as they are.
+Finding Mended(Finding f);
 
 // Writes a fresh index from hashed past the last cluster with a refcount
 // (where QEMU sees only free space), then the header that vouches for it.

@@ -27,6 +27,13 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
   const uint32_t eb = h.l2_entry_bytes();
   std::vector<uint8_t> table(cs);
   QD_RETURN_IF_ERROR(ctx_.Read(l2, table));
+  CheckReport found;
+  notes_ = &found;
+  struct Restore {
+    Recount* rc;
+    CheckReport* r;
+    ~Restore() { rc->notes_ = r; }
+  } restore{this, &r_};
 
   // Allocation statistics come from the active walks only.
   uint64_t next_contiguous = 0;
@@ -38,21 +45,21 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
 
     if (!compressed && (e & kL2EntryReserved)) {
       r_.corruptions += n;
-      Note(r_, fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
+      Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
     }
 
     if (compressed) {
       const CompressedDescriptor d = DecodeCompressed(e, h.cluster_bits);
       if (e & kFlagCopied) {
         r_.corruptions += n;
-        Note(r_, fmt::format("ERROR: coffset={:#x}: copied flag must never be set for compressed clusters", d.offset));
+        Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR: coffset={:#x}: copied flag must never be set for compressed clusters", d.offset));
         fixes->push_back({l2, i, e & ~kFlagCopied, bitmap,
                           fmt::format("Repairing coffset={:#x}: copied flag must never be set for compressed clusters",
                                       d.offset)});
       }
       if (bitmap) {
         r_.corruptions += n;
-        Note(r_, fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, entry={:#x}",
+        Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, entry={:#x}",
                              i, e));
         continue;
       }
@@ -69,7 +76,7 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
     if (offset == 0) {
       if (!zero_flag && (bitmap & kSubclustersAllocated)) {
         r_.corruptions += n;
-        Note(r_, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
+        Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
       }
       continue;
     }
@@ -77,13 +84,13 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
     // A standard cluster, or a preallocated zero cluster.
     if ((bitmap >> 32) & bitmap) {
       r_.corruptions += n;
-      Note(r_, fmt::format("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation bitmap", offset));
+      Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation bitmap", offset));
     }
     if (offset % cs) {
       r_.corruptions += n;
       const bool contains_data = ext ? (bitmap & kSubclustersAllocated) != 0 : !zero_flag;
       if (!contains_data) {
-        Note(r_, fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+        Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                              offset));
         // Reads as zero either way: a plain zero entry loses nothing.
         const uint64_t zero_bitmap = (bitmap | (bitmap << 32)) & ~kSubclustersAllocated;
@@ -92,7 +99,7 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
                                       "corrupted.",
                                       offset)});
       } else {
-        Note(r_, fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry corrupted.", offset));
+        Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry corrupted.", offset));
       }
     }
     if (a) {
@@ -103,7 +110,27 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
     Inc(offset, cs, n);
     if (a && !zero_flag && offset % cs == 0 && offset < ctx_.file_size) refs_.active_data.push_back(offset / cs);
   }
+  if (!found.findings.empty()) refs_.l2_findings[l2] = std::move(found.findings);
   return Status::Ok();
+}
+
+void PlaceL2Findings(CheckReport& r, const References& refs) {
+  if (refs.l2_findings.empty()) return;
+  CheckReport placed;
+  size_t from = 0;
+  auto copy_until = [&](size_t end) {
+    for (; from < end && from < r.findings.size(); ++from)
+      if (!IsOverflowNote(r.findings[from])) Note(placed, r.findings[from]);
+  };
+  for (const L2Walk& w : refs.l2_walks) {
+    copy_until(w.at);
+    auto it = refs.l2_findings.find(w.table);
+    if (it == refs.l2_findings.end()) continue;
+    for (uint64_t t = 0; t < w.times && !Full(placed); ++t)
+      for (const Finding& f : it->second) Note(placed, f);
+  }
+  copy_until(r.findings.size());
+  r.findings = std::move(placed.findings);
 }
 
 // Mends the entries that can be mended in place, where nothing but the L2
@@ -124,7 +151,7 @@ Result<uint64_t> ApplyL2Fixes(Context& ctx, const References& refs, const std::v
         uint8_t* p = &table[fixes[k].index * h.l2_entry_bytes()];
         StoreBe64(p, fixes[k].entry);
         if (h.extended_l2()) StoreBe64(p + 8, fixes[k].bitmap);
-        Note(r, fixes[k].message);
+        Note(r, FindingArea::kL2Tables, FindingKind::kRepaired, fixes[k].message);
         ++r.corruptions_fixed;
         ++applied;
       }

@@ -28,9 +28,11 @@ Status ReportOverlaps(const References& refs, StoredRefcounts& stored, CheckRepo
     auto rc = stored.Get(c);
     const uint64_t counted = refs.counts.Get(c);
     const bool qemu_sees_it = rc.ok() && *rc < counted;
-    Note(r, fmt::format("ERROR cluster {}: {} shares its cluster with other {} (reference={})", c, m.kind,
-                        m.mixed ? "metadata" : "data", counted));
-    if (!qemu_sees_it) ++r.corruptions;
+    Note(r, FindingArea::kOverlaps, FindingKind::kError,
+         fmt::format("ERROR cluster {}: {} shares its cluster with other {} (reference={})", c, m.kind,
+                     m.mixed ? "metadata" : "data", counted),
+         c);
+    if (!qemu_sees_it) ++r.overlaps;
   }
   return Status::Ok();
 }
@@ -121,11 +123,13 @@ Result<uint64_t> MoveDataOffMetadata(Context& ctx, const References& refs, Store
       QD_RETURN_IF_ERROR(ctx.Read(d.offset, data));
       QD_RETURN_IF_ERROR(ctx.Write(c * cs, data));
       entry = EncodeCompressed(c * cs, d.bytes, bits);
-      Note(r, fmt::format("Repairing L2 entry {:x}: compressed guest data on metadata moved to cluster {}", m.entry,
+      Note(r, FindingArea::kOverlaps, FindingKind::kRepaired,
+           fmt::format("Repairing L2 entry {:x}: compressed guest data on metadata moved to cluster {}", m.entry,
                           c));
     } else if (!h.extended_l2() && (m.entry & kFlagZero)) {
       entry = kFlagZero;  // reads as zero: no data to keep
-      Note(r, fmt::format("Repairing L2 entry {:x}: a preallocated zero cluster on metadata becomes a plain one",
+      Note(r, FindingArea::kOverlaps, FindingKind::kRepaired,
+           fmt::format("Repairing L2 entry {:x}: a preallocated zero cluster on metadata becomes a plain one",
                           m.entry));
     } else {
       QD_ASSIGN_OR_RETURN(uint64_t c, fresh.Take(1));
@@ -133,7 +137,8 @@ Result<uint64_t> MoveDataOffMetadata(Context& ctx, const References& refs, Store
       QD_RETURN_IF_ERROR(ctx.Read(m.first * cs, data));
       QD_RETURN_IF_ERROR(ctx.Write(c * cs, data));
       entry = (c * cs) | kFlagCopied;
-      Note(r, fmt::format("Repairing L2 entry {:x}: guest data on metadata cluster {} moved to cluster {}", m.entry,
+      Note(r, FindingArea::kOverlaps, FindingKind::kRepaired,
+           fmt::format("Repairing L2 entry {:x}: guest data on metadata cluster {} moved to cluster {}", m.entry,
                           m.first, c));
     }
     rewrites[m.table].emplace_back(m.index, entry);

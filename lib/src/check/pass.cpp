@@ -13,8 +13,9 @@ namespace {
 // up twice, and qemu-img reports the statistics of its second run anyway).
 void TakeFindings(CheckReport& into, const CheckReport& from) {
   into.corruptions = from.corruptions;
+  into.overlaps = from.overlaps;
   into.check_errors += from.check_errors;
-  for (const std::string& m : from.messages) Note(into, m);
+  NoteAll(into, from);
 }
 
 }  // namespace
@@ -42,8 +43,9 @@ Result<PassResult> RunPass(Context& ctx, RepairMode fix) {
     bool ignored = false;
     QD_ASSIGN_OR_RETURN(References bare, CountReferences(ctx, scratch, {RepairMode::kNone, false}, &ignored));
     if (Status s = RebuildRefcounts(ctx, bare, refs.counts.End(), r); !s.ok()) {
-      Note(r, "ERROR " + s.message());
+      Note(r, FindingArea::kRefcounts, FindingKind::kError, "ERROR " + s.message());
       ++r.check_errors;
+      r.stopped = true;
       return PassResult{std::move(r), std::move(refs), true};
     }
     QD_RETURN_IF_ERROR(ctx.RefreshFileSize().status());
@@ -57,20 +59,21 @@ Result<PassResult> RunPass(Context& ctx, RepairMode fix) {
     // Leaks the rebuild itself left behind are mended quietly, as QEMU does.
     CheckReport fresh;
     QD_RETURN_IF_ERROR(CompareRefcounts(ctx, refs, stored, fresh, RepairMode::kLeaks, &rebuild, &highest));
-    if (rebuild) Note(r, "ERROR rebuilt refcount structure is still broken");
+    if (rebuild) Note(r, FindingArea::kRefcounts, FindingKind::kError, "ERROR rebuilt refcount structure is still broken");
     if (r.corruptions < old.corruptions) r.corruptions_fixed += old.corruptions - r.corruptions;
     if (r.leaks < old.leaks) r.leaks_fixed += old.leaks - r.leaks;
     r.leaks += fresh.leaks;
   } else if (fix != RepairMode::kNone) {
     if (rebuild) {
-      Note(r, "ERROR need to rebuild refcount structures");
+      Note(r, FindingArea::kRefcounts, FindingKind::kError, "ERROR need to rebuild refcount structures");
       ++r.check_errors;
+      r.stopped = true;
       return PassResult{std::move(r), std::move(refs), needs_rebuild};
     }
     if (r.leaks || r.corruptions) {
-      std::vector<std::string> messages = std::move(r.messages);
+      std::vector<Finding> findings = std::move(r.findings);
       r = pre;
-      r.messages = std::move(messages);
+      r.findings = std::move(findings);
       QD_RETURN_IF_ERROR(CompareRefcounts(ctx, refs, stored, r, fix, &rebuild, &highest));
       QD_RETURN_IF_ERROR(ctx.file->Sync());
     }

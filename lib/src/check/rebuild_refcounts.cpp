@@ -42,7 +42,7 @@ Layout Plan(const std::vector<uint64_t>& used, uint64_t first_free, uint64_t per
 }  // namespace
 
 Status RebuildRefcounts(Context& ctx, References& refs, uint64_t first_free, CheckReport& r) {
-  Note(r, "Rebuilding refcount structure");
+  Note(r, FindingArea::kRefcounts, FindingKind::kNote, "Rebuilding refcount structure");
   const uint64_t cs = ctx.cs();
   const uint64_t per = ctx.header.refblock_entries();
   const uint32_t order = ctx.header.refcount_order;

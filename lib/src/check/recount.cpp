@@ -39,9 +39,9 @@ void Recount::Inc(uint64_t offset, uint64_t size, uint64_t n) {
   const uint64_t cs = ctx_.cs();
   // QEMU tolerates a reference into the partly written last cluster, not
   // one a whole cluster or more past the end of the file.
-  if (offset + size >= ctx_.file_size + cs || offset + size < offset) {
+  if (offset + size >= ctx_.SectorLength() + cs || offset + size < offset) {
     r_.corruptions += n;
-    Note(r_, fmt::format("ERROR: counting reference for region exceeding the end of the file by one cluster "
+    Note(*notes_, FindingArea::kRefcounts, FindingKind::kError, fmt::format("ERROR: counting reference for region exceeding the end of the file by one cluster "
                          "or more: offset {:#x} size {:#x}",
                          offset, size));
     return;
@@ -49,8 +49,8 @@ void Recount::Inc(uint64_t offset, uint64_t size, uint64_t n) {
   for (uint64_t c = offset / cs; c <= (offset + size - 1) / cs; ++c) {
     if (uint64_t over = refs_.counts.Add(c, n)) {
       r_.corruptions += over;
-      Note(r_, fmt::format("ERROR: overflow cluster offset={:#x}", c * cs));
-      Note(r_, "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean "
+      Note(*notes_, FindingArea::kRefcounts, FindingKind::kError, fmt::format("ERROR: overflow cluster offset={:#x}", c * cs), c);
+      Note(*notes_, FindingArea::kRefcounts, FindingKind::kNote, "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean "
                "copy if the image cannot be opened for writing");
     }
   }

@@ -52,11 +52,21 @@ struct L2Use {
   uint64_t active = 0, inactive = 0;
 };
 
+// Where QEMU would walk an L2 table (right after the L1 entry that names
+// it, times times in a row): the table's findings go in at that point of
+// the report's findings. Each table is walked once here, for all its uses.
+struct L2Walk {
+  size_t at;  // index into the findings
+  uint64_t table, times;
+};
+
 struct References {
   explicit References(uint64_t clusters, uint64_t max_refcount) : counts(clusters, max_refcount) {}
   ReferenceCounts counts;
   std::map<uint64_t, MetaCluster> meta;  // host cluster -> metadata there
   std::map<uint64_t, L2Use> l2_tables;   // L2 table offset -> its uses
+  std::vector<L2Walk> l2_walks;          // in QEMU's order
+  std::map<uint64_t, std::vector<Finding>> l2_findings;  // L2 table offset -> what one walk of it finds
   // Host clusters of uncompressed guest data in the active L2 tables.
   std::vector<uint64_t> active_data;
 };
@@ -95,7 +105,7 @@ Result<uint64_t> ApplyL2Fixes(Context& ctx, const References& refs, const std::v
 // Internals of the recount, one file each.
 class Recount {
  public:
-  Recount(Context& ctx, CheckReport& r, References& refs) : ctx_(ctx), r_(r), refs_(refs) {}
+  Recount(Context& ctx, CheckReport& r, References& refs) : ctx_(ctx), r_(r), refs_(refs), notes_(&r) {}
   // qcow2_inc_refcounts_imrt: n references to every cluster [offset, offset+size) touches.
   void Inc(uint64_t offset, uint64_t size, uint64_t n = 1);
   void MarkMeta(uint64_t offset, uint64_t size, const char* kind, uint64_t n = 1);
@@ -106,8 +116,13 @@ class Recount {
  private:
   Status CountL2Table(uint64_t offset, const L2Use& use, std::vector<L2Fix>* fixes);
   Context& ctx_;
-  CheckReport& r_;
+  CheckReport& r_;  // the counts
   References& refs_;
+  CheckReport* notes_;  // the findings: r_, or the findings of the L2 table being walked
 };
+
+// Puts each L2 table's findings into r's findings where QEMU prints them
+// (refs.l2_walks), as often as QEMU walks the table.
+void PlaceL2Findings(CheckReport& r, const References& refs);
 
 }  // namespace qcow2dedup::check

@@ -57,7 +57,7 @@ Result<uint64_t> RewriteSnapshotTable(Context& ctx, StoredRefcounts& stored, Fre
   if (!incomplete) return uint64_t(0);
   const uint64_t cs = ctx.cs();
   for (size_t i = 0; i < ctx.snapshot_incomplete.size(); ++i)
-    if (ctx.snapshot_incomplete[i]) Note(r, fmt::format("Repairing snapshot table entry {} is incomplete", i));
+    if (ctx.snapshot_incomplete[i]) Note(r, FindingArea::kSnapshots, FindingKind::kRepaired, fmt::format("Repairing snapshot table entry {} is incomplete", i));
 
   const std::vector<uint8_t> table = EncodeTable(ctx.snapshots.snapshots);
   QD_ASSIGN_OR_RETURN(uint64_t c, fresh.Take((table.size() + cs - 1) / cs));

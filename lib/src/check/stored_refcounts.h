@@ -20,6 +20,8 @@ class StoredRefcounts {
 
   uint64_t per_block() const { return ctx_.header.refblock_entries(); }
   uint64_t table_size() const { return table_.size(); }
+  // The refcount table's entry for block b, as stored (0 past its end).
+  uint64_t TableEntry(uint64_t b) const { return b < table_.size() ? table_[b] : 0; }
   // The block's offset (0: none). Fails for a misaligned block.
   Result<uint64_t> BlockOffset(uint64_t b) const;
   // The block's bytes, or nullptr when it has no block.

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include <fmt/format.h>
+
 #include "format/endian.h"
 
 namespace qcow2dedup {
@@ -20,6 +22,22 @@ void EncodeEntry(uint8_t* p, uint64_t cluster, const uint8_t* key, uint32_t clus
 }
 
 }  // namespace
+
+Status CheckIndexPlacement(const DedupExtension& ext, uint64_t cs, uint64_t file_size) {
+  if (ext.hash_algorithm != kHashSha256)
+    return Status::Unsupported(fmt::format("unknown hash algorithm {}", ext.hash_algorithm));
+  if (ext.index_entries == 0)
+    return ext.index_offset == 0 ? Status::Ok() : Status::Corruption("an empty index with an offset");
+  if (ext.index_entries > file_size / cs || ext.index_offset % cs != 0 || ext.index_offset < cs ||
+      ext.index_offset > file_size || ext.index_entries * kIndexEntryBytes > file_size - ext.index_offset)
+    return Status::Corruption(
+        fmt::format("{} entries at {:#x} do not fit in the file", ext.index_entries, ext.index_offset));
+  return Status::Ok();
+}
+
+bool IndexEntryOffsetOk(uint64_t offset, uint64_t cs, const DedupExtension& ext) {
+  return offset % cs == 0 && offset >= cs && offset < ext.index_offset;
+}
 
 Result<DedupExtension> SaveIndex(File& file, const DedupIndex& index, uint32_t cluster_bits, uint64_t offset) {
   DedupExtension ext;
@@ -49,13 +67,11 @@ Result<DedupExtension> SaveIndex(File& file, const DedupIndex& index, uint32_t c
 
 Result<bool> LoadIndex(File& file, const Header& h, uint64_t file_size, DedupIndex& index) {
   index.Clear();
-  if (!h.dedup_in_sync() || h.dedup->hash_algorithm != kHashSha256) return false;
+  if (!h.dedup_in_sync()) return false;
   const DedupExtension& ext = *h.dedup;
   const uint64_t cs = h.cluster_size();
-  if (ext.index_entries == 0) return ext.index_offset == 0;
-  if (ext.index_entries > file_size / cs || ext.index_offset % cs != 0 || ext.index_offset < cs ||
-      ext.index_offset > file_size || ext.index_entries * kIndexEntryBytes > file_size - ext.index_offset)
-    return false;
+  if (!CheckIndexPlacement(ext, cs, file_size).ok()) return false;
+  if (ext.index_entries == 0) return true;
   // Entries go in as they are read; all of it is dropped if the digest at
   // the end does not vouch for what was read.
   Sha256Stream digest;
@@ -68,7 +84,7 @@ Result<bool> LoadIndex(File& file, const Header& h, uint64_t file_size, DedupInd
     for (uint64_t i = 0; i < n; ++i) {
       const uint8_t* p = &piece[i * kIndexEntryBytes];
       uint64_t off = LoadBe64(p);
-      if (off % cs != 0 || off < cs || off >= ext.index_offset) {
+      if (!IndexEntryOffsetOk(off, cs, ext)) {
         index.Clear();
         return false;
       }

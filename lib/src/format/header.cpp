@@ -12,15 +12,15 @@ constexpr uint32_t kFeatureNameEntryBytes = 48;
 
 bool Aligned(uint64_t v, uint64_t a) { return (v & (a - 1)) == 0; }
 
-Status CheckTable(const char* what, uint64_t offset, uint64_t bytes, uint64_t cluster_size,
-                  uint64_t file_size) {
+// QEMU's validate_table_offset(): aligned, and the whole table below
+// INT64_MAX. A table past the end of the file reads as zeros, as in QEMU.
+Status CheckTableOffset(const char* what, uint64_t offset, uint64_t bytes, uint64_t cluster_size) {
+  constexpr uint64_t kQemuLimit = uint64_t(INT64_MAX);
   if (!Aligned(offset, cluster_size))
     return Status::Corruption(fmt::format("{} offset {:#x} is not cluster aligned", what, offset));
-  if (offset == 0 && bytes > 0)
-    return Status::Corruption(fmt::format("{} overlaps the header", what));
-  if (offset > file_size || bytes > file_size - offset)
-    return Status::Corruption(
-        fmt::format("{} at {:#x} ({} bytes) lies beyond the end of the file", what, offset, bytes));
+  if (offset > kQemuLimit - bytes)
+    return Status::Corruption(fmt::format("{} at {:#x} ({} bytes) lies beyond what an image can address", what,
+                                          offset, bytes));
   return Status::Ok();
 }
 
@@ -35,14 +35,19 @@ const char* KnownFeatureName(int group, int bit) {
   return nullptr;
 }
 
-Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t end, Header& h) {
+// Extensions from start up to limit (the backing file name or the end of
+// the cluster); head may end before limit, and what it lacks reads as zero.
+Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t limit, Header& h) {
   uint64_t pos = start;
   std::vector<uint32_t> seen;
+  const uint64_t end = std::min<uint64_t>(limit, head.size());
   while (true) {
-    if (pos + 8 > end) {
-      // QEMU accepts a v3 header whose extensions simply stop at the backing name.
-      return Status::Ok();
-    }
+    // QEMU accepts a v3 header whose extensions simply stop at the backing
+    // name, but not one whose next extension header would cross it.
+    if (pos >= limit) return Status::Ok();
+    if (pos + 8 > limit)
+      return Status::Corruption(fmt::format("header extension at {:#x} runs past the header", pos));
+    if (pos + 8 > end) return Status::Ok();  // past the end of the file: zeros, the end marker
     uint32_t type = reinterpret_cast<const be32*>(&head[pos])[0];
     uint32_t len = reinterpret_cast<const be32*>(&head[pos + 4])[0];
     pos += 8;
@@ -50,8 +55,10 @@ Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t e
     if (len > end - pos)
       return Status::Corruption(fmt::format("header extension {:#010x} length {} runs past the header",
                                             type, len));
+    // QEMU reads a repeated extension again (the last one counts); we do
+    // not use such a header (CheckUsable), but check must read it.
     for (uint32_t t : seen)
-      if (t == type) return Status::Corruption(fmt::format("header extension {:#010x} appears twice", type));
+      if (t == type && !h.repeated_extension) h.repeated_extension = type;
     seen.push_back(type);
     std::span<const uint8_t> data = head.subspan(pos, len);
     switch (type) {
@@ -111,9 +118,8 @@ std::string DescribeFeatures(const Header& h, int group, uint64_t bits) {
   return out;
 }
 
-Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
-  if (head.size() < kV2HeaderLength || file_size < kV2HeaderLength)
-    return Status::Corruption("file too short for a qcow2 header");
+Result<Header> DecodeHeader(std::span<const uint8_t> head) {
+  if (head.size() < kV2HeaderLength) return Status::Corruption("file too short for a qcow2 header");
   RawHeader raw;
   std::memset(static_cast<void*>(&raw), 0, sizeof raw);  // bytes of big-endian fields: all zero is valid
   std::memcpy(&raw, head.data(), std::min(head.size(), sizeof raw));
@@ -134,8 +140,7 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
     h.refcount_order = 4;
   } else {
     h.header_length = raw.header_length;
-    if (h.header_length < 104 || h.header_length % 8 != 0)
-      return Status::Corruption(fmt::format("bad header_length {}", h.header_length));
+    if (h.header_length < 104) return Status::Corruption(fmt::format("bad header_length {}", h.header_length));
     if (h.header_length > cs || h.header_length > head.size())
       return Status::Corruption(fmt::format("header_length {} exceeds the first cluster", h.header_length));
     h.incompatible = raw.incompatible_features;
@@ -151,8 +156,6 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
   }
 
   h.virtual_size = raw.size;
-  if (h.virtual_size > kMaxVirtualSize)
-    return Status::Corruption(fmt::format("virtual size {} is too large", h.virtual_size));
   h.crypt_method = raw.crypt_method;
   h.l1_size = raw.l1_size;
   h.l1_offset = raw.l1_table_offset;
@@ -161,10 +164,9 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
   h.nb_snapshots = raw.nb_snapshots;
   h.snapshots_offset = raw.snapshots_offset;
 
-  // Extensions before the feature check, so its message can use their names.
   uint64_t backing_offset = raw.backing_file_offset;
   uint32_t backing_size = raw.backing_file_size;
-  uint64_t ext_end = std::min<uint64_t>(cs, head.size());
+  uint64_t ext_end = cs;
   if (backing_offset != 0) {
     if (backing_size > kMaxBackingNameBytes || backing_offset >= cs ||
         backing_offset + backing_size > cs || backing_offset < h.header_length)
@@ -176,7 +178,13 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
   }
   // Version 2 images carry extensions too, right after the 72-byte header.
   QD_RETURN_IF_ERROR(ParseExtensions(head, h.header_length, ext_end, h));
+  return h;
+}
 
+Status ValidateHeader(const Header& h) {
+  const uint64_t cs = h.cluster_size();
+  if (h.virtual_size > kMaxVirtualSize)
+    return Status::Corruption(fmt::format("virtual size {} is too large", h.virtual_size));
   uint64_t unknown = h.incompatible & ~kIncompatKnown;
   if (unknown)
     return Status::Unsupported("unsupported incompatible feature: " + DescribeFeatures(h, 0, unknown));
@@ -190,22 +198,56 @@ Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
   if (h.extended_l2() && h.cluster_bits < 14)
     return Status::Corruption("extended L2 entries need clusters of at least 16 KiB");
 
-  // Tables: sizes within the format's limits, offsets within the file.
+  // Table sizes within the format's limits; offsets as QEMU's
+  // validate_table_offset() wants them: aligned, and addressable.
   if (uint64_t(h.l1_size) * 8 > kMaxL1Bytes)
     return Status::Corruption(fmt::format("L1 table of {} entries is too large", h.l1_size));
   if (h.l1_size < L1EntriesFor(h.virtual_size, h))
     return Status::Corruption(fmt::format("L1 table of {} entries is too small for virtual size {}",
                                           h.l1_size, h.virtual_size));
-  QD_RETURN_IF_ERROR(CheckTable("L1 table", h.l1_offset, uint64_t(h.l1_size) * 8, cs, file_size));
-  if (h.reftable_clusters == 0) return Status::Corruption("refcount table is empty");
+  QD_RETURN_IF_ERROR(CheckTableOffset("L1 table", h.l1_offset, uint64_t(h.l1_size) * 8, cs));
   if (uint64_t(h.reftable_clusters) * cs > kMaxRefTableBytes)
     return Status::Corruption(fmt::format("refcount table of {} clusters is too large", h.reftable_clusters));
-  QD_RETURN_IF_ERROR(CheckTable("refcount table", h.reftable_offset, uint64_t(h.reftable_clusters) * cs,
-                                cs, file_size));
+  QD_RETURN_IF_ERROR(CheckTableOffset("refcount table", h.reftable_offset, uint64_t(h.reftable_clusters) * cs, cs));
   if (h.nb_snapshots > kMaxSnapshots)
     return Status::Corruption(fmt::format("{} snapshots is too many", h.nb_snapshots));
-  if (h.nb_snapshots > 0)
-    QD_RETURN_IF_ERROR(CheckTable("snapshot table", h.snapshots_offset, 40ull * h.nb_snapshots, cs, file_size));
+  // QEMU refuses a misaligned snapshot table even when there are no snapshots.
+  QD_RETURN_IF_ERROR(CheckTableOffset("snapshot table", h.snapshots_offset, 40ull * h.nb_snapshots, cs));
+  return Status::Ok();
+}
+
+Status CheckUsable(const Header& h, uint64_t file_size) {
+  // The format wants both; QEMU enforces neither.
+  if (h.version == 3 && h.header_length % 8 != 0)
+    return Status::Corruption(fmt::format("bad header_length {}", h.header_length));
+  if (h.repeated_extension)
+    return Status::Corruption(fmt::format("header extension {:#010x} appears twice", h.repeated_extension));
+  if (h.l1_offset == 0 && h.l1_size > 0) return Status::Corruption("L1 table overlaps the header");
+  if (h.reftable_clusters == 0) return Status::Corruption("refcount table is empty");
+  if (h.reftable_offset == 0) return Status::Corruption("refcount table overlaps the header");
+  if (h.nb_snapshots > 0) {
+    if (h.snapshots_offset == 0) return Status::Corruption("snapshot table overlaps the header");
+    const uint64_t bytes = 40ull * h.nb_snapshots;
+    if (h.snapshots_offset > file_size || bytes > file_size - h.snapshots_offset)
+      return Status::Corruption(fmt::format("snapshot table at {:#x} ({} bytes) lies beyond the end of the file",
+                                            h.snapshots_offset, bytes));
+  }
+  return Status::Ok();
+}
+
+Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size) {
+  if (file_size < kV2HeaderLength) return Status::Corruption("file too short for a qcow2 header");
+  // A header_length that is not a multiple of 8 is named as the problem,
+  // before its misaligned extensions fail to decode.
+  if (head.size() >= sizeof(RawHeader)) {
+    RawHeader raw;
+    std::memcpy(&raw, head.data(), sizeof raw);
+    if (raw.magic == kQcowMagic && raw.version == 3 && raw.header_length >= 104 && raw.header_length % 8 != 0)
+      return Status::Corruption(fmt::format("bad header_length {}", uint32_t(raw.header_length)));
+  }
+  QD_ASSIGN_OR_RETURN(Header h, DecodeHeader(head));
+  QD_RETURN_IF_ERROR(ValidateHeader(h));
+  QD_RETURN_IF_ERROR(CheckUsable(h, file_size));
   return h;
 }
 

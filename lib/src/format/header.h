@@ -114,6 +114,7 @@ struct Header {
   uint32_t header_length = sizeof(RawHeader);
   CompressionType compression = CompressionType::kDeflate;
   std::vector<uint8_t> header_tail;  // header bytes past RawHeader, kept verbatim
+  uint32_t repeated_extension = 0;   // the first extension type found twice (0: none)
 
   std::string backing_file;
   std::optional<std::string> backing_format;
@@ -142,8 +143,22 @@ struct Header {
 // L1 entries needed to map virtual_size bytes.
 uint64_t L1EntriesFor(uint64_t virtual_size, const Header& h);
 
-// Decodes and validates cluster 0 (or as much of it as the file holds)
-// against the format's limits and the file's size.
+// Three steps, so that check can read a damaged header as QEMU does.
+// DecodeHeader: cluster 0 (or as much of it as the file holds) into a
+// Header, refusing only what cannot be decoded (the magic, the version,
+// cluster_bits, header_length, refcount_order, extensions, the backing
+// file name).
+Result<Header> DecodeHeader(std::span<const uint8_t> head);
+// ValidateHeader: what QEMU's qcow2_open refuses: features, sizes beyond
+// the format's limits, misaligned or unaddressable tables. A table past
+// the end of the file is not refused: it reads as zeros, as in QEMU.
+Status ValidateHeader(const Header& h);
+// CheckUsable: what QEMU opens but this library does not work with: a
+// header_length that is not a multiple of 8, an extension twice, tables
+// over the header, an empty refcount table, a snapshot table past the end
+// of the file. Check reports the damage among these instead.
+Status CheckUsable(const Header& h, uint64_t file_size);
+// All three.
 Result<Header> ParseHeader(std::span<const uint8_t> head, uint64_t file_size);
 
 // Encodes the header, its extensions and the backing file name for cluster 0.

@@ -53,8 +53,9 @@ Status Writer::VetStructure() {
   // A COPIED flag left clear by QEMU's copy-on-write of a shared cluster is
   // harmless and mended at our next flush; anything else stops the write.
   uint64_t copied = 0;
-  for (const std::string& m : pass.report.messages) copied += m.rfind("ERROR OFLAG_COPIED", 0) == 0;
-  const uint64_t serious = pass.report.corruptions - std::min(copied, pass.report.corruptions);
+  for (const Finding& f : pass.report.findings)
+    copied += f.area == FindingArea::kCopiedFlags && f.kind == FindingKind::kError;
+  const uint64_t serious = pass.report.corruptions - std::min(copied, pass.report.corruptions) + pass.report.overlaps;
   if (serious > 0 || pass.report.check_errors > 0)
     return Status::Corruption(fmt::format("the image has {} corruptions; repair it with 'check -r all' first",
                                           serious + pass.report.check_errors));

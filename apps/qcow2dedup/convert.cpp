@@ -178,7 +178,10 @@ void SetupConvert(CLI::App& app) {
   app.add_option("-o", opts.options,
                  "Output options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off, verify=on|off")
       ->option_text("OPTIONS")
-      ->allow_extra_args(false);
+      ->allow_extra_args(false)
+      ->each([](const std::string& v) {
+        if (AsksForHelp(v)) PrintImageOptionsHelp(/*allow_verify=*/true);
+      });
   app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   AddCacheOption(app, opts.cache);

@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <ctime>
 
 #include "commands.h"
@@ -14,6 +15,7 @@ struct {
   OutputFormat output = OutputFormat::kHuman;
   ImageFormat format = ImageFormat::kAuto;
   bool force_share = false;
+  bool backing_chain = false;
 } opts;
 
 // A raw file has no header to say how much of it is on disk: ask stat.
@@ -135,26 +137,72 @@ void SetupInfo(CLI::App& app) {
   AddOutputOption(app, opts.output);
   AddForceShareOption(app, opts.force_share);
   AddFormatOption(app, opts.format, "Image format (default: probe)");
+  app.add_flag("--backing-chain", opts.backing_chain, "Show every image of the backing chain, top first");
   app.add_option("FILE", opts.file, "The image")->required();
 }
 
-int RunInfo() {
-  auto dev = OpenBlockDevice(opts.file, opts.format, opts.force_share);
-  if (!dev.ok()) return Fail(opts.file, dev.status());
+namespace {
+
+// One image of the chain: what info prints of it, and where its backing file is.
+struct Link {
   ImageInfo info;
-  const auto* image = dynamic_cast<const Image*>(dev->get());
+  std::string format;
+  bool qcow2 = false;
+};
+
+Result<Link> Describe(const std::string& path, ImageFormat format) {
+  QD_ASSIGN_OR_RETURN(auto dev, OpenBlockDevice(path, format, opts.force_share));
+  Link link;
+  const auto* image = dynamic_cast<const Image*>(dev.get());
   if (image) {
-    info = image->Info();
+    link.info = image->Info();
   } else {
-    info.filename = opts.file;
-    info.virtual_size = (*dev)->virtual_size();
-    info.actual_size = ActualSize(opts.file);
+    link.info.filename = path;
+    link.info.virtual_size = dev->virtual_size();
+    link.info.actual_size = ActualSize(path);
   }
-  const std::string format = (*dev)->format();
-  if (opts.output == OutputFormat::kJson)
-    PrintJson(InfoJson(info, format, image != nullptr));
-  else
-    PrintHuman(info, format, image != nullptr);
+  link.format = dev->format();
+  link.qcow2 = image != nullptr;
+  return link;
+}
+
+}  // namespace
+
+int RunInfo() {
+  // qemu-img's collect_image_info_list: the top image, then each backing
+  // file by its resolved name and stored format, refusing a loop.
+  std::vector<Link> chain;
+  std::vector<std::string> seen;
+  std::string path = opts.file;
+  ImageFormat format = opts.format;
+  for (;;) {
+    if (std::find(seen.begin(), seen.end(), path) != seen.end())
+      return Fail("", fmt::format("Backing file '{}' creates an infinite loop.", path));
+    seen.push_back(path);
+    auto link = Describe(path, format);
+    if (!link.ok()) return Fail(path, link.status());
+    chain.push_back(std::move(link).value());
+    const ImageInfo& i = chain.back().info;
+    if (!opts.backing_chain || i.backing_file.empty()) break;
+    if (i.full_backing_file.empty()) return Fail(path, fmt::format("cannot determine the path of backing file '{}'", i.backing_file));
+    path = i.full_backing_file;
+    format = i.backing_format == "raw" ? ImageFormat::kRaw
+             : i.backing_format == "qcow2" ? ImageFormat::kQcow2 : ImageFormat::kAuto;
+  }
+  if (opts.output == OutputFormat::kJson) {
+    if (!opts.backing_chain) {
+      PrintJson(InfoJson(chain[0].info, chain[0].format, chain[0].qcow2));
+    } else {
+      Json list = Json::array();
+      for (const Link& l : chain) list.push_back(InfoJson(l.info, l.format, l.qcow2));
+      PrintJson(list);
+    }
+  } else {
+    for (size_t n = 0; n < chain.size(); ++n) {
+      if (n) fmt::print("\n");
+      PrintHuman(chain[n].info, chain[n].format, chain[n].qcow2);
+    }
+  }
   return 0;
 }
 

@@ -25,6 +25,22 @@
 // worse than none. The numbers of the fixtures below are worked out in
 // tests/golden/README.md.
 //
+// Parity with qemu-img: a case may also hold
+//
+//   qemu-cmd      qemu-img's command line for the same thing, run the same
+//                 way in another fresh directory with the same fixture
+//   qemu-compare  optional: which of our outputs must be qemu-img's, words
+//                 from "stdout stderr exit" (the default: all three) and
+//                 "option-names" (every "  name=<type> - " line we print
+//                 begins one of qemu-img's lines: -o help lists a subset;
+//                 a line ending "(qcow2dedup)" is an option of ours alone)
+//                 and "no-dedup" (our stdout without what info adds for the
+//                 dedup index: its "Dedup:" block, its "dedup" JSON key)
+//
+// qemu-img's output, with "qemu-img" read as "qcow2dedup", must then equal
+// ours: a script written for qemu-img sees no difference. The goldens still
+// hold our output, so that a change of it shows in the diff.
+//
 // Not golden: --help (it changes whenever an option is added), -p (rates
 // and times), and anything with the date or the machine in it.
 #include <doctest/doctest.h>
@@ -40,6 +56,8 @@
 #include <map>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "support/process.h"
 #include "support/qcow2_layout.h"
@@ -167,6 +185,12 @@ const std::map<std::string, std::function<void(const std::string&)>> kFixtures =
        MakeRaw(dir);
        MustRun(dir, testing::Tool() + " create -q empty.qcow2 4M");
      }},
+    // top.qcow2, made by qemu-img, over disk.qcow2 (ours) as its backing file.
+    {"backing",
+     [](const std::string& dir) {
+       MakeDedup(dir);
+       MustRun(dir, "qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 top.qcow2");
+     }},
     // disk.qcow2 after QEMU wrote B's bytes over guest cluster 0 (an A):
     // the index is out of sync, B is stored twice (a missed dedup), A has 8
     // references left; QEMU put the new cluster at the end of the image.
@@ -206,6 +230,59 @@ const std::map<std::string, std::function<void(const std::string&)>> kFixtures =
        REQUIRE(::truncate((dir + "/disk.qcow2").c_str(), 3 * kCluster) == 0);
      }},
 };
+
+// qemu-img's output as ours reads: its name replaced by ours.
+std::string AsOurs(std::string text) {
+  const std::string from = "qemu-img", to = "qcow2dedup";
+  for (size_t pos = 0; (pos = text.find(from, pos)) != std::string::npos; pos += to.size())
+    text.replace(pos, from.size(), to);
+  return text;
+}
+
+std::vector<std::string> Lines(const std::string& text) {
+  std::vector<std::string> lines;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    const size_t nl = std::min(text.find('\n', pos), text.size());
+    lines.push_back(text.substr(pos, nl - pos));
+    pos = nl + 1;
+  }
+  return lines;
+}
+
+// "option-names": each of our "  name=<type> ... - " lines names an option
+// with the type qemu-img gives it.
+void CheckOptionNames(const std::string& ours, const std::string& qemu) {
+  const auto qemu_lines = Lines(qemu);
+  for (const std::string& line : Lines(ours)) {
+    if (line.rfind("  ", 0) != 0 || line.find(" - ") == std::string::npos) continue;
+    if (line.ends_with("(qcow2dedup)")) continue;  // ours alone, and says so
+    const std::string head = line.substr(0, line.find(" - "));
+    const std::string name = head.substr(0, head.find_last_not_of(' ') + 1);
+    const bool found = std::any_of(qemu_lines.begin(), qemu_lines.end(),
+                                   [&](const std::string& q) { return q.rfind(name + " ", 0) == 0; });
+    CHECK_MESSAGE(found, "qemu-img's -o help has no option " << name);
+  }
+}
+
+// Our info output as qemu-img would print it: without the dedup state we add.
+std::string WithoutDedup(const std::string& out) {
+  if (!out.empty() && (out[0] == '{' || out[0] == '[')) {
+    auto j = nlohmann::ordered_json::parse(out);
+    if (j.is_object()) j.erase("dedup");
+    for (auto& e : j)
+      if (e.is_object()) e.erase("dedup");
+    return j.dump(4) + "\n";
+  }
+  std::string kept;
+  bool in_dedup = false;
+  for (const std::string& line : Lines(out)) {
+    if (line == "Dedup:") in_dedup = true;
+    else if (line.rfind("    ", 0) != 0) in_dedup = false;
+    if (!in_dedup) kept += line + "\n";
+  }
+  return kept;
+}
 
 struct Case {
   std::string name, dir;
@@ -264,6 +341,30 @@ TEST_CASE("golden: the CLI's exact stdout, stderr and exit code for every case i
     auto r = Run("cd " + Sh(work.path()) + " || exit 125\nexport LC_ALL=C PATH=" + Sh(bin.path()) +
                  ":\"$PATH\"\n" + cmd);
     const std::string exit_text = std::to_string(r.exit_code) + "\n";
+
+    if (fs::exists(c.dir + "/qemu-cmd")) {
+      const std::string qemu_cmd = Trim(Slurp(c.dir + "/qemu-cmd"));
+      std::string compare = "stdout stderr exit";
+      if (fs::exists(c.dir + "/qemu-compare")) compare = Slurp(c.dir + "/qemu-compare");
+      TempDir qemu_work;
+      f->second(qemu_work.path());
+      // A missing judge fails the case: the command then exits 127.
+      auto q = Run("cd " + Sh(qemu_work.path()) + " || exit 125\nexport LC_ALL=C\n" + qemu_cmd);
+      REQUIRE_MESSAGE(q.exit_code != 127, c.name << ": qemu-img did not run: " << q.err);
+      auto wants = [&](const char* word) { return compare.find(word) != std::string::npos; };
+      const std::string qemu_out = AsOurs(q.out), qemu_err = AsOurs(q.err);
+      const std::string our_out = wants("no-dedup") ? WithoutDedup(r.out) : r.out;
+      if (wants("stdout"))
+        CHECK_MESSAGE(our_out == qemu_out, c.name << ": stdout differs from qemu-img's (`" << qemu_cmd << "`)\n"
+                                                << Diff(qemu_out, our_out));
+      if (wants("stderr"))
+        CHECK_MESSAGE(r.err == qemu_err, c.name << ": stderr differs from qemu-img's (`" << qemu_cmd << "`)\n"
+                                                << Diff(qemu_err, r.err));
+      if (wants("exit"))
+        CHECK_MESSAGE(r.exit_code == q.exit_code,
+                      c.name << ": exit code " << r.exit_code << ", qemu-img's " << q.exit_code);
+      if (wants("option-names")) CheckOptionNames(r.out, q.out);
+    }
 
     if (Updating()) {
       Spit(c.dir + "/stdout", r.out);

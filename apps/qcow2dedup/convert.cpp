@@ -21,6 +21,7 @@ struct {
   std::string out_format = "qcow2";
   std::vector<std::string> options;
   bool progress = false, quiet = false, force = false, verify = false, force_share = false;
+  bool no_create = false, target_is_zero = false;  // -n, --target-is-zero
   CacheMode cache = CacheMode::kWriteback;
 } opts;
 
@@ -142,6 +143,53 @@ int ToQcow2(const ImageOptions& o) {
   return 0;
 }
 
+// -n: into an existing target, as qemu-img convert -n. Nothing is created
+// and nothing removed on failure: the target is the caller's.
+TargetState Target() { return opts.target_is_zero ? TargetState::kZero : TargetState::kAnyData; }
+
+int IntoExistingQcow2(BlockDevice& src) {
+  OpenOptions open;
+  open.writable = true;
+  open.verify = opts.verify;
+  open.cache = opts.cache;
+  std::unique_ptr<Image> dst;
+  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst));
+  auto opened = Image::Open(opts.dst, std::move(open));
+  if (!opened.ok()) return Fail(opts.dst, opened.status());
+  dst = std::move(opened).value();
+  if (dst->virtual_size() < src.virtual_size()) return Fail("", "output file is smaller than input file");
+  BlamedSource blamed(src);
+  Status s = CopyInto(blamed, *dst, progress.fn(), Target());
+  if (s.ok()) s = dst->Close();
+  if (!s.ok()) return Fail(blamed.failed ? opts.src : opts.dst, s);
+  progress.Finish();
+  if (opts.progress) PrintWriteSummary(dst->write_stats());
+  return 0;
+}
+
+int IntoExistingRaw(BlockDevice& src) {
+  auto file = OpenPosixFile(opts.dst, OpenMode::kReadWrite);
+  if (!file.ok()) return Fail(opts.dst, file.status());
+  Status s = (*file)->Lock(LockMode::kExclusive);
+  if (!s.ok()) return Fail(opts.dst, s);
+  auto size = (*file)->Size();
+  if (!size.ok()) return Fail(opts.dst, size.status());
+  if (*size < src.virtual_size()) return Fail("", "output file is smaller than input file");
+  Progress progress(opts.progress);
+  BlamedSource blamed(src);
+  s = ExportRaw(blamed, **file, progress.fn(), Target());
+  if (!s.ok()) return Fail(blamed.failed ? opts.src : opts.dst, s);
+  progress.Finish();
+  return 0;
+}
+
+int IntoExisting() {
+  if (opts.src == "-") return Fail(DisplayName(opts.src), "cannot be converted with -n (its size is not known)");
+  auto src = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
+  if (!src.ok()) return Fail(opts.src, src.status());
+  return opts.out_format == "raw" ? IntoExistingRaw(**src) : IntoExistingQcow2(**src);
+}
+
 int ToRaw() {
   if (opts.src == "-") return Fail(DisplayName(opts.src), "can only be converted to qcow2");
   auto src = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
@@ -186,6 +234,9 @@ void SetupConvert(CLI::App& app) {
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   AddCacheOption(app, opts.cache);
   app.add_flag("--force", opts.force, "Replace DST if it exists");
+  app.add_flag("-n", opts.no_create,
+               "Convert into the existing DST (an image, a block device, a preallocated file) without creating it");
+  app.add_flag("--target-is-zero", opts.target_is_zero, "With -n: DST reads as zeros already; write no zeros");
   app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
   AddForceShareOption(app, opts.force_share);
   app.add_option("SRC", opts.src, "Source image, or - for standard input")->required();
@@ -198,6 +249,10 @@ int RunConvert() {
     return Fail(DisplayName(opts.src), "can only be read as raw");
   if (opts.src != "-" && SameFile(opts.src, opts.dst))
     return Fail(opts.dst, "is the source itself; convert to another file");
+  // qemu-img's checks and words.
+  if (opts.target_is_zero && !opts.no_create) return Fail("", "--target-is-zero requires use of -n flag");
+  if (opts.no_create && !opts.options.empty()) return Fail("", "-o has no effect when skipping image creation");
+  if (opts.no_create) return IntoExisting();
   if (opts.out_format == "raw") {
     // A raw file has no options, and nothing is shared that could be verified.
     if (!opts.options.empty() || opts.verify) return Fail(opts.dst, "-o and --verify apply to qcow2 output only");

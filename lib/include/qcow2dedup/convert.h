@@ -11,8 +11,16 @@
 
 namespace qcow2dedup {
 
+// What a target holds before a copy: kZero (made for it, or known to read
+// zero, as qemu-img's --target-is-zero), so holes are skipped; kAnyData (an
+// existing target, qemu-img convert -n), so holes are written as zeros too.
+enum class TargetState { kZero, kAnyData };
+
 // Copies the guest view of src into dst (dst.virtual_size() >= src's).
-Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress = {});
+// Guest bytes of dst past src's end stay as they were, but for the rest of
+// src's last cluster when src's size is not a multiple of the cluster size.
+Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress = {},
+                TargetState target = TargetState::kZero);
 
 // Reads up to buf.size() bytes; returns 0 at the end of the stream.
 using StreamReader = std::function<Result<size_t>(std::span<uint8_t> buf)>;
@@ -22,8 +30,12 @@ using StreamReader = std::function<Result<size_t>(std::span<uint8_t> buf)>;
 // rounded up to 512 bytes. progress gets (bytes read, 0).
 Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress = {});
 
-// Writes src's guest view to dst as a raw file: zero runs become holes.
-Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress = {});
+// Writes src's guest view to dst as a raw file. kZero: dst is new or empty;
+// zero runs become holes and dst ends at src's size. kAnyData: dst exists
+// (a block device, a preallocated file) and is at least src's size; zeros
+// are written as zeros and its size stays.
+Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress = {},
+                 TargetState target = TargetState::kZero);
 
 }  // namespace qcow2dedup
 

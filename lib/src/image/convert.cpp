@@ -99,9 +99,45 @@ class HashPipeline {
   std::vector<std::unique_ptr<Chunk>> free_;
 };
 
+// Makes guest clusters [pos, end) of dst read zero, writing only those that
+// do not already (a target that is mostly zero costs next to nothing).
+Status ZeroTarget(Image& dst, uint64_t pos, uint64_t end) {
+  const uint64_t cs = dst.cluster_size();
+  std::vector<uint8_t> zero_data;  // the write path wants a cluster of bytes even for a zero one
+  std::vector<ClusterWrite> zeros;
+  while (pos < end) {
+    QD_ASSIGN_OR_RETURN(uint64_t run, dst.ZeroRun(pos));
+    if (run >= cs) {
+      pos = std::min(end, pos + run / cs * cs);
+      continue;
+    }
+    if (zero_data.empty()) zero_data.resize(cs);
+    zeros.push_back({pos / cs, std::span<const uint8_t>(zero_data), true, {}});
+    pos += cs;
+    if (zeros.size() >= 4096) {
+      QD_RETURN_IF_ERROR(dst.WriteClusters(zeros));
+      zeros.clear();
+    }
+  }
+  if (!zeros.empty()) QD_RETURN_IF_ERROR(dst.WriteClusters(zeros));
+  return Status::Ok();
+}
+
+// Writes len zero bytes at offset, in runs of at most 1 MiB (see DataWriter).
+Status WriteZeros(File& dst, uint64_t offset, uint64_t len) {
+  static const std::vector<uint8_t> kZeros(1u << 20);
+  while (len > 0) {
+    const uint64_t n = std::min<uint64_t>(len, kZeros.size());
+    QD_RETURN_IF_ERROR(dst.WriteAt(offset, {kZeros.data(), n}));
+    offset += n;
+    len -= n;
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
-Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
+Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, TargetState target) {
   const uint64_t cs = dst.cluster_size(), size = src.virtual_size();
   if (dst.virtual_size() < size) return Status::InvalidArgument("the target is smaller than the source");
   // Reads run on the workers, one at a time: a source need not be
@@ -119,6 +155,8 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress) {
     QD_ASSIGN_OR_RETURN(uint64_t zeros, std::move(zero_run));
     zeros = std::min(zeros, size - pos);
     if (pos % cs == 0 && zeros >= cs) {
+      // Writes of earlier chunks may still be queued: they are other clusters.
+      if (target == TargetState::kAnyData) QD_RETURN_IF_ERROR(ZeroTarget(dst, pos, pos + zeros / cs * cs));
       pos += zeros / cs * cs;
       if (progress) progress(pos, size);
       continue;
@@ -168,7 +206,8 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
   return dst.Resize((total + 511) & ~511ull);
 }
 
-Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress) {
+Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, TargetState target) {
+  const bool holes = target == TargetState::kZero;
   const uint64_t size = src.virtual_size();
   constexpr uint64_t kBlock = 4096;
   std::vector<uint8_t> buf(kChunkBytes);
@@ -176,20 +215,22 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress) {
   while (pos < size) {
     QD_ASSIGN_OR_RETURN(uint64_t zeros, src.ZeroRun(pos));
     if (zeros > 0) {
-      pos += std::min(zeros, size - pos);
+      zeros = std::min(zeros, size - pos);
+      if (!holes) QD_RETURN_IF_ERROR(WriteZeros(dst, pos, zeros));
+      pos += zeros;
     } else {
       const uint64_t len = std::min<uint64_t>(kChunkBytes, size - pos);
       QD_RETURN_IF_ERROR(src.Read(pos, std::span<uint8_t>(buf.data(), len)));
       // Write only the 4 KiB blocks that hold data: the rest stays a hole.
       for (uint64_t b = 0; b < len;) {
         uint64_t n = std::min(kBlock, len - b);
-        if (IsAllZero({&buf[b], n})) {
+        if (holes && IsAllZero({&buf[b], n})) {
           b += n;
           continue;
         }
         // Runs of at most 1 MiB: see DataWriter on large buffered writes.
         uint64_t e = b + n;
-        while (e < len && e - b < (1u << 20) && !IsAllZero({&buf[e], std::min(kBlock, len - e)}))
+        while (e < len && e - b < (1u << 20) && !(holes && IsAllZero({&buf[e], std::min(kBlock, len - e)})))
           e += std::min(kBlock, len - e);
         QD_RETURN_IF_ERROR(dst.WriteAt(pos + b, {&buf[b], e - b}));
         b = e;
@@ -198,7 +239,7 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress) {
     }
     if (progress) progress(pos, size);
   }
-  QD_RETURN_IF_ERROR(dst.Truncate(size));
+  if (holes) QD_RETURN_IF_ERROR(dst.Truncate(size));
   return dst.Sync();
 }
 

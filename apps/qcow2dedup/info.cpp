@@ -43,7 +43,20 @@ void PrintSnapshots(const std::vector<SnapshotInfo>& snapshots) {
   }
 }
 
-void PrintHuman(const ImageInfo& i, const std::string& format, bool qcow2) {
+// qemu-img's human "bitmaps:" block: each bitmap's flags, name, granularity.
+void PrintBitmaps(const std::vector<BitmapInfo>& bitmaps) {
+  fmt::print("    bitmaps:\n");
+  for (size_t n = 0; n < bitmaps.size(); ++n) {
+    const BitmapInfo& b = bitmaps[n];
+    fmt::print("        [{}]:\n            flags:\n", n);
+    int f = 0;
+    if (b.in_use) fmt::print("                [{}]: in-use\n", f++);
+    if (b.auto_enabled) fmt::print("                [{}]: auto\n", f++);
+    fmt::print("            name: {}\n            granularity: {}\n", b.name, b.granularity);
+  }
+}
+
+void PrintHuman(const ImageInfo& i, const std::vector<BitmapInfo>& bitmaps, const std::string& format, bool qcow2) {
   fmt::print("image: {}\nfile format: {}\nvirtual size: {}\ndisk size: {}\n", i.filename, format,
              SizeWithBytes(i.virtual_size), HumanSize(i.actual_size));
   if (!qcow2) return;
@@ -63,6 +76,7 @@ void PrintHuman(const ImageInfo& i, const std::string& format, bool qcow2) {
   fmt::print("    compat: {}\n", i.version >= 3 ? "1.1" : "0.10");
   fmt::print("    compression type: {}\n", i.compression_type);
   if (i.version >= 3) fmt::print("    lazy refcounts: {}\n", i.lazy_refcounts);
+  if (!bitmaps.empty()) PrintBitmaps(bitmaps);
   fmt::print("    refcount bits: {}\n", i.refcount_bits);
   if (i.version >= 3) fmt::print("    corrupt: {}\n    extended l2: {}\n", i.corrupt, i.extended_l2);
   fmt::print("Dedup:\n    present: {}\n", i.dedup.present);
@@ -86,7 +100,18 @@ Json SnapshotJson(const SnapshotInfo& sn) {
 }
 
 // Keys in QAPI's ImageInfo order; QemuOrder then gives qemu-img's order.
-Json InfoJson(const ImageInfo& i, const std::string& format, bool qcow2) {
+Json BitmapJson(const BitmapInfo& b) {
+  Json j;
+  j["name"] = b.name;
+  j["granularity"] = b.granularity;
+  Json flags = Json::array();
+  if (b.in_use) flags.push_back("in-use");
+  if (b.auto_enabled) flags.push_back("auto");
+  j["flags"] = flags;
+  return QemuOrder(j);
+}
+
+Json InfoJson(const ImageInfo& i, const std::vector<BitmapInfo>& bitmaps, const std::string& format, bool qcow2) {
   Json j;
   j["filename"] = i.filename;
   j["format"] = format;
@@ -113,6 +138,11 @@ Json InfoJson(const ImageInfo& i, const std::string& format, bool qcow2) {
       data["corrupt"] = i.corrupt;
     }
     data["refcount-bits"] = i.refcount_bits;
+    if (!bitmaps.empty()) {
+      Json list = Json::array();
+      for (const BitmapInfo& b : bitmaps) list.push_back(BitmapJson(b));
+      data["bitmaps"] = list;
+    }
     data["compression-type"] = i.compression_type;
     Json specific;
     specific["type"] = "qcow2";
@@ -146,6 +176,7 @@ namespace {
 // One image of the chain: what info prints of it, and where its backing file is.
 struct Link {
   ImageInfo info;
+  std::vector<BitmapInfo> bitmaps;
   std::string format;
   bool qcow2 = false;
 };
@@ -156,6 +187,7 @@ Result<Link> Describe(const std::string& path, ImageFormat format) {
   const auto* image = dynamic_cast<const Image*>(dev.get());
   if (image) {
     link.info = image->Info();
+    QD_ASSIGN_OR_RETURN(link.bitmaps, image->Bitmaps());
   } else {
     link.info.filename = path;
     link.info.virtual_size = dev->virtual_size();
@@ -191,16 +223,16 @@ int RunInfo() {
   }
   if (opts.output == OutputFormat::kJson) {
     if (!opts.backing_chain) {
-      PrintJson(InfoJson(chain[0].info, chain[0].format, chain[0].qcow2));
+      PrintJson(InfoJson(chain[0].info, chain[0].bitmaps, chain[0].format, chain[0].qcow2));
     } else {
       Json list = Json::array();
-      for (const Link& l : chain) list.push_back(InfoJson(l.info, l.format, l.qcow2));
+      for (const Link& l : chain) list.push_back(InfoJson(l.info, l.bitmaps, l.format, l.qcow2));
       PrintJson(list);
     }
   } else {
     for (size_t n = 0; n < chain.size(); ++n) {
       if (n) fmt::print("\n");
-      PrintHuman(chain[n].info, chain[n].format, chain[n].qcow2);
+      PrintHuman(chain[n].info, chain[n].bitmaps, chain[n].format, chain[n].qcow2);
     }
   }
   return 0;

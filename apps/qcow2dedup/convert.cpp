@@ -111,7 +111,7 @@ int ToQcow2(const ImageOptions& o) {
   open.cache = opts.cache;
 
   std::unique_ptr<Image> dst;
-  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst));
+  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst), stdout);
   Destination out(opts.dst);
   auto created = Image::Create(opts.dst, create, std::move(open));
   if (!created.ok()) return out.Fail(opts.dst, created.status());
@@ -153,7 +153,7 @@ int IntoExistingQcow2(BlockDevice& src) {
   open.verify = opts.verify;
   open.cache = opts.cache;
   std::unique_ptr<Image> dst;
-  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst));
+  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst), stdout);
   auto opened = Image::Open(opts.dst, std::move(open));
   if (!opened.ok()) return Fail(opts.dst, opened.status());
   dst = std::move(opened).value();
@@ -175,7 +175,7 @@ int IntoExistingRaw(BlockDevice& src) {
   auto size = (*file)->Size();
   if (!size.ok()) return Fail(opts.dst, size.status());
   if (*size < src.virtual_size()) return Fail("", "output file is smaller than input file");
-  Progress progress(opts.progress);
+  Progress progress(opts.progress, Progress::Unit::kBytes, {}, stdout);
   BlamedSource blamed(src);
   s = ExportRaw(blamed, **file, progress.fn(), Target());
   if (!s.ok()) return Fail(blamed.failed ? opts.src : opts.dst, s);
@@ -205,7 +205,7 @@ int ToRaw() {
   if (!s.ok()) return out.Fail(opts.dst, s);
   out.Claim();
   s = (*file)->Truncate(0);
-  Progress progress(opts.progress);
+  Progress progress(opts.progress, Progress::Unit::kBytes, {}, stdout);
   BlamedSource blamed(**src);
   if (s.ok()) s = ExportRaw(blamed, **file, progress.fn());
   if (!s.ok()) {
@@ -230,7 +230,7 @@ void SetupConvert(CLI::App& app) {
       ->each([](const std::string& v) {
         if (AsksForHelp(v)) PrintImageOptionsHelp(/*allow_verify=*/true);
       });
-  app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
+  app.add_flag("-p,--progress", opts.progress, "Show progress on stdout (as qemu-img)");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   AddCacheOption(app, opts.cache);
   app.add_flag("--force", opts.force, "Replace DST if it exists");

@@ -11,10 +11,13 @@
 namespace qcow2dedup::cli {
 
 bool g_stderr_line_open = false;
+bool g_stdout_line_open = false;
 
 int Fail(std::string_view what, const Status& status) { return Fail(what, status.message()); }
 
 int Fail(std::string_view what, std::string_view message) {
+  if (g_stdout_line_open) std::fputc('\n', stdout);
+  g_stdout_line_open = false;
   std::fflush(stdout);  // keep anything printed before the error in order
   if (g_stderr_line_open) std::fputc('\n', stderr);
   g_stderr_line_open = false;

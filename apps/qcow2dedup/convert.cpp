@@ -22,6 +22,7 @@ struct {
   std::vector<std::string> options;
   bool progress = false, quiet = false, force = false, verify = false, force_share = false;
   bool no_create = false, target_is_zero = false;  // -n, --target-is-zero
+  std::string snapshot;                             // -l
   CacheMode cache = CacheMode::kWriteback;
 } opts;
 
@@ -95,12 +96,58 @@ Result<size_t> ReadStdin(std::span<uint8_t> buf) {
   }
 }
 
+// -l: qemu-img's "snapshot.id=ID,snapshot.name=NAME" (either or both), or
+// one word that is tried as an id first and then as a name.
+Status SelectSnapshot(Image& image, const std::string& arg) {
+  if (arg.rfind("snapshot.", 0) != 0) {
+    Status s = image.SelectSnapshot(arg, std::nullopt);
+    if (s.kind() == ErrorKind::kNotFound) s = image.SelectSnapshot(std::nullopt, arg);
+    return s;
+  }
+  std::optional<std::string> id, name;
+  size_t pos = 0;
+  while (pos <= arg.size()) {
+    const size_t comma = std::min(arg.find(',', pos), arg.size());
+    const std::string item = arg.substr(pos, comma - pos);
+    pos = comma + 1;
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
+    if (key == "snapshot.id") id = value;
+    else if (key == "snapshot.name") name = value;
+    else
+      return Status::InvalidArgument(
+          fmt::format("Invalid parameter '{}'\nFailed in parsing snapshot param '{}'", key, arg));
+  }
+  return image.SelectSnapshot(id, name);
+}
+
+// Set when -l failed: qemu-img reports that without a file name, as we then do.
+bool snapshot_failed = false;
+
+// What an error opening the source is about: the file, or (-l) the snapshot.
+std::string SourceWhat() { return snapshot_failed ? "" : opts.src; }
+
+// The source device; with -l, the snapshot's view of it.
+Result<std::unique_ptr<BlockDevice>> OpenSource() {
+  QD_ASSIGN_OR_RETURN(auto dev, OpenBlockDevice(opts.src, opts.src_format, opts.force_share));
+  if (opts.snapshot.empty()) return dev;
+  auto* image = dynamic_cast<Image*>(dev.get());
+  snapshot_failed = true;
+  if (!image) return Status::InvalidArgument("Failed to load snapshot: a raw image has no snapshots");
+  if (Status s = SelectSnapshot(*image, opts.snapshot); !s.ok()) {
+    if (s.kind() == ErrorKind::kNotFound) return Status::NotFound("Failed to load snapshot: " + s.message());
+    return s;
+  }
+  snapshot_failed = false;
+  return dev;
+}
+
 int ToQcow2(const ImageOptions& o) {
   const bool from_stdin = opts.src == "-";
   std::unique_ptr<BlockDevice> src;
   if (!from_stdin) {
-    auto dev = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
-    if (!dev.ok()) return Fail(opts.src, dev.status());
+    auto dev = OpenSource();
+    if (!dev.ok()) return Fail(SourceWhat(), dev.status());
     src = std::move(dev).value();
   }
   CreateOptions create = o.create;
@@ -185,15 +232,15 @@ int IntoExistingRaw(BlockDevice& src) {
 
 int IntoExisting() {
   if (opts.src == "-") return Fail(DisplayName(opts.src), "cannot be converted with -n (its size is not known)");
-  auto src = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
-  if (!src.ok()) return Fail(opts.src, src.status());
+  auto src = OpenSource();
+  if (!src.ok()) return Fail(SourceWhat(), src.status());
   return opts.out_format == "raw" ? IntoExistingRaw(**src) : IntoExistingQcow2(**src);
 }
 
 int ToRaw() {
   if (opts.src == "-") return Fail(DisplayName(opts.src), "can only be converted to qcow2");
-  auto src = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
-  if (!src.ok()) return Fail(opts.src, src.status());
+  auto src = OpenSource();
+  if (!src.ok()) return Fail(SourceWhat(), src.status());
   Destination out(opts.dst);
   // Holes stand for zeros, so old contents must go: only regular files.
   if (out.existed() && !IsRegularFile(opts.dst))
@@ -239,6 +286,8 @@ void SetupConvert(CLI::App& app) {
   app.add_flag("--target-is-zero", opts.target_is_zero, "With -n: DST reads as zeros already; write no zeros");
   app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
   AddForceShareOption(app, opts.force_share);
+  app.add_option("-l", opts.snapshot, "Convert this internal snapshot of SRC (ID or NAME, or snapshot.id=ID,snapshot.name=NAME)")
+      ->option_text("SNAPSHOT");
   app.add_option("SRC", opts.src, "Source image, or - for standard input")->required();
   app.add_option("DST", opts.dst, "Destination image")->required();
 }

@@ -218,6 +218,13 @@ const std::map<std::string, std::function<void(const std::string&)>> kFixtures =
        MustRun(dir, "qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 top.qcow2");
      }},
     {"bitmaps", MakeBitmaps},
+    // disk.qcow2 with internal snapshot 1 "first" of disk.raw's data, then
+    // QEMU's 0x77 over its first 1 MiB (the current view differs from it).
+    {"snapshot",
+     [](const std::string& dir) {
+       MakeDedup(dir);
+       MustRun(dir, "qemu-img snapshot -c first disk.qcow2 && qemu-io -c 'write -P 0x77 0 1M' disk.qcow2 >/dev/null");
+     }},
     // The same, bm0 left in use.
     {"bitmaps-in-use",
      [](const std::string& dir) {

@@ -172,6 +172,11 @@ class Image : public BlockDevice {
   Status Close();
 
   ImageInfo Info() const;
+  // Reads an internal snapshot's guest view instead of the current one
+  // (read-only images only; qemu-img convert -l). The first snapshot whose
+  // id is id and whose name is name matches (an absent one matches any);
+  // kNotFound when none does. The virtual size becomes the snapshot's.
+  Status SelectSnapshot(const std::optional<std::string>& id, const std::optional<std::string>& name);
   // The persistent dirty bitmaps, in the directory's order (none unless
   // QEMU's bitmaps autoclear bit vouches for the directory).
   Result<std::vector<BitmapInfo>> Bitmaps() const;

@@ -10,6 +10,7 @@
 #include "commands.h"
 #include "image_options.h"
 #include "progress.h"
+#include "size.h"
 #include "qcow2dedup/convert.h"
 
 namespace qcow2dedup::cli {
@@ -23,6 +24,8 @@ struct {
   bool progress = false, quiet = false, force = false, verify = false, force_share = false;
   bool no_create = false, target_is_zero = false;  // -n, --target-is-zero
   std::string snapshot;                             // -l
+  std::string sparse = "4k";                        // -S
+  uint64_t sparse_size = 4096;
   CacheMode cache = CacheMode::kWriteback;
 } opts;
 
@@ -177,7 +180,7 @@ int ToQcow2(const ImageOptions& o) {
         *dst, progress.fn());
   } else {
     BlamedSource blamed(*src);
-    s = CopyInto(blamed, *dst, progress.fn());
+    s = CopyInto(blamed, *dst, progress.fn(), {TargetState::kZero, opts.sparse_size});
     src_failed = blamed.failed;
   }
   if (s.ok()) s = dst->Close();
@@ -192,7 +195,9 @@ int ToQcow2(const ImageOptions& o) {
 
 // -n: into an existing target, as qemu-img convert -n. Nothing is created
 // and nothing removed on failure: the target is the caller's.
-TargetState Target() { return opts.target_is_zero ? TargetState::kZero : TargetState::kAnyData; }
+CopyOptions IntoExistingOptions() {
+  return {opts.target_is_zero ? TargetState::kZero : TargetState::kAnyData, opts.sparse_size};
+}
 
 int IntoExistingQcow2(BlockDevice& src) {
   OpenOptions open;
@@ -206,7 +211,7 @@ int IntoExistingQcow2(BlockDevice& src) {
   dst = std::move(opened).value();
   if (dst->virtual_size() < src.virtual_size()) return Fail("", "output file is smaller than input file");
   BlamedSource blamed(src);
-  Status s = CopyInto(blamed, *dst, progress.fn(), Target());
+  Status s = CopyInto(blamed, *dst, progress.fn(), IntoExistingOptions());
   if (s.ok()) s = dst->Close();
   if (!s.ok()) return Fail(blamed.failed ? opts.src : opts.dst, s);
   progress.Finish();
@@ -224,7 +229,7 @@ int IntoExistingRaw(BlockDevice& src) {
   if (*size < src.virtual_size()) return Fail("", "output file is smaller than input file");
   Progress progress(opts.progress, Progress::Unit::kBytes, {}, stdout);
   BlamedSource blamed(src);
-  s = ExportRaw(blamed, **file, progress.fn(), Target());
+  s = ExportRaw(blamed, **file, progress.fn(), IntoExistingOptions());
   if (!s.ok()) return Fail(blamed.failed ? opts.src : opts.dst, s);
   progress.Finish();
   return 0;
@@ -254,7 +259,7 @@ int ToRaw() {
   s = (*file)->Truncate(0);
   Progress progress(opts.progress, Progress::Unit::kBytes, {}, stdout);
   BlamedSource blamed(**src);
-  if (s.ok()) s = ExportRaw(blamed, **file, progress.fn());
+  if (s.ok()) s = ExportRaw(blamed, **file, progress.fn(), {TargetState::kZero, opts.sparse_size});
   if (!s.ok()) {
     file->reset();
     return out.Fail(blamed.failed ? opts.src : opts.dst, s);
@@ -288,6 +293,9 @@ void SetupConvert(CLI::App& app) {
   AddForceShareOption(app, opts.force_share);
   app.add_option("-l", opts.snapshot, "Convert this internal snapshot of SRC (ID or NAME, or snapshot.id=ID,snapshot.name=NAME)")
       ->option_text("SNAPSHOT");
+  app.add_option("-S", opts.sparse,
+                 "Zero-detection size (default 4k): a multiple of 512 up to 16M; 0 writes zeros as data")
+      ->option_text("SIZE");
   app.add_option("SRC", opts.src, "Source image, or - for standard input")->required();
   app.add_option("DST", opts.dst, "Destination image")->required();
 }
@@ -299,6 +307,13 @@ int RunConvert() {
   if (opts.src != "-" && SameFile(opts.src, opts.dst))
     return Fail(opts.dst, "is the source itself; convert to another file");
   // qemu-img's checks and words.
+  constexpr uint64_t kMaxSparse = 16u << 20;  // qemu-img's MAX_BUF_SECTORS
+  auto sparse = ParseSizeInRange("buffer size for sparse output", opts.sparse, 0, UINT64_MAX);
+  if (!sparse.ok()) return Fail("", sparse.status());
+  if (*sparse % 512 || *sparse > kMaxSparse)
+    return Fail("", "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
+                    "16777216. Select 0 to disable sparse detection (fully allocates output).");
+  opts.sparse_size = *sparse;
   if (opts.target_is_zero && !opts.no_create) return Fail("", "--target-is-zero requires use of -n flag");
   if (opts.no_create && !opts.options.empty()) return Fail("", "-o has no effect when skipping image creation");
   if (opts.no_create) return IntoExisting();

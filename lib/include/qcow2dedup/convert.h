@@ -16,11 +16,20 @@ namespace qcow2dedup {
 // existing target, qemu-img convert -n), so holes are written as zeros too.
 enum class TargetState { kZero, kAnyData };
 
+struct CopyOptions {
+  TargetState target = TargetState::kZero;
+  // qemu-img convert -S. 0: zeros are written as data, nothing is left
+  // unallocated (in a dedup image every zero cluster then shares one stored
+  // zero cluster). Otherwise raw output turns each aligned block of this
+  // many zero bytes into a hole (a multiple of 512); qcow2 output detects
+  // zeros a cluster at a time whatever the size.
+  uint64_t sparse_size = 4096;
+};
+
 // Copies the guest view of src into dst (dst.virtual_size() >= src's).
 // Guest bytes of dst past src's end stay as they were, but for the rest of
 // src's last cluster when src's size is not a multiple of the cluster size.
-Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress = {},
-                TargetState target = TargetState::kZero);
+Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress = {}, const CopyOptions& options = {});
 
 // Reads up to buf.size() bytes; returns 0 at the end of the stream.
 using StreamReader = std::function<Result<size_t>(std::span<uint8_t> buf)>;
@@ -34,8 +43,7 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
 // zero runs become holes and dst ends at src's size. kAnyData: dst exists
 // (a block device, a preallocated file) and is at least src's size; zeros
 // are written as zeros and its size stays.
-Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress = {},
-                 TargetState target = TargetState::kZero);
+Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress = {}, const CopyOptions& options = {});
 
 }  // namespace qcow2dedup
 

@@ -32,7 +32,9 @@ using FillFn = std::function<Status(Chunk&)>;
 // recycled: a fresh 4 MiB buffer each time costs page faults and zeroing.
 class HashPipeline {
  public:
-  explicit HashPipeline(Image& dst) : dst_(dst), depth_(std::max(2u, HashThreads()) + 1) {}
+  // detect_zeros false: zero clusters are hashed and stored as data (-S 0).
+  explicit HashPipeline(Image& dst, bool detect_zeros = true)
+      : dst_(dst), depth_(std::max(2u, HashThreads()) + 1), detect_zeros_(detect_zeros) {}
 
   // A chunk for guest bytes [offset, offset + len), len a multiple of the
   // cluster size or the end of the input (the tail is zeroed).
@@ -63,10 +65,16 @@ class HashPipeline {
       c->writes.push_back({c->offset / cs + i, std::span<const uint8_t>(&c->data[i * cs], cs), false, {}});
     Chunk* raw = c.get();
     c->status = Status::Ok();
-    auto work = [raw, fill = std::move(fill)] {
+    auto work = [raw, fill = std::move(fill), detect_zeros = detect_zeros_] {
       if (fill) raw->status = fill(*raw);
       if (raw->status.ok())
-        for (ClusterWrite& w : raw->writes) PrepareClusterWrite(w);
+        for (ClusterWrite& w : raw->writes) {
+          PrepareClusterWrite(w);
+          if (w.zero && !detect_zeros) {
+            w.zero = false;
+            w.digest = Sha256(w.data);
+          }
+        }
     };
     inflight_.push_back({std::move(c), std::async(std::launch::async, std::move(work))});
     if (inflight_.size() >= depth_) return PopOne();
@@ -95,6 +103,7 @@ class HashPipeline {
   }
   Image& dst_;
   unsigned depth_;
+  bool detect_zeros_;
   std::deque<InFlight> inflight_;
   std::vector<std::unique_ptr<Chunk>> free_;
 };
@@ -137,13 +146,14 @@ Status WriteZeros(File& dst, uint64_t offset, uint64_t len) {
 
 }  // namespace
 
-Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, TargetState target) {
+Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const CopyOptions& options) {
+  const bool detect_zeros = options.sparse_size != 0;
   const uint64_t cs = dst.cluster_size(), size = src.virtual_size();
   if (dst.virtual_size() < size) return Status::InvalidArgument("the target is smaller than the source");
   // Reads run on the workers, one at a time: a source need not be
   // thread-safe, and reading still overlaps hashing and writing.
   std::mutex src_mutex;
-  HashPipeline pipe(dst);
+  HashPipeline pipe(dst, detect_zeros);
   uint64_t pos = 0;
   while (pos < size) {
     // Holes are skipped without reading them; a fresh image already reads
@@ -154,9 +164,9 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, Target
     }();
     QD_ASSIGN_OR_RETURN(uint64_t zeros, std::move(zero_run));
     zeros = std::min(zeros, size - pos);
-    if (pos % cs == 0 && zeros >= cs) {
+    if (detect_zeros && pos % cs == 0 && zeros >= cs) {
       // Writes of earlier chunks may still be queued: they are other clusters.
-      if (target == TargetState::kAnyData) QD_RETURN_IF_ERROR(ZeroTarget(dst, pos, pos + zeros / cs * cs));
+      if (options.target == TargetState::kAnyData) QD_RETURN_IF_ERROR(ZeroTarget(dst, pos, pos + zeros / cs * cs));
       pos += zeros / cs * cs;
       if (progress) progress(pos, size);
       continue;
@@ -206,32 +216,36 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
   return dst.Resize((total + 511) & ~511ull);
 }
 
-Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, TargetState target) {
-  const bool holes = target == TargetState::kZero;
+Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const CopyOptions& options) {
+  // Holes stand for zeros only in a target that reads zero, and only with -S.
+  const bool holes = options.target == TargetState::kZero && options.sparse_size != 0;
+  const bool truncate = options.target == TargetState::kZero;
   const uint64_t size = src.virtual_size();
-  constexpr uint64_t kBlock = 4096;
+  const uint64_t block = options.sparse_size ? options.sparse_size : 4096;
   std::vector<uint8_t> buf(kChunkBytes);
   uint64_t pos = 0;
   while (pos < size) {
     QD_ASSIGN_OR_RETURN(uint64_t zeros, src.ZeroRun(pos));
     if (zeros > 0) {
       zeros = std::min(zeros, size - pos);
-      if (!holes) QD_RETURN_IF_ERROR(WriteZeros(dst, pos, zeros));
+      // An unallocated run is a hole even when shorter than -S: it was one.
+      if (options.target == TargetState::kAnyData || !options.sparse_size)
+        QD_RETURN_IF_ERROR(WriteZeros(dst, pos, zeros));
       pos += zeros;
     } else {
       const uint64_t len = std::min<uint64_t>(kChunkBytes, size - pos);
       QD_RETURN_IF_ERROR(src.Read(pos, std::span<uint8_t>(buf.data(), len)));
       // Write only the 4 KiB blocks that hold data: the rest stays a hole.
       for (uint64_t b = 0; b < len;) {
-        uint64_t n = std::min(kBlock, len - b);
+        uint64_t n = std::min(block, len - b);
         if (holes && IsAllZero({&buf[b], n})) {
           b += n;
           continue;
         }
         // Runs of at most 1 MiB: see DataWriter on large buffered writes.
         uint64_t e = b + n;
-        while (e < len && e - b < (1u << 20) && !(holes && IsAllZero({&buf[e], std::min(kBlock, len - e)})))
-          e += std::min(kBlock, len - e);
+        while (e < len && e - b < (1u << 20) && !(holes && IsAllZero({&buf[e], std::min(block, len - e)})))
+          e += std::min(block, len - e);
         QD_RETURN_IF_ERROR(dst.WriteAt(pos + b, {&buf[b], e - b}));
         b = e;
       }
@@ -239,7 +253,7 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, Target
     }
     if (progress) progress(pos, size);
   }
-  if (holes) QD_RETURN_IF_ERROR(dst.Truncate(size));
+  if (truncate) QD_RETURN_IF_ERROR(dst.Truncate(size));
   return dst.Sync();
 }
 

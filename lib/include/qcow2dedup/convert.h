@@ -39,10 +39,10 @@ using StreamReader = std::function<Result<size_t>(std::span<uint8_t> buf)>;
 // rounded up to 512 bytes. progress gets (bytes read, 0).
 Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress = {});
 
-// Writes src's guest view to dst as a raw file. kZero: dst is new or empty;
-// zero runs become holes and dst ends at src's size. kAnyData: dst exists
-// (a block device, a preallocated file) and is at least src's size; zeros
-// are written as zeros and its size stays.
+// Writes src's guest view to dst as a raw file. kZero: dst reads zero (new,
+// empty, or --target-is-zero); zero runs become holes. kAnyData: dst exists
+// (a block device, a preallocated file); zeros are written as zeros. A dst
+// shorter than src is extended to src's size; a longer one keeps its size.
 Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress = {}, const CopyOptions& options = {});
 
 }  // namespace qcow2dedup

@@ -219,7 +219,6 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
 Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const CopyOptions& options) {
   // Holes stand for zeros only in a target that reads zero, and only with -S.
   const bool holes = options.target == TargetState::kZero && options.sparse_size != 0;
-  const bool truncate = options.target == TargetState::kZero;
   const uint64_t size = src.virtual_size();
   const uint64_t block = options.sparse_size ? options.sparse_size : 4096;
   std::vector<uint8_t> buf(kChunkBytes);
@@ -253,7 +252,10 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const 
     }
     if (progress) progress(pos, size);
   }
-  if (truncate) QD_RETURN_IF_ERROR(dst.Truncate(size));
+  // Holes at the end: the file must still reach size. Never shrink: a
+  // target of -n (a block device, a larger file) keeps its size.
+  QD_ASSIGN_OR_RETURN(uint64_t file_size, dst.Size());
+  if (file_size < size) QD_RETURN_IF_ERROR(dst.Truncate(size));
   return dst.Sync();
 }
 

@@ -119,7 +119,7 @@ Status SelectSnapshot(Image& image, const std::string& arg) {
     else if (key == "snapshot.name") name = value;
     else
       return Status::InvalidArgument(
-          fmt::format("Invalid parameter '{}'\nFailed in parsing snapshot param '{}'", key, arg));
+          fmt::format("Invalid parameter '{}' Failed in parsing snapshot param '{}'", key, arg));
   }
   return image.SelectSnapshot(id, name);
 }

@@ -21,17 +21,10 @@ int Fail(std::string_view what, std::string_view message) {
   std::fflush(stdout);  // keep anything printed before the error in order
   if (g_stderr_line_open) std::fputc('\n', stderr);
   g_stderr_line_open = false;
-  // Each line of a message gets the prefix, as each of qemu's error_report calls does.
-  for (bool first = true;; first = false) {
-    const size_t nl = message.find('\n');
-    const std::string_view line = message.substr(0, nl);
-    if (what.empty() || !first)
-      fmt::print(stderr, "qcow2dedup: {}\n", line);
-    else
-      fmt::print(stderr, "qcow2dedup: {}: {}\n", what, line);
-    if (nl == std::string_view::npos) break;
-    message.remove_prefix(nl + 1);
-  }
+  if (what.empty())
+    fmt::print(stderr, "qcow2dedup: {}\n", message);
+  else
+    fmt::print(stderr, "qcow2dedup: {}: {}\n", what, message);
   return 1;
 }
 

@@ -17,8 +17,7 @@ namespace qcow2dedup::cli {
 using Json = nlohmann::ordered_json;
 
 // Prints "qcow2dedup: WHAT: message" (or "qcow2dedup: message" when what is
-// empty) on stderr and returns the exit code 1. Each further line of a
-// message gets "qcow2dedup: " too.
+// empty) on stderr and returns the exit code 1.
 int Fail(std::string_view what, const Status& status);
 int Fail(std::string_view what, std::string_view message);
 

@@ -84,7 +84,7 @@ Result<uint64_t> ParseSizeInRange(const std::string& name, const std::string& te
   auto size = ParseSize(text);
   if (!size.ok() && size.status().kind() == ErrorKind::kInvalidArgument)
     return Status::InvalidArgument(
-        fmt::format("Invalid {} specified. You may use k, M, G, T, P or E suffixes for\n"
+        fmt::format("Invalid {} specified. You may use k, M, G, T, P or E suffixes for "
                     "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
                     name));
   if (!size.ok() || *size < min || *size > max)

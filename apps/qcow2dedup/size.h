@@ -18,8 +18,8 @@ namespace qcow2dedup {
 Result<uint64_t> ParseSize(const std::string& text);
 
 // qemu-img's cvtnum: ParseSize, then min <= size <= max. The error's
-// message is qemu-img's text for "Invalid NAME specified", possibly two
-// lines ("\n" between them; Fail prefixes each).
+// message is qemu-img's text for "Invalid NAME specified", its two lines
+// joined into one (every error of ours is one line).
 Result<uint64_t> ParseSizeInRange(const std::string& name, const std::string& text, uint64_t min,
                                   uint64_t max);
 

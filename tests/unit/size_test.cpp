@@ -57,7 +57,7 @@ TEST_CASE("ParseSizeInRange words its errors as qemu-img's cvtnum") {
   auto bad = ParseSizeInRange("image size", "10Q", 0, INT64_MAX);
   REQUIRE(!bad.ok());
   CHECK(bad.status().message() ==
-        "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+        "Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
         "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
   for (const char* text : {"8E", "18446744073709551616"}) {
     auto big = ParseSizeInRange("image size", text, 0, INT64_MAX);

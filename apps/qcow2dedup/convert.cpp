@@ -10,6 +10,7 @@
 #include "commands.h"
 #include "image_options.h"
 #include "progress.h"
+#include "size.h"
 #include "qcow2dedup/convert.h"
 
 namespace qcow2dedup::cli {
@@ -22,6 +23,10 @@ struct {
   std::vector<std::string> options;
   bool progress = false, quiet = false, force = false, verify = false, force_share = false;
   uint64_t flush_interval = 0;
+  bool no_create = false, target_is_zero = false;  // -n, --target-is-zero
+  std::string snapshot;                             // -l
+  std::string sparse = "4k";                        // -S
+  uint64_t sparse_size = 4096;
   CacheMode cache = CacheMode::kWriteback;
 } opts;
 
@@ -95,12 +100,58 @@ Result<size_t> ReadStdin(std::span<uint8_t> buf) {
   }
 }
 
+// -l: qemu-img's "snapshot.id=ID,snapshot.name=NAME" (either or both), or
+// one word that is tried as an id first and then as a name.
+Status SelectSnapshot(Image& image, const std::string& arg) {
+  if (arg.rfind("snapshot.", 0) != 0) {
+    Status s = image.SelectSnapshot(arg, std::nullopt);
+    if (s.kind() == ErrorKind::kNotFound) s = image.SelectSnapshot(std::nullopt, arg);
+    return s;
+  }
+  std::optional<std::string> id, name;
+  size_t pos = 0;
+  while (pos <= arg.size()) {
+    const size_t comma = std::min(arg.find(',', pos), arg.size());
+    const std::string item = arg.substr(pos, comma - pos);
+    pos = comma + 1;
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
+    if (key == "snapshot.id") id = value;
+    else if (key == "snapshot.name") name = value;
+    else
+      return Status::InvalidArgument(
+          fmt::format("Invalid parameter '{}' Failed in parsing snapshot param '{}'", key, arg));
+  }
+  return image.SelectSnapshot(id, name);
+}
+
+// Set when -l failed: qemu-img reports that without a file name, as we then do.
+bool snapshot_failed = false;
+
+// What an error opening the source is about: the file, or (-l) the snapshot.
+std::string SourceWhat() { return snapshot_failed ? "" : opts.src; }
+
+// The source device; with -l, the snapshot's view of it.
+Result<std::unique_ptr<BlockDevice>> OpenSource() {
+  QD_ASSIGN_OR_RETURN(auto dev, OpenBlockDevice(opts.src, opts.src_format, opts.force_share));
+  if (opts.snapshot.empty()) return dev;
+  auto* image = dynamic_cast<Image*>(dev.get());
+  snapshot_failed = true;
+  if (!image) return Status::InvalidArgument("Failed to load snapshot: a raw image has no snapshots");
+  if (Status s = SelectSnapshot(*image, opts.snapshot); !s.ok()) {
+    if (s.kind() == ErrorKind::kNotFound) return Status::NotFound("Failed to load snapshot: " + s.message());
+    return s;
+  }
+  snapshot_failed = false;
+  return dev;
+}
+
 int ToQcow2(const ImageOptions& o) {
   const bool from_stdin = opts.src == "-";
   std::unique_ptr<BlockDevice> src;
   if (!from_stdin) {
-    auto dev = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
-    if (!dev.ok()) return Fail(opts.src, dev.status());
+    auto dev = OpenSource();
+    if (!dev.ok()) return Fail(SourceWhat(), dev.status());
     src = std::move(dev).value();
   }
   CreateOptions create = o.create;
@@ -111,7 +162,7 @@ int ToQcow2(const ImageOptions& o) {
   open.cache = opts.cache;
 
   std::unique_ptr<Image> dst;
-  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst));
+  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst), stdout);
   Destination out(opts.dst);
   auto created = Image::Create(opts.dst, create, std::move(open));
   if (!created.ok()) return out.Fail(opts.dst, created.status());
@@ -131,7 +182,7 @@ int ToQcow2(const ImageOptions& o) {
         *dst, progress.fn(), opts.flush_interval);
   } else {
     BlamedSource blamed(*src);
-    s = CopyInto(blamed, *dst, progress.fn(), opts.flush_interval);
+    s = CopyInto(blamed, *dst, progress.fn(), {TargetState::kZero, opts.sparse_size, opts.flush_interval});
     src_failed = blamed.failed;
   }
   if (s.ok()) s = dst->Close();
@@ -144,10 +195,59 @@ int ToQcow2(const ImageOptions& o) {
   return 0;
 }
 
+// -n: into an existing target, as qemu-img convert -n. Nothing is created
+// and nothing removed on failure: the target is the caller's.
+CopyOptions IntoExistingOptions() {
+  return {opts.target_is_zero ? TargetState::kZero : TargetState::kAnyData, opts.sparse_size, opts.flush_interval};
+}
+
+int IntoExistingQcow2(BlockDevice& src) {
+  OpenOptions open;
+  open.writable = true;
+  open.verify = opts.verify;
+  open.cache = opts.cache;
+  std::unique_ptr<Image> dst;
+  Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst), stdout);
+  auto opened = Image::Open(opts.dst, std::move(open));
+  if (!opened.ok()) return Fail(opts.dst, opened.status());
+  dst = std::move(opened).value();
+  if (dst->virtual_size() < src.virtual_size()) return Fail("", "output file is smaller than input file");
+  BlamedSource blamed(src);
+  Status s = CopyInto(blamed, *dst, progress.fn(), IntoExistingOptions());
+  if (s.ok()) s = dst->Close();
+  if (!s.ok()) return Fail(blamed.failed ? opts.src : opts.dst, s);
+  progress.Finish();
+  if (opts.progress) PrintWriteSummary(dst->write_stats());
+  return 0;
+}
+
+int IntoExistingRaw(BlockDevice& src) {
+  auto file = OpenPosixFile(opts.dst, OpenMode::kReadWrite);
+  if (!file.ok()) return Fail(opts.dst, file.status());
+  Status s = (*file)->Lock(LockMode::kExclusive);
+  if (!s.ok()) return Fail(opts.dst, s);
+  auto size = (*file)->Size();
+  if (!size.ok()) return Fail(opts.dst, size.status());
+  if (*size < src.virtual_size()) return Fail("", "output file is smaller than input file");
+  Progress progress(opts.progress, Progress::Unit::kBytes, {}, stdout);
+  BlamedSource blamed(src);
+  s = ExportRaw(blamed, **file, progress.fn(), IntoExistingOptions());
+  if (!s.ok()) return Fail(blamed.failed ? opts.src : opts.dst, s);
+  progress.Finish();
+  return 0;
+}
+
+int IntoExisting() {
+  if (opts.src == "-") return Fail(DisplayName(opts.src), "cannot be converted with -n (its size is not known)");
+  auto src = OpenSource();
+  if (!src.ok()) return Fail(SourceWhat(), src.status());
+  return opts.out_format == "raw" ? IntoExistingRaw(**src) : IntoExistingQcow2(**src);
+}
+
 int ToRaw() {
   if (opts.src == "-") return Fail(DisplayName(opts.src), "can only be converted to qcow2");
-  auto src = OpenBlockDevice(opts.src, opts.src_format, opts.force_share);
-  if (!src.ok()) return Fail(opts.src, src.status());
+  auto src = OpenSource();
+  if (!src.ok()) return Fail(SourceWhat(), src.status());
   Destination out(opts.dst);
   // Holes stand for zeros, so old contents must go: only regular files.
   if (out.existed() && !IsRegularFile(opts.dst))
@@ -159,9 +259,9 @@ int ToRaw() {
   if (!s.ok()) return out.Fail(opts.dst, s);
   out.Claim();
   s = (*file)->Truncate(0);
-  Progress progress(opts.progress);
+  Progress progress(opts.progress, Progress::Unit::kBytes, {}, stdout);
   BlamedSource blamed(**src);
-  if (s.ok()) s = ExportRaw(blamed, **file, progress.fn());
+  if (s.ok()) s = ExportRaw(blamed, **file, progress.fn(), {TargetState::kZero, opts.sparse_size});
   if (!s.ok()) {
     file->reset();
     return out.Fail(blamed.failed ? opts.src : opts.dst, s);
@@ -180,14 +280,25 @@ void SetupConvert(CLI::App& app) {
   app.add_option("-o", opts.options,
                  "Output options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off, verify=on|off")
       ->option_text("OPTIONS")
-      ->allow_extra_args(false);
-  app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
+      ->allow_extra_args(false)
+      ->each([](const std::string& v) {
+        if (AsksForHelp(v)) PrintImageOptionsHelp(/*allow_verify=*/true);
+      });
+  app.add_flag("-p,--progress", opts.progress, "Show progress on stdout (as qemu-img)");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   AddCacheOption(app, opts.cache);
   AddFlushIntervalOption(app, opts.flush_interval);
   app.add_flag("--force", opts.force, "Replace DST if it exists");
+  app.add_flag("-n", opts.no_create,
+               "Convert into the existing DST (an image, a block device, a preallocated file) without creating it");
+  app.add_flag("--target-is-zero", opts.target_is_zero, "With -n: DST reads as zeros already; write no zeros");
   app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
   AddForceShareOption(app, opts.force_share);
+  app.add_option("-l", opts.snapshot, "Convert this internal snapshot of SRC (ID or NAME, or snapshot.id=ID,snapshot.name=NAME)")
+      ->option_text("SNAPSHOT");
+  app.add_option("-S", opts.sparse,
+                 "Zero-detection size (default 4k): a multiple of 512 up to 16M; 0 writes zeros as data")
+      ->option_text("SIZE");
   app.add_option("SRC", opts.src, "Source image, or - for standard input")->required();
   app.add_option("DST", opts.dst, "Destination image")->required();
 }
@@ -198,6 +309,17 @@ int RunConvert() {
     return Fail(DisplayName(opts.src), "can only be read as raw");
   if (opts.src != "-" && SameFile(opts.src, opts.dst))
     return Fail(opts.dst, "is the source itself; convert to another file");
+  // qemu-img's checks and words.
+  constexpr uint64_t kMaxSparse = 16u << 20;  // qemu-img's MAX_BUF_SECTORS
+  auto sparse = ParseSizeInRange("buffer size for sparse output", opts.sparse, 0, UINT64_MAX);
+  if (!sparse.ok()) return Fail("", sparse.status());
+  if (*sparse % 512 || *sparse > kMaxSparse)
+    return Fail("", "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
+                    "16777216. Select 0 to disable sparse detection (fully allocates output).");
+  opts.sparse_size = *sparse;
+  if (opts.target_is_zero && !opts.no_create) return Fail("", "--target-is-zero requires use of -n flag");
+  if (opts.no_create && !opts.options.empty()) return Fail("", "-o has no effect when skipping image creation");
+  if (opts.no_create) return IntoExisting();
   if (opts.out_format == "raw") {
     // A raw file has no options, nothing is shared that could be verified,
     // and no tables that a flush could put on disk early.

@@ -3,13 +3,14 @@
 
 #include "commands.h"
 #include "image_options.h"
+#include "size.h"
 
 namespace qcow2dedup::cli {
 namespace {
 
 struct {
   std::string file;
-  uint64_t size = 0;
+  std::string size;
   std::vector<std::string> options;
   std::string format = "qcow2";
   bool force = false;
@@ -21,25 +22,34 @@ struct {
 void SetupCreate(CLI::App& app) {
   app.add_option("-f", opts.format, "Image format (only qcow2)")->check(CLI::IsMember({"qcow2"}));
   app.add_option("-o", opts.options,
-                 "Options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off (comma-separated)")
+                 "Options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off (comma-separated; "
+                 "-o help lists them)")
       ->option_text("OPTIONS")
-      ->allow_extra_args(false);
+      ->allow_extra_args(false)
+      ->each([](const std::string& v) {
+        if (AsksForHelp(v)) PrintImageOptionsHelp(/*allow_verify=*/false);
+      });
   app.add_flag("--force", opts.force, "Replace FILE if it exists");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing on success");
   app.add_option("FILE", opts.file, "The image to create")->required();
-  AddSizeOption(app, "SIZE", opts.size, "Virtual size; suffixes K M G T P E (powers of 1024)")->required();
+  // Checked in RunCreate, so that a bad size gets qemu-img's words.
+  app.add_option("SIZE", opts.size, "Virtual size: 1G, 1.5G, 512; suffixes K M G T P E (powers of 1024)")
+      ->required();
 }
 
 int RunCreate() {
   ImageOptions o;
   if (Status s = ParseImageOptions(opts.options, /*allow_verify=*/false, o); !s.ok()) return Fail(opts.file, s);
-  o.create.virtual_size = opts.size;
+  auto size = ParseSizeInRange("image size", opts.size, 0, kMaxSize);
+  if (!size.ok()) return Fail("", size.status());
+  o.create.virtual_size = *size;
   o.create.force = opts.force;
-  if (!opts.quiet) fmt::print("{}\n", FormattingLine(opts.file, o.create));
   auto image = Image::Create(opts.file, o.create);
   if (!image.ok()) return Fail(opts.file, image.status());
   WarnIfNoSharing(opts.file, o.create);  // a valid width, now that the image is made
   if (Status s = (*image)->Close(); !s.ok()) return Fail(opts.file, s);
+  // Only once the image exists: unlike qemu-img, a failed create announces nothing.
+  if (!opts.quiet) fmt::print("{}\n", FormattingLine(opts.file, o.create));
   return 0;
 }
 

@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 
+#include <CLI/CLI.hpp>
+
 #include <charconv>
 #include <cstdint>
 #include <string_view>
@@ -74,6 +76,40 @@ Status ParseImageOptions(const std::vector<std::string>& args, bool allow_verify
     }
   }
   return Status::Ok();
+}
+
+bool AsksForHelp(const std::string& arg) {
+  size_t pos = 0;
+  while (pos <= arg.size()) {
+    const size_t comma = std::min(arg.find(',', pos), arg.size());
+    const std::string item = arg.substr(pos, comma - pos);
+    if (item == "help" || item == "?") return true;
+    pos = comma + 1;
+  }
+  return false;
+}
+
+void PrintImageOptionsHelp(bool allow_verify) {
+  // qemu-img's names, types and help texts; where we take only the one
+  // value we write, the text says so.
+  struct Line {
+    const char* name;
+    const char* help;
+  };
+  static const Line kLines[] = {
+      {"cluster_size=<size>", "qcow2 cluster size"},
+      {"compat=<str>", "Compatibility level (v3 [1.1] only)"},
+      {"compression_type=<str>", "Compression method used for image cluster compression (zlib only)"},
+      {"extended_l2=<bool (on/off)>", "Extended L2 tables (off only)"},
+      {"lazy_refcounts=<bool (on/off)>", "Postpone refcount updates"},
+      {"refcount_bits=<num>", "Width of a reference count entry in bits"},
+  };
+  fmt::print("Supported qcow2 options:\n");
+  for (const Line& l : kLines) fmt::print("  {:<22} - {}\n", l.name, l.help);
+  if (allow_verify)
+    fmt::print("  {:<22} - {}\n", "verify=<bool (on/off)>",
+               "Compare bytes before sharing a cluster, not only hashes (qcow2dedup)");
+  throw CLI::Success();
 }
 
 std::string FormattingLine(const std::string& path, const CreateOptions& o) {

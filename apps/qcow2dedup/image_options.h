@@ -23,6 +23,15 @@ Status ParseImageOptions(const std::vector<std::string>& args, bool allow_verify
 // sharing at all (see ShareLimit): such an image stores every cluster.
 void WarnIfNoSharing(const std::string& path, const CreateOptions& o);
 
+// qemu-img's has_help_option: one of the comma-separated items of an -o
+// argument is "help" or "?".
+bool AsksForHelp(const std::string& arg);
+
+// Prints what -o takes, in qemu-img's "-o help" layout, and throws
+// CLI::Success (help is success, and needs no other argument).
+// allow_verify: convert's list, with verify=on|off.
+[[noreturn]] void PrintImageOptionsHelp(bool allow_verify);
+
 // qemu-img create's "Formatting 'FILE', fmt=qcow2 cluster_size=..." line.
 std::string FormattingLine(const std::string& path, const CreateOptions& o);
 

@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <ctime>
 
 #include "commands.h"
@@ -14,6 +15,7 @@ struct {
   OutputFormat output = OutputFormat::kHuman;
   ImageFormat format = ImageFormat::kAuto;
   bool force_share = false;
+  bool backing_chain = false;
 } opts;
 
 // A raw file has no header to say how much of it is on disk: ask stat.
@@ -41,7 +43,20 @@ void PrintSnapshots(const std::vector<SnapshotInfo>& snapshots) {
   }
 }
 
-void PrintHuman(const ImageInfo& i, const std::string& format, bool qcow2) {
+// qemu-img's human "bitmaps:" block: each bitmap's flags, name, granularity.
+void PrintBitmaps(const std::vector<BitmapInfo>& bitmaps) {
+  fmt::print("    bitmaps:\n");
+  for (size_t n = 0; n < bitmaps.size(); ++n) {
+    const BitmapInfo& b = bitmaps[n];
+    fmt::print("        [{}]:\n            flags:\n", n);
+    int f = 0;
+    if (b.in_use) fmt::print("                [{}]: in-use\n", f++);
+    if (b.auto_enabled) fmt::print("                [{}]: auto\n", f++);
+    fmt::print("            name: {}\n            granularity: {}\n", b.name, b.granularity);
+  }
+}
+
+void PrintHuman(const ImageInfo& i, const std::vector<BitmapInfo>& bitmaps, const std::string& format, bool qcow2) {
   fmt::print("image: {}\nfile format: {}\nvirtual size: {}\ndisk size: {}\n", i.filename, format,
              SizeWithBytes(i.virtual_size), HumanSize(i.actual_size));
   if (!qcow2) return;
@@ -61,6 +76,7 @@ void PrintHuman(const ImageInfo& i, const std::string& format, bool qcow2) {
   fmt::print("    compat: {}\n", i.version >= 3 ? "1.1" : "0.10");
   fmt::print("    compression type: {}\n", i.compression_type);
   if (i.version >= 3) fmt::print("    lazy refcounts: {}\n", i.lazy_refcounts);
+  if (!bitmaps.empty()) PrintBitmaps(bitmaps);
   fmt::print("    refcount bits: {}\n", i.refcount_bits);
   if (i.version >= 3) fmt::print("    corrupt: {}\n    extended l2: {}\n", i.corrupt, i.extended_l2);
   fmt::print("Dedup:\n    present: {}\n", i.dedup.present);
@@ -84,7 +100,18 @@ Json SnapshotJson(const SnapshotInfo& sn) {
 }
 
 // Keys in QAPI's ImageInfo order; QemuOrder then gives qemu-img's order.
-Json InfoJson(const ImageInfo& i, const std::string& format, bool qcow2) {
+Json BitmapJson(const BitmapInfo& b) {
+  Json j;
+  j["name"] = b.name;
+  j["granularity"] = b.granularity;
+  Json flags = Json::array();
+  if (b.in_use) flags.push_back("in-use");
+  if (b.auto_enabled) flags.push_back("auto");
+  j["flags"] = flags;
+  return QemuOrder(j);
+}
+
+Json InfoJson(const ImageInfo& i, const std::vector<BitmapInfo>& bitmaps, const std::string& format, bool qcow2) {
   Json j;
   j["filename"] = i.filename;
   j["format"] = format;
@@ -111,6 +138,11 @@ Json InfoJson(const ImageInfo& i, const std::string& format, bool qcow2) {
       data["corrupt"] = i.corrupt;
     }
     data["refcount-bits"] = i.refcount_bits;
+    if (!bitmaps.empty()) {
+      Json list = Json::array();
+      for (const BitmapInfo& b : bitmaps) list.push_back(BitmapJson(b));
+      data["bitmaps"] = list;
+    }
     data["compression-type"] = i.compression_type;
     Json specific;
     specific["type"] = "qcow2";
@@ -135,26 +167,74 @@ void SetupInfo(CLI::App& app) {
   AddOutputOption(app, opts.output);
   AddForceShareOption(app, opts.force_share);
   AddFormatOption(app, opts.format, "Image format (default: probe)");
+  app.add_flag("--backing-chain", opts.backing_chain, "Show every image of the backing chain, top first");
   app.add_option("FILE", opts.file, "The image")->required();
 }
 
-int RunInfo() {
-  auto dev = OpenBlockDevice(opts.file, opts.format, opts.force_share);
-  if (!dev.ok()) return Fail(opts.file, dev.status());
+namespace {
+
+// One image of the chain: what info prints of it, and where its backing file is.
+struct Link {
   ImageInfo info;
-  const auto* image = dynamic_cast<const Image*>(dev->get());
+  std::vector<BitmapInfo> bitmaps;
+  std::string format;
+  bool qcow2 = false;
+};
+
+Result<Link> Describe(const std::string& path, ImageFormat format) {
+  QD_ASSIGN_OR_RETURN(auto dev, OpenBlockDevice(path, format, opts.force_share));
+  Link link;
+  const auto* image = dynamic_cast<const Image*>(dev.get());
   if (image) {
-    info = image->Info();
+    link.info = image->Info();
+    QD_ASSIGN_OR_RETURN(link.bitmaps, image->Bitmaps());
   } else {
-    info.filename = opts.file;
-    info.virtual_size = (*dev)->virtual_size();
-    info.actual_size = ActualSize(opts.file);
+    link.info.filename = path;
+    link.info.virtual_size = dev->virtual_size();
+    link.info.actual_size = ActualSize(path);
   }
-  const std::string format = (*dev)->format();
-  if (opts.output == OutputFormat::kJson)
-    PrintJson(InfoJson(info, format, image != nullptr));
-  else
-    PrintHuman(info, format, image != nullptr);
+  link.format = dev->format();
+  link.qcow2 = image != nullptr;
+  return link;
+}
+
+}  // namespace
+
+int RunInfo() {
+  // qemu-img's collect_image_info_list: the top image, then each backing
+  // file by its resolved name and stored format, refusing a loop.
+  std::vector<Link> chain;
+  std::vector<std::string> seen;
+  std::string path = opts.file;
+  ImageFormat format = opts.format;
+  for (;;) {
+    if (std::find(seen.begin(), seen.end(), path) != seen.end())
+      return Fail("", fmt::format("Backing file '{}' creates an infinite loop.", path));
+    seen.push_back(path);
+    auto link = Describe(path, format);
+    if (!link.ok()) return Fail(path, link.status());
+    chain.push_back(std::move(link).value());
+    const ImageInfo& i = chain.back().info;
+    if (!opts.backing_chain || i.backing_file.empty()) break;
+    if (i.full_backing_file.empty()) return Fail(path, fmt::format("cannot determine the path of backing file '{}'", i.backing_file));
+    path = i.full_backing_file;
+    format = i.backing_format == "raw" ? ImageFormat::kRaw
+             : i.backing_format == "qcow2" ? ImageFormat::kQcow2 : ImageFormat::kAuto;
+  }
+  if (opts.output == OutputFormat::kJson) {
+    if (!opts.backing_chain) {
+      PrintJson(InfoJson(chain[0].info, chain[0].bitmaps, chain[0].format, chain[0].qcow2));
+    } else {
+      Json list = Json::array();
+      for (const Link& l : chain) list.push_back(InfoJson(l.info, l.bitmaps, l.format, l.qcow2));
+      PrintJson(list);
+    }
+  } else {
+    for (size_t n = 0; n < chain.size(); ++n) {
+      if (n) fmt::print("\n");
+      PrintHuman(chain[n].info, chain[n].bitmaps, chain[n].format, chain[n].qcow2);
+    }
+  }
   return 0;
 }
 

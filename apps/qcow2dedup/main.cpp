@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstdio>
@@ -55,6 +56,13 @@ int Main(int argc, char** argv) {
     CLI::App* sub = app.add_subcommand(c.name, c.help);
     c.setup(*sub);
     subcommands.emplace_back(sub, &c);
+  }
+  // CLI11 would take an unknown name for a stray argument and ask for a
+  // subcommand; say what is wrong instead (qemu-img: "Command not found").
+  if (argc > 1 && argv[1][0] != '-' &&
+      std::none_of(std::begin(kCommands), std::end(kCommands),
+                   [&](const Command& c) { return std::strcmp(c.name, argv[1]) == 0; })) {
+    return Fail("", fmt::format("unknown subcommand '{}' (see qcow2dedup --help)", argv[1]));
   }
   int rc = 1;
   try {
@@ -117,6 +125,7 @@ CLI::Option* AddSizeOption(CLI::App& app, const std::string& name, uint64_t& siz
           [&size, name](const std::string& text) {
             auto r = ParseSize(text);
             if (!r.ok()) throw CLI::ValidationError(name, r.status().message());
+            if (*r > kMaxSize) throw CLI::ValidationError(name, fmt::format("size '{}' is too large", text));
             size = *r;
           },
           help)

@@ -11,10 +11,13 @@
 namespace qcow2dedup::cli {
 
 bool g_stderr_line_open = false;
+bool g_stdout_line_open = false;
 
 int Fail(std::string_view what, const Status& status) { return Fail(what, status.message()); }
 
 int Fail(std::string_view what, std::string_view message) {
+  if (g_stdout_line_open) std::fputc('\n', stdout);
+  g_stdout_line_open = false;
   std::fflush(stdout);  // keep anything printed before the error in order
   if (g_stderr_line_open) std::fputc('\n', stderr);
   g_stderr_line_open = false;
@@ -74,9 +77,42 @@ Json QemuOrder(const Json& object) {
   return out;
 }
 
+namespace {
+
+// qemu's JSON writer opens an empty list on one line and closes it on the
+// next, at the indent of the line it opened on: "[\n    ]", not "[]".
+std::string QemuEmptyLists(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  bool in_string = false;
+  size_t line_start = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      out += c;
+      if (c == '\\' && i + 1 < text.size()) out += text[++i];
+      else if (c == '"') in_string = false;
+      continue;
+    }
+    if (c == '"') in_string = true;
+    if (c == '\n') line_start = out.size() + 1;
+    if (c == '[' && i + 1 < text.size() && text[i + 1] == ']') {
+      size_t indent = 0;
+      while (line_start + indent < out.size() && out[line_start + indent] == ' ') ++indent;
+      out += "[\n" + std::string(indent, ' ') + "]";
+      ++i;
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
 void PrintJson(const Json& j) {
   // replace: a file name that is not UTF-8 must not abort the program.
-  fmt::print("{}\n", j.dump(4, ' ', false, Json::error_handler_t::replace));
+  fmt::print("{}\n", QemuEmptyLists(j.dump(4, ' ', false, Json::error_handler_t::replace)));
 }
 
 void PrintTable(const std::vector<std::vector<std::string>>& rows, uint32_t right_aligned,

@@ -27,6 +27,8 @@ void Warn(std::string_view what, std::string_view message);
 // True while a progress line waits on stderr without its newline: Fail
 // ends it first so that the error gets a line of its own.
 extern bool g_stderr_line_open;
+// The same for a progress line on stdout (convert -p, as qemu-img's).
+extern bool g_stdout_line_open;
 
 // How error lines name a file argument: "-" is "standard input".
 std::string DisplayName(const std::string& path);

@@ -8,19 +8,24 @@
 
 namespace qcow2dedup::cli {
 
-Progress::Progress(bool enabled, Unit unit, std::function<std::string()> extra)
-    : enabled_(enabled), unit_(unit), extra_(std::move(extra)), start_(Clock::now()) {}
+Progress::Progress(bool enabled, Unit unit, std::function<std::string()> extra, std::FILE* out)
+    : enabled_(enabled), unit_(unit), extra_(std::move(extra)), out_(out), start_(Clock::now()) {}
+
+namespace {
+bool& LineOpen(std::FILE* out) { return out == stdout ? g_stdout_line_open : g_stderr_line_open; }
+}  // namespace
 
 Progress::~Progress() { EndLine(); }
 
 void Progress::EndLine() {
-  if (!g_stderr_line_open) return;
-  std::fputc('\n', stderr);
-  g_stderr_line_open = false;
+  if (!LineOpen(out_)) return;
+  std::fputc('\n', out_);
+  std::fflush(out_);
+  LineOpen(out_) = false;
 }
 
 void Progress::Restart(Unit unit) {
-  if (g_stderr_line_open) Draw();  // the last phase's final state
+  if (LineOpen(out_)) Draw();  // the last phase's final state
   EndLine();
   unit_ = unit;
   start_ = Clock::now();
@@ -68,9 +73,9 @@ void Progress::Draw() {
   const size_t width = line.size();
   if (width < last_width_) line.append(last_width_ - width, ' ');  // erase the longer old line
   last_width_ = width;
-  fmt::print(stderr, "\r{}", line);
-  std::fflush(stderr);
-  g_stderr_line_open = true;
+  fmt::print(out_, "\r{}", line);
+  std::fflush(out_);
+  LineOpen(out_) = true;
 }
 
 std::function<std::string()> DedupSoFar(const std::unique_ptr<Image>& img) {

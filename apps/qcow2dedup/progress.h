@@ -1,8 +1,10 @@
-// The -p progress line on stderr: percent, rate, dedup so far, time left.
+// The -p progress line: percent, rate, dedup so far, time left. On stderr,
+// but convert's on stdout, where qemu-img convert -p prints its own.
 // Redrawn in place with \r at most ten times a second.
 #pragma once
 
 #include <chrono>
+#include <cstdio>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -19,7 +21,8 @@ class Progress {
   enum class Unit { kBytes, kClusters };
 
   // extra: a few words appended to the line, e.g. "dedup 1.52x" (may be empty).
-  explicit Progress(bool enabled, Unit unit = Unit::kBytes, std::function<std::string()> extra = {});
+  explicit Progress(bool enabled, Unit unit = Unit::kBytes, std::function<std::string()> extra = {},
+                    std::FILE* out = stderr);
   ~Progress();
 
   // total 0: the length is unknown (standard input); done is shown in bytes.
@@ -42,6 +45,7 @@ class Progress {
   bool enabled_;
   Unit unit_;
   std::function<std::string()> extra_;
+  std::FILE* out_;
   Clock::time_point start_, last_draw_;
   bool drawn_ = false, finished_ = false;
   uint64_t done_ = 0, total_ = 0;

@@ -28,6 +28,25 @@
 // worse than none. The numbers of the fixtures below are worked out in
 // tests/golden/README.md.
 //
+// Parity with qemu-img: a case may also hold
+//
+//   qemu-cmd      qemu-img's command line for the same thing, run the same
+//                 way in another fresh directory with the same fixture
+//   qemu-compare  optional: which of our outputs must be qemu-img's, words
+//                 from "stdout stderr exit" (the default: all three) and
+//                 "option-names" (every "  name=<type> - " line we print
+//                 begins one of qemu-img's lines: -o help lists a subset;
+//                 a line ending "(qcow2dedup)" is an option of ours alone)
+//                 "stderr-one-line" (qemu-img's stderr with each error's
+//                 continuation lines joined to it by a space: an error of
+//                 ours is one line, in qemu-img's words) and
+//                 "no-dedup" (our stdout without what info adds for the
+//                 dedup index: its "Dedup:" block, its "dedup" JSON key)
+//
+// qemu-img's output, with "qemu-img" read as "qcow2dedup", must then equal
+// ours: a script written for qemu-img sees no difference. The goldens still
+// hold our output, so that a change of it shows in the diff.
+//
 // Not golden: --help (it changes whenever an option is added), -p (rates
 // and times), and anything with the date or the machine in it.
 #include <doctest/doctest.h>
@@ -158,6 +177,34 @@ uint64_t HostOf(const std::string& path, uint64_t g) {
   return host;
 }
 
+// disk.qcow2 with two persistent bitmaps, made by qemu-img: bm0 (64 KiB
+// granularity, enabled: flag auto) and second (128 KiB, disabled: no flags).
+void MakeBitmaps(const std::string& dir) {
+  MakeDedup(dir);
+  MustRun(dir, "qemu-img bitmap --add disk.qcow2 bm0 && qemu-img bitmap --add -g 128k --disable disk.qcow2 second");
+}
+
+// Sets the in-use flag of the first bitmap in place, as a QEMU killed while
+// it had the image open leaves it (bits 0: in-use, of the entry's flags).
+void SetFirstBitmapInUse(const std::string& path) {
+  std::string bytes = testing::ReadFileBytes(path);
+  auto be = [&bytes](uint64_t off, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; ++i) v = (v << 8) | uint8_t(bytes.at(off + i));
+    return v;
+  };
+  uint64_t pos = be(100, 4);  // header_length: the extensions follow
+  for (;;) {
+    const uint64_t type = be(pos, 4), len = be(pos + 4, 4);
+    REQUIRE_MESSAGE(type != 0, "no bitmaps extension in " << path);
+    if (type == 0x23852875) break;
+    pos += 8 + (len + 7) / 8 * 8;
+  }
+  const uint64_t dir = be(pos + 8 + 16, 8);
+  bytes.at(dir + 15) = char(uint8_t(bytes.at(dir + 15)) | 1);
+  testing::WriteFileBytes(path, bytes);
+}
+
 const std::map<std::string, std::function<void(const std::string&)>> kFixtures = {
     // Nothing: the command makes its own files (or fails to find them).
     {"none", [](const std::string&) {}},
@@ -170,6 +217,26 @@ const std::map<std::string, std::function<void(const std::string&)>> kFixtures =
      [](const std::string& dir) {
        MakeRaw(dir);
        MustRun(dir, testing::Tool() + " create -q empty.qcow2 4M");
+     }},
+    // top.qcow2, made by qemu-img, over disk.qcow2 (ours) as its backing file.
+    {"backing",
+     [](const std::string& dir) {
+       MakeDedup(dir);
+       MustRun(dir, "qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 top.qcow2");
+     }},
+    {"bitmaps", MakeBitmaps},
+    // disk.qcow2 with internal snapshot 1 "first" of disk.raw's data, then
+    // QEMU's 0x77 over its first 1 MiB (the current view differs from it).
+    {"snapshot",
+     [](const std::string& dir) {
+       MakeDedup(dir);
+       MustRun(dir, "qemu-img snapshot -c first disk.qcow2 && qemu-io -c 'write -P 0x77 0 1M' disk.qcow2 >/dev/null");
+     }},
+    // The same, bm0 left in use.
+    {"bitmaps-in-use",
+     [](const std::string& dir) {
+       MakeBitmaps(dir);
+       SetFirstBitmapInUse(dir + "/disk.qcow2");
      }},
     // disk.qcow2 after QEMU wrote B's bytes over guest cluster 0 (an A):
     // the index is out of sync, B is stored twice (a missed dedup), A has 8
@@ -217,6 +284,73 @@ const std::map<std::string, std::function<void(const std::string&)>> kFixtures =
        REQUIRE(::truncate((dir + "/disk.qcow2").c_str(), 3 * kCluster) == 0);
      }},
 };
+
+// qemu-img's output as ours reads: its name replaced by ours.
+std::string AsOurs(std::string text) {
+  const std::string from = "qemu-img", to = "qcow2dedup";
+  for (size_t pos = 0; (pos = text.find(from, pos)) != std::string::npos; pos += to.size())
+    text.replace(pos, from.size(), to);
+  return text;
+}
+
+std::vector<std::string> Lines(const std::string& text) {
+  std::vector<std::string> lines;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    const size_t nl = std::min(text.find('\n', pos), text.size());
+    lines.push_back(text.substr(pos, nl - pos));
+    pos = nl + 1;
+  }
+  return lines;
+}
+
+// "option-names": each of our "  name=<type> ... - " lines names an option
+// with the type qemu-img gives it.
+void CheckOptionNames(const std::string& ours, const std::string& qemu) {
+  const auto qemu_lines = Lines(qemu);
+  for (const std::string& line : Lines(ours)) {
+    if (line.rfind("  ", 0) != 0 || line.find(" - ") == std::string::npos) continue;
+    if (line.ends_with("(qcow2dedup)")) continue;  // ours alone, and says so
+    const std::string head = line.substr(0, line.find(" - "));
+    const std::string name = head.substr(0, head.find_last_not_of(' ') + 1);
+    const bool found = std::any_of(qemu_lines.begin(), qemu_lines.end(),
+                                   [&](const std::string& q) { return q.rfind(name + " ", 0) == 0; });
+    CHECK_MESSAGE(found, "qemu-img's -o help has no option " << name);
+  }
+}
+
+// Our info output as qemu-img would print it: without the dedup state we add.
+std::string WithoutDedup(const std::string& out) {
+  std::vector<std::string> kept;
+  if (!out.empty() && (out[0] == '{' || out[0] == '[')) {
+    // Textually, so that the layout stays ours: the "dedup" object is the
+    // last key of its image, its lines up to the "}" at its indent.
+    std::string closing;
+    for (const std::string& line : Lines(out)) {
+      if (!closing.empty()) {
+        if (line.rfind(closing, 0) == 0 && line.size() <= closing.size() + 1) closing.clear();
+        continue;
+      }
+      const size_t key = line.find("\"dedup\": {");
+      if (key != std::string::npos && line.find_first_not_of(' ') == key) {
+        closing = line.substr(0, key) + "}";
+        if (!kept.empty() && kept.back().ends_with(",")) kept.back().pop_back();
+        continue;
+      }
+      kept.push_back(line);
+    }
+  } else {
+    bool in_dedup = false;
+    for (const std::string& line : Lines(out)) {
+      if (line == "Dedup:") in_dedup = true;
+      else if (line.rfind("    ", 0) != 0) in_dedup = false;
+      if (!in_dedup) kept.push_back(line);
+    }
+  }
+  std::string text;
+  for (const std::string& line : kept) text += line + "\n";
+  return text;
+}
 
 struct Case {
   std::string name, dir;
@@ -277,6 +411,36 @@ TEST_CASE("golden: the CLI's exact stdout, stderr and exit code for every case i
     auto r = Run("cd " + Sh(work.path()) + " || exit 125\nexport LC_ALL=C PATH=" + Sh(bin.path()) +
                  ":\"$PATH\"\n" + cmd);
     const std::string exit_text = std::to_string(r.exit_code) + "\n";
+
+    if (fs::exists(c.dir + "/qemu-cmd")) {
+      const std::string qemu_cmd = Trim(Slurp(c.dir + "/qemu-cmd"));
+      std::string compare = "stdout stderr exit";
+      if (fs::exists(c.dir + "/qemu-compare")) compare = Slurp(c.dir + "/qemu-compare");
+      TempDir qemu_work;
+      f->second(qemu_work.path());
+      // A missing judge fails the case: the command then exits 127.
+      auto q = Run("cd " + Sh(qemu_work.path()) + " || exit 125\nexport LC_ALL=C\n" + qemu_cmd);
+      REQUIRE_MESSAGE(q.exit_code != 127, c.name << ": qemu-img did not run: " << q.err);
+      auto wants = [&](const char* word) { return compare.find(word) != std::string::npos; };
+      const std::string qemu_out = AsOurs(q.out);
+      std::string qemu_err = AsOurs(q.err);
+      if (wants("stderr-one-line")) {
+        const std::string continuation = "\nqcow2dedup: ";
+        for (size_t pos; (pos = qemu_err.find(continuation)) != std::string::npos && pos + 1 < qemu_err.size();)
+          qemu_err.replace(pos, continuation.size(), " ");
+      }
+      const std::string our_out = wants("no-dedup") ? WithoutDedup(r.out) : r.out;
+      if (wants("stdout"))
+        CHECK_MESSAGE(our_out == qemu_out, c.name << ": stdout differs from qemu-img's (`" << qemu_cmd << "`)\n"
+                                                << Diff(qemu_out, our_out));
+      if (wants("stderr") || wants("stderr-one-line"))
+        CHECK_MESSAGE(r.err == qemu_err, c.name << ": stderr differs from qemu-img's (`" << qemu_cmd << "`)\n"
+                                                << Diff(qemu_err, r.err));
+      if (wants("exit"))
+        CHECK_MESSAGE(r.exit_code == q.exit_code,
+                      c.name << ": exit code " << r.exit_code << ", qemu-img's " << q.exit_code);
+      if (wants("option-names")) CheckOptionNames(r.out, q.out);
+    }
 
     if (Updating()) {
       Spit(c.dir + "/stdout", r.out);

@@ -114,6 +114,14 @@ struct ImageInfo {
   } dedup;
 };
 
+// A persistent dirty bitmap (qemu-img bitmap --add), as qemu-img info lists it.
+struct BitmapInfo {
+  std::string name;
+  uint64_t granularity = 0;  // bytes each bit stands for
+  bool in_use = false;       // a QEMU had it open and did not stop cleanly
+  bool auto_enabled = false; // QEMU tracks writes in it ("auto")
+};
+
 // Counters of one write session (or one convert).
 struct WriteStats {
   uint64_t clusters_written = 0;  // guest clusters the caller wrote
@@ -164,6 +172,14 @@ class Image : public BlockDevice {
   Status Close();
 
   ImageInfo Info() const;
+  // Reads an internal snapshot's guest view instead of the current one
+  // (read-only images only; qemu-img convert -l). The first snapshot whose
+  // id is id and whose name is name matches (an absent one matches any);
+  // kNotFound when none does. The virtual size becomes the snapshot's.
+  Status SelectSnapshot(const std::optional<std::string>& id, const std::optional<std::string>& name);
+  // The persistent dirty bitmaps, in the directory's order (none unless
+  // QEMU's bitmaps autoclear bit vouches for the directory).
+  Result<std::vector<BitmapInfo>> Bitmaps() const;
   const WriteStats& write_stats() const;
   // Bytes of heap the in-memory dedup index holds.
   size_t index_memory() const;

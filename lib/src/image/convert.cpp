@@ -32,7 +32,9 @@ using FillFn = std::function<Status(Chunk&)>;
 // recycled: a fresh 4 MiB buffer each time costs page faults and zeroing.
 class HashPipeline {
  public:
-  explicit HashPipeline(Image& dst) : dst_(dst), depth_(std::max(2u, HashThreads()) + 1) {}
+  // detect_zeros false: zero clusters are hashed and stored as data (-S 0).
+  explicit HashPipeline(Image& dst, bool detect_zeros = true)
+      : dst_(dst), depth_(std::max(2u, HashThreads()) + 1), detect_zeros_(detect_zeros) {}
 
   // A chunk for guest bytes [offset, offset + len), len a multiple of the
   // cluster size or the end of the input (the tail is zeroed).
@@ -63,10 +65,16 @@ class HashPipeline {
       c->writes.push_back({c->offset / cs + i, std::span<const uint8_t>(&c->data[i * cs], cs), false, {}});
     Chunk* raw = c.get();
     c->status = Status::Ok();
-    auto work = [raw, fill = std::move(fill)] {
+    auto work = [raw, fill = std::move(fill), detect_zeros = detect_zeros_] {
       if (fill) raw->status = fill(*raw);
       if (raw->status.ok())
-        for (ClusterWrite& w : raw->writes) PrepareClusterWrite(w);
+        for (ClusterWrite& w : raw->writes) {
+          PrepareClusterWrite(w);
+          if (w.zero && !detect_zeros) {
+            w.zero = false;
+            w.digest = Sha256(w.data);
+          }
+        }
     };
     inflight_.push_back({std::move(c), std::async(std::launch::async, std::move(work))});
     if (inflight_.size() >= depth_) return PopOne();
@@ -95,6 +103,7 @@ class HashPipeline {
   }
   Image& dst_;
   unsigned depth_;
+  bool detect_zeros_;
   std::deque<InFlight> inflight_;
   std::vector<std::unique_ptr<Chunk>> free_;
 };
@@ -116,16 +125,53 @@ class FlushPoints {
   uint64_t interval_, pushed_ = 0;
 };
 
+// Makes guest clusters [pos, end) of dst read zero, writing only those that
+// do not already (a target that is mostly zero costs next to nothing).
+Status ZeroTarget(Image& dst, uint64_t pos, uint64_t end) {
+  const uint64_t cs = dst.cluster_size();
+  std::vector<uint8_t> zero_data;  // the write path wants a cluster of bytes even for a zero one
+  std::vector<ClusterWrite> zeros;
+  while (pos < end) {
+    QD_ASSIGN_OR_RETURN(uint64_t run, dst.ZeroRun(pos));
+    if (run >= cs) {
+      pos = std::min(end, pos + run / cs * cs);
+      continue;
+    }
+    if (zero_data.empty()) zero_data.resize(cs);
+    zeros.push_back({pos / cs, std::span<const uint8_t>(zero_data), true, {}});
+    pos += cs;
+    if (zeros.size() >= 4096) {
+      QD_RETURN_IF_ERROR(dst.WriteClusters(zeros));
+      zeros.clear();
+    }
+  }
+  if (!zeros.empty()) QD_RETURN_IF_ERROR(dst.WriteClusters(zeros));
+  return Status::Ok();
+}
+
+// Writes len zero bytes at offset, in runs of at most 1 MiB (see DataWriter).
+Status WriteZeros(File& dst, uint64_t offset, uint64_t len) {
+  static const std::vector<uint8_t> kZeros(1u << 20);
+  while (len > 0) {
+    const uint64_t n = std::min<uint64_t>(len, kZeros.size());
+    QD_RETURN_IF_ERROR(dst.WriteAt(offset, {kZeros.data(), n}));
+    offset += n;
+    len -= n;
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
-Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, uint64_t flush_interval) {
+Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const CopyOptions& options) {
+  const bool detect_zeros = options.sparse_size != 0;
   const uint64_t cs = dst.cluster_size(), size = src.virtual_size();
   if (dst.virtual_size() < size) return Status::InvalidArgument("the target is smaller than the source");
   // Reads run on the workers, one at a time: a source need not be
   // thread-safe, and reading still overlaps hashing and writing.
   std::mutex src_mutex;
-  HashPipeline pipe(dst);
-  FlushPoints flushes(flush_interval);
+  HashPipeline pipe(dst, detect_zeros);
+  FlushPoints flushes(options.flush_interval);
   uint64_t pos = 0;
   while (pos < size) {
     // Holes are skipped without reading them; a fresh image already reads
@@ -136,7 +182,9 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, uint64
     }();
     QD_ASSIGN_OR_RETURN(uint64_t zeros, std::move(zero_run));
     zeros = std::min(zeros, size - pos);
-    if (pos % cs == 0 && zeros >= cs) {
+    if (detect_zeros && pos % cs == 0 && zeros >= cs) {
+      // Writes of earlier chunks may still be queued: they are other clusters.
+      if (options.target == TargetState::kAnyData) QD_RETURN_IF_ERROR(ZeroTarget(dst, pos, pos + zeros / cs * cs));
       pos += zeros / cs * cs;
       if (progress) progress(pos, size);
       continue;
@@ -189,29 +237,35 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
   return dst.Resize((total + 511) & ~511ull);
 }
 
-Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress) {
+Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const CopyOptions& options) {
+  // Holes stand for zeros only in a target that reads zero, and only with -S.
+  const bool holes = options.target == TargetState::kZero && options.sparse_size != 0;
   const uint64_t size = src.virtual_size();
-  constexpr uint64_t kBlock = 4096;
+  const uint64_t block = options.sparse_size ? options.sparse_size : 4096;
   std::vector<uint8_t> buf(kChunkBytes);
   uint64_t pos = 0;
   while (pos < size) {
     QD_ASSIGN_OR_RETURN(uint64_t zeros, src.ZeroRun(pos));
     if (zeros > 0) {
-      pos += std::min(zeros, size - pos);
+      zeros = std::min(zeros, size - pos);
+      // An unallocated run is a hole even when shorter than -S: it was one.
+      if (options.target == TargetState::kAnyData || !options.sparse_size)
+        QD_RETURN_IF_ERROR(WriteZeros(dst, pos, zeros));
+      pos += zeros;
     } else {
       const uint64_t len = std::min<uint64_t>(kChunkBytes, size - pos);
       QD_RETURN_IF_ERROR(src.Read(pos, std::span<uint8_t>(buf.data(), len)));
       // Write only the 4 KiB blocks that hold data: the rest stays a hole.
       for (uint64_t b = 0; b < len;) {
-        uint64_t n = std::min(kBlock, len - b);
-        if (IsAllZero({&buf[b], n})) {
+        uint64_t n = std::min(block, len - b);
+        if (holes && IsAllZero({&buf[b], n})) {
           b += n;
           continue;
         }
         // Runs of at most 1 MiB: see DataWriter on large buffered writes.
         uint64_t e = b + n;
-        while (e < len && e - b < (1u << 20) && !IsAllZero({&buf[e], std::min(kBlock, len - e)}))
-          e += std::min(kBlock, len - e);
+        while (e < len && e - b < (1u << 20) && !(holes && IsAllZero({&buf[e], std::min(block, len - e)})))
+          e += std::min(block, len - e);
         QD_RETURN_IF_ERROR(dst.WriteAt(pos + b, {&buf[b], e - b}));
         b = e;
       }
@@ -219,7 +273,10 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress) {
     }
     if (progress) progress(pos, size);
   }
-  QD_RETURN_IF_ERROR(dst.Truncate(size));
+  // Holes at the end: the file must still reach size. Never shrink: a
+  // target of -n (a block device, a larger file) keeps its size.
+  QD_ASSIGN_OR_RETURN(uint64_t file_size, dst.Size());
+  if (file_size < size) QD_RETURN_IF_ERROR(dst.Truncate(size));
   return dst.Sync();
 }
 

@@ -41,7 +41,7 @@ Status CompareRefcounts(Context& ctx, const References& refs, StoredRefcounts& s
     const uint64_t first = b * per, end = std::min(nb, first + per);
     auto block = stored.Block(b);
     if (!block.ok()) {
-      const uint64_t offset = stored.TableEntry(b) & kRefTableOffsetMask;
+      const uint64_t offset = stored.TableEntry(b) & kRefTableOffsetBits;
       if (offset % ctx.cs() && !ctx.corruption_signalled) {
         // qcow2_signal_corruption(), the words of qcow2_get_refcount() (C's
         // %#x prints 0 as "0").

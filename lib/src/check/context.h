@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "format/entries.h"
 #include "format/header.h"
 #include "format/snapshot.h"
 #include "qcow2dedup/check.h"
@@ -15,14 +16,8 @@
 
 namespace qcow2dedup::check {
 
-// QEMU's masks (block/qcow2.h): an entry's reserved bits differ by table.
-constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ull;
-constexpr uint64_t kL1EntryReserved = 0x7f000000000001ffull;
-constexpr uint64_t kL2EntryReserved = 0x3f000000000001feull;
-constexpr uint64_t kRefTableOffsetMask = 0xfffffffffffffe00ull;
-constexpr uint64_t kRefTableEntryReserved = 0x1ffull;
-// Extended L2 bitmaps: low half allocated, high half reads-as-zero.
-constexpr uint64_t kSubclustersAllocated = 0xffffffffull;
+// Entry masks are format/entries.h's; a refcount table entry's offset:
+constexpr uint64_t kRefTableOffsetBits = ~kRefTableReservedMask;
 
 // Header fields repair patches in place (byte offsets in cluster 0).
 constexpr uint64_t kHeaderRefTableAt = offsetof(RawHeader, refcount_table_offset);

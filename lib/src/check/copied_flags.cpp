@@ -36,7 +36,7 @@ Status CheckCopiedFlags(Context& ctx, const References& refs, StoredRefcounts& s
   std::vector<uint8_t> table(cs);
   for (uint32_t i = 0; i < h.l1_size; ++i) {
     uint64_t e = LoadBe64(&l1[uint64_t(i) * 8]);
-    const uint64_t l2 = e & kL1OffsetMask;
+    const uint64_t l2 = e & kOffsetMask;
     if (!l2) continue;
     auto rc = stored.Get(l2 / cs);
     if (!rc.ok()) continue;  // already reported by the comparison

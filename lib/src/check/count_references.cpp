@@ -28,12 +28,12 @@ class OuterWalk {
     for (uint64_t i = 0; i + 8 <= raw.size(); i += 8) {
       const uint64_t e = LoadBe64(&raw[i]);
       if (!e) continue;
-      if (e & kL1EntryReserved) {
+      if (e & kL1ReservedMask) {
         r_.corruptions += n;
         Note(r_, FindingArea::kL1Table, FindingKind::kError,
              fmt::format("ERROR found L1 entry with reserved bits set: {:x}", e));
       }
-      const uint64_t l2 = e & kL1OffsetMask;
+      const uint64_t l2 = e & kOffsetMask;
       rc_.Inc(l2, cs, n);
       if (l2 % cs) {
         r_.corruptions += n;
@@ -130,8 +130,8 @@ class OuterWalk {
   void CheckRefblocks(const std::vector<uint64_t>& table, RepairMode fix, bool* rebuild) {
     const uint64_t cs = ctx_.cs();
     for (uint64_t i = 0; i < table.size(); ++i) {
-      const uint64_t offset = table[i] & kRefTableOffsetMask, cluster = offset / cs;
-      if (table[i] & kRefTableEntryReserved) {
+      const uint64_t offset = table[i] & kRefTableOffsetBits, cluster = offset / cs;
+      if (table[i] & kRefTableReservedMask) {
         Note(r_, FindingArea::kRefcounts, FindingKind::kError,
              fmt::format("ERROR refcount table entry {} has reserved bits set", i));
         ++r_.corruptions;
@@ -169,8 +169,8 @@ class OuterWalk {
   void MarkRefblocks(const std::vector<uint64_t>& table) {
     const uint64_t cs = ctx_.cs();
     for (uint64_t e : table) {
-      const uint64_t offset = e & kRefTableOffsetMask;
-      if (offset && offset % cs == 0 && !(e & kRefTableEntryReserved)) rc_.MarkMeta(offset, cs, kMetaRefblock);
+      const uint64_t offset = e & kRefTableOffsetBits;
+      if (offset && offset % cs == 0 && !(e & kRefTableReservedMask)) rc_.MarkMeta(offset, cs, kMetaRefblock);
     }
   }
 

@@ -49,8 +49,15 @@ Result<std::vector<HashedCluster>> HashDataClusters(Context& ctx, const Referenc
                                                     const ProgressFn& progress) {
   const uint64_t cs = ctx.cs();
   std::vector<uint64_t> clusters;
-  for (uint64_t c : refs.active_data)
-    if (!refs.meta.count(c)) clusters.push_back(c);
+  std::vector<bool> active;
+  auto a = refs.active_data.begin(), s = refs.snapshot_data.begin();
+  while (a != refs.active_data.end() || s != refs.snapshot_data.end()) {
+    const bool from_active = s == refs.snapshot_data.end() || (a != refs.active_data.end() && *a < *s);
+    const uint64_t c = from_active ? *a++ : *s++;
+    if (refs.meta.count(c)) continue;
+    clusters.push_back(c);
+    active.push_back(from_active);
+  }
   std::vector<HashedCluster> hashed(clusters.size());
   const size_t batch = std::max<size_t>(64, (8u << 20) / cs);
   std::vector<uint8_t> buf(std::min(batch, clusters.size()) * cs);
@@ -61,7 +68,7 @@ Result<std::vector<HashedCluster>> HashDataClusters(Context& ctx, const Referenc
       std::span<uint8_t> c(&buf[k * cs], cs);
       errors[k] = ctx.Read(clusters[start + k] * cs, c);
       const Digest d = Sha256(c);
-      hashed[start + k] = {clusters[start + k], KeyOf(d.data())};
+      hashed[start + k] = {clusters[start + k], KeyOf(d.data()), active[start + k]};
     });
     for (size_t k = 0; k < n; ++k) QD_RETURN_IF_ERROR(errors[k]);
     if (progress) progress(start + n, clusters.size());
@@ -75,12 +82,12 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
   d = DedupFindings{};
   d.present = h.dedup.has_value();
   d.in_sync = h.dedup_in_sync();
-  d.stored_clusters = hashed.size();
-
   // Data stored more than once: missed dedup, not an error.
   std::vector<Key> keys;
   keys.reserve(hashed.size());
-  for (const HashedCluster& hc : hashed) keys.push_back(hc.key);
+  for (const HashedCluster& hc : hashed)
+    if (hc.active) keys.push_back(hc.key);
+  d.stored_clusters = keys.size();
   std::sort(keys.begin(), keys.end());
   for (size_t i = 1; i < keys.size(); ++i) d.duplicates += keys[i] == keys[i - 1];
   if (!d.in_sync) return Status::Ok();
@@ -98,7 +105,7 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
     // No entry could be read, so none is stale; every stored cluster lacks
     // its entry, and that is the count of what is wrong (once each).
     for (const HashedCluster& hc : hashed)
-      if (hc.cluster <= DedupIndex::kMaxCluster) ++d.missing;
+      if (hc.active && hc.cluster <= DedupIndex::kMaxCluster) ++d.missing;
     return Status::Ok();
   }
   d.index_loaded = true;
@@ -127,7 +134,8 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
   }
   std::sort(good.begin(), good.end());
   for (const HashedCluster& hc : hashed) {
-    if (hc.cluster > DedupIndex::kMaxCluster || std::binary_search(good.begin(), good.end(), hc.cluster)) continue;
+    if (!hc.active || hc.cluster > DedupIndex::kMaxCluster || std::binary_search(good.begin(), good.end(), hc.cluster))
+      continue;
     ++d.missing;
     IndexError(notes, fmt::format("dedup index: no entry for the data stored in cluster {}", hc.cluster), hc.cluster);
   }
@@ -146,6 +154,7 @@ Status SaveRebuiltIndex(Context& ctx, const std::vector<HashedCluster>& hashed, 
   const uint64_t cs = ctx.cs();
   DedupIndex index;
   for (const HashedCluster& hc : hashed) {  // every copy, so freeing one leaves the others findable
+    if (!hc.active) continue;                // as the writer's rebuild: the active view's data
     Digest d{};
     std::memcpy(d.data(), hc.key.data(), hc.key.size());
     index.Insert(d, hc.cluster);

@@ -19,10 +19,15 @@ namespace qcow2dedup::check {
 struct HashedCluster {
   uint64_t cluster;
   std::array<uint8_t, 20> key;  // the index keeps the first 160 bits of SHA-256
+  // In the active L2 tables; else only a snapshot's. The writer keeps an
+  // entry for such a cluster (it was active when stored, and may be shared
+  // again); it needs none.
+  bool active = true;
 };
 
-// Hashes every uncompressed data cluster of the active L2 tables that lies
-// in the file and holds no metadata, on every core; ascending by cluster.
+// Hashes every uncompressed data cluster of the L2 tables (active and the
+// snapshots') that lies in the file and holds no metadata, on every core;
+// ascending by cluster.
 Result<std::vector<HashedCluster>> HashDataClusters(Context& ctx, const References& refs,
                                                     const ProgressFn& progress);
 

@@ -16,6 +16,12 @@ Status Recount::CountL2Tables(std::vector<L2Fix>* fixes) {
   auto& data = refs_.active_data;
   std::sort(data.begin(), data.end());
   data.erase(std::unique(data.begin(), data.end()), data.end());
+  auto& old = refs_.snapshot_data;
+  std::sort(old.begin(), old.end());
+  old.erase(std::unique(old.begin(), old.end()), old.end());
+  std::vector<uint64_t> only_old;
+  std::set_difference(old.begin(), old.end(), data.begin(), data.end(), std::back_inserter(only_old));
+  old = std::move(only_old);
   return Status::Ok();
 }
 
@@ -43,7 +49,7 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
     const uint64_t bitmap = ext ? LoadBe64(p + 8) : 0;
     const bool compressed = IsCompressed(e);
 
-    if (!compressed && (e & kL2EntryReserved)) {
+    if (!compressed && (e & kL2ReservedMask)) {
       r_.corruptions += n;
       Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
     }
@@ -74,7 +80,7 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
     const bool zero_flag = !ext && (e & kFlagZero);
     const uint64_t offset = e & kOffsetMask;
     if (offset == 0) {
-      if (!zero_flag && (bitmap & kSubclustersAllocated)) {
+      if (!zero_flag && (bitmap & kAllSubclustersAllocated)) {
         r_.corruptions += n;
         Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
       }
@@ -88,12 +94,12 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
     }
     if (offset % cs) {
       r_.corruptions += n;
-      const bool contains_data = ext ? (bitmap & kSubclustersAllocated) != 0 : !zero_flag;
+      const bool contains_data = ext ? (bitmap & kAllSubclustersAllocated) != 0 : !zero_flag;
       if (!contains_data) {
         Note(*notes_, FindingArea::kL2Tables, FindingKind::kError, fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                              offset));
         // Reads as zero either way: a plain zero entry loses nothing.
-        const uint64_t zero_bitmap = (bitmap | (bitmap << 32)) & ~kSubclustersAllocated;
+        const uint64_t zero_bitmap = (bitmap | (bitmap << 32)) & ~kAllSubclustersAllocated;
         fixes->push_back({l2, i, ext ? 0 : kFlagZero, ext ? zero_bitmap : 0,
                           fmt::format("Repairing offset={:x}: Preallocated cluster is not properly aligned; L2 entry "
                                       "corrupted.",
@@ -108,7 +114,8 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
       next_contiguous = offset + cs;
     }
     Inc(offset, cs, n);
-    if (a && !zero_flag && offset % cs == 0 && offset < ctx_.file_size) refs_.active_data.push_back(offset / cs);
+    if (!zero_flag && offset % cs == 0 && offset < ctx_.file_size)
+      (a ? refs_.active_data : refs_.snapshot_data).push_back(offset / cs);
   }
   if (!found.findings.empty()) refs_.l2_findings[l2] = std::move(found.findings);
   return Status::Ok();

@@ -69,6 +69,8 @@ struct References {
   std::map<uint64_t, std::vector<Finding>> l2_findings;  // L2 table offset -> what one walk of it finds
   // Host clusters of uncompressed guest data in the active L2 tables.
   std::vector<uint64_t> active_data;
+  // ... and those only the snapshots' L2 tables reference.
+  std::vector<uint64_t> snapshot_data;
 };
 
 // Whether repair may rewrite the L2 table at offset: nothing else lives in

@@ -27,7 +27,7 @@ Status StoredRefcounts::Load() {
 
 Result<uint64_t> StoredRefcounts::BlockOffset(uint64_t b) const {
   if (b >= table_.size()) return uint64_t(0);
-  const uint64_t offset = table_[b] & kRefTableOffsetMask;
+  const uint64_t offset = table_[b] & kRefTableOffsetBits;
   if (offset % ctx_.cs())
     return Status::IOError(fmt::format("refcount block {} at {:#x} is not cluster aligned", b, offset));
   if (offset > kBdrvMaxLength - ctx_.cs())

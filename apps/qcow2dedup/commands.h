@@ -26,6 +26,8 @@ void SetupCheck(CLI::App& app);
 int RunCheck();
 void SetupDedupStats(CLI::App& app);
 int RunDedupStats();
+void SetupServe(CLI::App& app);
+int RunServe();
 
 // False only for a readable file without qcow2's magic: such an error is
 // then explained by the format rather than reported as a damaged image.

@@ -31,6 +31,8 @@ constexpr Command kCommands[] = {
     {"check", "Check an image's consistency (and repair it with -r)", SetupCheck, RunCheck},
     {"dedup-stats", "Show what deduplication saves, or simulate it at other cluster sizes",
      SetupDedupStats, RunDedupStats},
+    {"serve", "Export an image over NBD (through nbdkit); every write goes through inline dedup", SetupServe,
+     RunServe},
 };
 
 // A closed standard descriptor would be handed to the next open(): an

@@ -148,6 +148,13 @@ int AfterFork() {
 void Cleanup() {
   if (!image) return;
   Status s = image->Close();
+  // What the session did, as `write -p` reports it.
+  const qcow2dedup::WriteStats& w = image->write_stats();
+  if (s.ok() && !config.readonly)
+    std::fprintf(stderr, "qcow2dedup: %s: closed; %llu clusters written (%llu zero), %llu stored, %llu shared, %llu freed\n",
+                 config.file.c_str(), (unsigned long long)w.clusters_written, (unsigned long long)w.zero_clusters,
+                 (unsigned long long)w.new_clusters, (unsigned long long)w.dedup_hits,
+                 (unsigned long long)w.freed_clusters);
   image.reset();
   if (!s.ok()) {
     std::fprintf(stderr, "qcow2dedup: %s: closing the image failed: %s\n", config.file.c_str(), s.message().c_str());

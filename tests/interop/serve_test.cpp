@@ -183,6 +183,8 @@ TEST_CASE("nbdcopy to and from the export on four connections") {
     MustRun("nbdcopy " + Sh(server.uri()) + " " + Sh(out));
     MustRun("cmp " + Sh(src) + " " + Sh(out));
     REQUIRE(server.Stop() == 0);
+    // The session's own count, printed at close.
+    CHECK(server.err().find("128 stored, 64 shared") != std::string::npos);
   }
   CheckSession(image, src);
   CHECK(StoredClusters(image) == 128);
@@ -422,5 +424,46 @@ TEST_CASE("kill -9 after FUA writes and a flush: they survive, check -r all repa
   REQUIRE_MESSAGE(again.WaitReady(), again.err());
   MustRun(QemuIo(again.uri(), "-c 'read -P 0x5a 0 2M' -c 'read -P 0x6b 3M 100K'"));
   REQUIRE(again.Stop() == 0);
+  CheckQemuClean(image);
+}
+
+namespace {
+
+// The server's system calls (strace -f) while qemu-io runs cmds: for each
+// reply to a request (NBD's simple reply: writes, flushes, zeroes), whether
+// the image was synced after the last write to it before the reply went out.
+std::vector<bool> SyncedBeforeReplies(const TempDir& dir, const std::string& image, const std::string& cmds,
+                                      const std::string& qemu_io_flags) {
+  const std::string log = dir / "strace.log";
+  MustRun("strace -f -qq -o " + Sh(log) + " -e trace=pwrite64,pwritev,write,fdatasync,fsync,sendto,sendmsg " +
+          Tool() + " serve --run " + Sh("qemu-io -f raw " + qemu_io_flags + " \"$uri\" " + cmds) + " " + Sh(image));
+  std::istringstream lines(ReadFileBytes(log));
+  std::vector<bool> synced;
+  bool dirty = false;  // a write to the image since the last sync
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find("pwrite") != std::string::npos) dirty = true;
+    if (line.find("fdatasync(") != std::string::npos || line.find("fsync(") != std::string::npos) dirty = false;
+    if (line.find("sendto(") != std::string::npos && line.find("\"gDf\\230") != std::string::npos)
+      synced.push_back(!dirty);
+  }
+  return synced;
+}
+
+}  // namespace
+
+TEST_CASE("FUA writes and flushes are on disk before their reply (strace)") {
+  RequireJudges();
+  REQUIRE(HaveCommand("strace"));
+  TempDir dir;
+  const std::string image = dir / "img.qcow2";
+  Create(image, "8M");
+  // qemu-io's default, writethrough, sets FUA on every write.
+  auto fua = SyncedBeforeReplies(dir, image, "-c 'write -P 1 0 64K' -c 'write -P 2 1M 4K' -c 'write -P 3 100 200'", "");
+  REQUIRE(fua.size() >= 3);  // and qemu-io flushes as it closes
+  for (size_t i = 0; i < fua.size(); ++i) CHECK_MESSAGE(fua[i], "FUA write ", i, " answered before a sync");
+  // Writeback: no FUA; the flush's reply must follow a sync.
+  auto flushed = SyncedBeforeReplies(dir, image, "-c 'write -P 4 2M 64K' -c 'write -P 5 100 200' -c flush", "-t writeback");
+  REQUIRE(flushed.size() >= 3);
+  CHECK(flushed[2]);
   CheckQemuClean(image);
 }

@@ -12,7 +12,8 @@
 # Targets: every ratio >= 0.8; stored clusters <= 60% of qemu-nbd's.
 source "$(dirname "$0")/lib.sh"
 for t in fio nbdkit qemu-nbd; do command -v $t >/dev/null || { echo "bench: $t missing" >&2; exit 1; }; done
-size=${SERVE_SIZE:-128M}
+size=${SERVE_SIZE:-128M}           # the 4K jobs' image and region
+seq_size=${SERVE_SEQ_SIZE:-512M}   # the 1M job's: long enough to time
 fio_common=(--ioengine=nbd --iodepth=16 --numjobs=1 --randrepeat=1 --randseed=20261201
             --dedupe_percentage=50 --output-format=json --group_reporting)
 
@@ -54,16 +55,17 @@ for i in $(seq "$runs"); do
   for kind in ours qemu; do
     for cs in 4K 64K; do
       img=$work/$kind-$cs.qcow2 sock=$work/$kind.sock
+      vsize=$size; [ $cs = 64K ] && vsize=$seq_size
       rm -f "$img"
-      if [ $kind = ours ]; then "$bin" create -o cluster_size=$cs "$img" "$size" >/dev/null
-      else qemu-img create -q -f qcow2 -o cluster_size=$cs "$img" "$size"; fi
+      if [ $kind = ours ]; then "$bin" create -o cluster_size=$cs "$img" "$vsize" >/dev/null
+      else qemu-img create -q -f qcow2 -o cluster_size=$cs "$img" "$vsize"; fi
       server $kind "$img" "$sock"
       uri="nbd+unix:///?socket=$sock"
       if [ $cs = 4K ]; then
         job $kind-randwrite "$uri" --rw=randwrite --bs=4k --size="$size"
-        job $kind-randread "$uri" --rw=randread --bs=4k --size="$size" --io_size=$((${size%M} / 2))M
+        job $kind-randread "$uri" --rw=randread --bs=4k --size="$size"
       else
-        job $kind-seqwrite "$uri" --rw=write --bs=1M --size="$size"
+        job $kind-seqwrite "$uri" --rw=write --bs=1M --size="$seq_size"
       fi
       stop $kind
       stored $kind "$img" >>"$work/$kind-$cs.stored"

@@ -95,7 +95,7 @@ int RunServe() {
     const std::string socket = Absolute(opts.socket);
     args.insert(args.end(), {"-U", socket});
     uri = "nbd+unix:///?socket=" + socket;
-  } else if (opts.port >= 0 || opts.run.empty()) {
+  } else if (opts.port >= 0 || !opts.bind.empty() || opts.run.empty()) {
     const int port = opts.port >= 0 ? opts.port : kDefaultPort;
     const std::string addr = opts.bind.empty() ? "127.0.0.1" : opts.bind;
     args.insert(args.end(), {"-p", std::to_string(port), "-i", addr});

@@ -3,7 +3,12 @@
 // the plugin opens the image (before anything is served, so that a bad image
 // or one in use is an error line and a non-zero exit) and closes it cleanly
 // when nbdkit stops.
+#include <arpa/inet.h>
 #include <fmt/format.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -62,6 +67,54 @@ std::string ShellQuote(const std::string& word) {
   return q + "'";
 }
 
+// nbdkit reports a socket it cannot bind in a line (or two) of its own,
+// without saying what to do: try the usual failures first, for one line
+// naming the socket. A socket file left by a killed server is removed, as
+// QEMU does, but only once nothing answers on it.
+Status CheckUnixSocket(const std::string& path) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof addr.sun_path) return Status::InvalidArgument("socket path too long");
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno != ENOENT) return Status::IOError(std::strerror(errno));
+    const std::string dir = fs::path(path).parent_path().string();
+    if (::access(dir.c_str(), W_OK) != 0)
+      return Status::IOError(fmt::format("cannot create a socket in {}: {}", dir, std::strerror(errno)));
+    return Status::Ok();
+  }
+  if (!S_ISSOCK(st.st_mode)) return Status::Exists("exists and is not a socket");
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Status::IOError(std::strerror(errno));
+  const bool answers = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  const int err = errno;
+  ::close(fd);
+  if (answers) return Status::Busy("socket in use: another server listens on it");
+  if (err != ECONNREFUSED) return Status::IOError(std::strerror(err));
+  if (::unlink(path.c_str()) != 0) return Status::IOError(fmt::format("cannot remove a stale socket: {}", std::strerror(errno)));
+  return Status::Ok();
+}
+
+Status CheckTcpPort(const std::string& address, int port) {
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  if (int rc = ::getaddrinfo(address.c_str(), std::to_string(port).c_str(), &hints, &res); rc != 0)
+    return Status::InvalidArgument(fmt::format("cannot resolve the address: {}", ::gai_strerror(rc)));
+  Status status = Status::Ok();
+  for (addrinfo* a = res; a && status.ok(); a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    const int on = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);  // as nbdkit binds
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0) status = Status::Busy(fmt::format("cannot listen: {}", std::strerror(errno)));
+    ::close(fd);
+  }
+  ::freeaddrinfo(res);
+  return status;
+}
+
 }  // namespace
 
 void SetupServe(CLI::App& app) {
@@ -93,11 +146,13 @@ int RunServe() {
   std::string uri;
   if (!opts.socket.empty()) {
     const std::string socket = Absolute(opts.socket);
+    if (Status st = CheckUnixSocket(socket); !st.ok()) return Fail(socket, st);
     args.insert(args.end(), {"-U", socket});
     uri = "nbd+unix:///?socket=" + socket;
   } else if (opts.port >= 0 || !opts.bind.empty() || opts.run.empty()) {
     const int port = opts.port >= 0 ? opts.port : kDefaultPort;
     const std::string addr = opts.bind.empty() ? "127.0.0.1" : opts.bind;
+    if (Status st = CheckTcpPort(addr, port); !st.ok()) return Fail(fmt::format("{} port {}", addr, port), st);
     args.insert(args.end(), {"-p", std::to_string(port), "-i", addr});
     uri = fmt::format("nbd://{}:{}", addr.find(':') != std::string::npos ? "[" + addr + "]" : addr, port);
   } else {

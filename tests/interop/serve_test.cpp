@@ -371,14 +371,47 @@ TEST_CASE("bad input: one line naming the file, non-zero, nothing served") {
     CHECK(LineCount(r.err) == 1);
     CHECK(r.err.find(path) != std::string::npos);
   }
-  // A socket path that cannot be bound.
+  // Sockets that cannot be listened on: one line naming the socket, and the
+  // image untouched (they are refused before it is opened).
   Create(dir / "img.qcow2", "1M");
-  RunResult r = Run(Tool() + " serve --socket " + Sh(dir / "no/such/dir/s.sock") + " " + Sh(dir / "img.qcow2"));
+  Create(dir / "other.qcow2", "1M");
+  MustRun("touch " + Sh(dir / "regular"));
+  NbdServer busy(dir.path(), dir / "other.qcow2");
+  REQUIRE_MESSAGE(busy.WaitReady(), busy.err());
+  for (const std::string& socket : {dir / "no/such/dir/s.sock", dir / "regular", busy.socket()}) {
+    RunResult r = Run(Tool() + " serve --socket " + Sh(socket) + " " + Sh(dir / "img.qcow2"));
+    INFO(r.err);
+    CHECK(r.exit_code != 0);
+    CHECK(LineCount(r.err) == 1);
+    CHECK(r.err.find(socket) != std::string::npos);
+  }
+  CHECK(busy.Stop() == 0);
+  // A port in use.
+  BackgroundProcess listener("exec nbdkit -f -p 10938 -i 127.0.0.1 null 1M");
+  REQUIRE(WaitFor([] { return Run("nbdinfo --size nbd://127.0.0.1:10938").exit_code == 0; }, 20));
+  RunResult r = Run(Tool() + " serve --port 10938 " + Sh(dir / "img.qcow2"));
   INFO(r.err);
   CHECK(r.exit_code != 0);
-  CHECK(r.err.find("s.sock") != std::string::npos);
-  // The image was opened and closed again: still clean.
+  CHECK(LineCount(r.err) == 1);
+  CHECK(r.err.find("10938") != std::string::npos);
   CheckQemuClean(dir / "img.qcow2");
+}
+
+TEST_CASE("a socket left by a killed server is reused") {
+  RequireJudges();
+  TempDir dir;
+  const std::string image = dir / "img.qcow2";
+  Create(image, "1M");
+  NbdServer killed(dir.path(), image);
+  REQUIRE_MESSAGE(killed.WaitReady(), killed.err());
+  killed.Kill9();
+  struct stat st;
+  REQUIRE(::stat(killed.socket().c_str(), &st) == 0);  // still there
+  RunResult r = Run(Tool() + " serve --socket " + Sh(killed.socket()) + " --run 'nbdinfo --size \"$uri\"' " + Sh(image));
+  INFO(r.err);
+  CHECK(r.exit_code == 0);
+  CHECK(r.out == "1048576\n");
+  CheckQemuClean(image);
 }
 
 TEST_CASE("--run serves while the command runs and exits with its status") {

@@ -17,6 +17,7 @@ class NbdServer {
   // if it exited or took more than timeout_seconds.
   bool WaitReady(double timeout_seconds = 60);
   const std::string& uri() const { return uri_; }
+  const std::string& socket() const { return socket_; }
   std::string err() const;  // what it printed on stderr so far
   // SIGTERM, then its exit code (-1 if it did not exit in time).
   int Stop(double timeout_seconds = 60);

@@ -34,6 +34,7 @@ using qcow2dedup::Status;
 
 struct Config {
   std::string file;      // absolute: nbdkit serves from /
+  std::string name;      // the image as the user named it, for messages
   std::string uri;       // printed once serving; empty: print nothing
   bool readonly = false;
   bool unsafe = false;   // -t unsafe: never sync
@@ -62,7 +63,7 @@ int ErrnoFor(const Status& s) {
 
 // Reports a failed request to nbdkit (its log and the client's errno).
 int Failed(const char* what, const Status& s) {
-  nbdkit_error("%s: %s: %s", config.file.c_str(), what, s.message().c_str());
+  nbdkit_error("%s: %s: %s", config.name.c_str(), what, s.message().c_str());
   nbdkit_set_error(ErrnoFor(s));
   return -1;
 }
@@ -73,9 +74,9 @@ int Guarded(const char* what, F&& f) {
   try {
     return f();
   } catch (const std::exception& e) {
-    nbdkit_error("%s: %s: %s", config.file.c_str(), what, e.what());
+    nbdkit_error("%s: %s: %s", config.name.c_str(), what, e.what());
   } catch (...) {
-    nbdkit_error("%s: %s: unexpected exception", config.file.c_str(), what);
+    nbdkit_error("%s: %s: unexpected exception", config.name.c_str(), what);
   }
   nbdkit_set_error(EIO);
   return -1;
@@ -90,6 +91,10 @@ int Config(const char* key, const char* value) {
     std::free(abs);
     return 0;
   }
+  if (k == "name") {
+    config.name = value;
+    return 0;
+  }
   if (k == "uri") {
     config.uri = value;
     return 0;
@@ -100,7 +105,7 @@ int Config(const char* key, const char* value) {
     (k == "readonly" ? config.readonly : k == "unsafe" ? config.unsafe : config.progress) = b;
     return 0;
   }
-  nbdkit_error("unknown parameter '%s' (qcow2dedup takes file, readonly, unsafe, progress, uri)", key);
+  nbdkit_error("unknown parameter '%s' (qcow2dedup takes file, name, readonly, unsafe, progress, uri)", key);
   return -1;
 }
 
@@ -109,6 +114,7 @@ int ConfigComplete() {
     nbdkit_error("no image: give file=IMAGE");
     return -1;
   }
+  if (config.name.empty()) config.name = config.file;
   return 0;
 }
 
@@ -128,7 +134,7 @@ int GetReady() {
     if (!opened.ok()) {
       // The one line every qcow2dedup command prints (nbdkit_error would
       // prefix "nbdkit: error:"); nbdkit then exits 1 and adds nothing.
-      std::fprintf(stderr, "qcow2dedup: %s: %s\n", config.file.c_str(), opened.status().message().c_str());
+      std::fprintf(stderr, "qcow2dedup: %s: %s\n", config.name.c_str(), opened.status().message().c_str());
       return -1;
     }
     image = std::move(opened).value();
@@ -140,7 +146,7 @@ int GetReady() {
 
 // Sockets are bound now: the URI can be used.
 int AfterFork() {
-  if (!config.uri.empty()) std::fprintf(stderr, "qcow2dedup: serving %s at %s\n", config.file.c_str(), config.uri.c_str());
+  if (!config.uri.empty()) std::fprintf(stderr, "qcow2dedup: serving %s at %s\n", config.name.c_str(), config.uri.c_str());
   return 0;
 }
 
@@ -152,12 +158,12 @@ void Cleanup() {
   const qcow2dedup::WriteStats& w = image->write_stats();
   if (s.ok() && !config.readonly)
     std::fprintf(stderr, "qcow2dedup: %s: closed; %llu clusters written (%llu zero), %llu stored, %llu shared, %llu freed\n",
-                 config.file.c_str(), (unsigned long long)w.clusters_written, (unsigned long long)w.zero_clusters,
+                 config.name.c_str(), (unsigned long long)w.clusters_written, (unsigned long long)w.zero_clusters,
                  (unsigned long long)w.new_clusters, (unsigned long long)w.dedup_hits,
                  (unsigned long long)w.freed_clusters);
   image.reset();
   if (!s.ok()) {
-    std::fprintf(stderr, "qcow2dedup: %s: closing the image failed: %s\n", config.file.c_str(), s.message().c_str());
+    std::fprintf(stderr, "qcow2dedup: %s: closing the image failed: %s\n", config.name.c_str(), s.message().c_str());
     std::fflush(stderr);
     // nbdkit would still exit 0: a failed close must not look like success.
     std::_Exit(1);
@@ -340,6 +346,7 @@ static struct nbdkit_plugin plugin = [] {
       "readonly=BOOL    open the image read-only (QEMU's shared lock)\n"
       "unsafe=BOOL      never sync (as qemu-img -t unsafe)\n"
       "progress=BOOL    show the progress of a dedup index rebuild\n"
+      "name=NAME        how messages name the image (default: its absolute path)\n"
       "uri=URI          print this URI on stderr once serving";
   p.magic_config_key = "file";
   p.get_ready = GetReady;

@@ -162,10 +162,11 @@ int RunServe() {
     // nbdkit sets $uri in the command's shell; print it there, since a
     // private socket's name is known only to nbdkit.
     args.insert(args.end(),
-                {"--run", fmt::format("printf 'qcow2dedup: serving %s at %s\\n' {} \"$uri\" >&2\n{}", ShellQuote(image), opts.run)});
+                {"--run", fmt::format("printf 'qcow2dedup: serving %s at %s\\n' {} \"$uri\" >&2\n{}", ShellQuote(opts.image), opts.run)});
   }
   args.push_back(plugin);
   args.push_back("file=" + image);
+  args.push_back("name=" + DisplayName(opts.image));
   if (opts.readonly) args.push_back("readonly=true");
   if (opts.cache == CacheMode::kUnsafe) args.push_back("unsafe=true");
   if (opts.progress) args.push_back("progress=true");

@@ -41,16 +41,16 @@ struct Config {
   bool progress = false; // show an index rebuild's progress
 } config;
 
+// Set in .get_ready, reset in .cleanup; used only with image_mutex held.
 std::unique_ptr<Image> image;
 std::mutex image_mutex;
+uint64_t virtual_size = 0;
 std::vector<uint8_t> zero_cluster;  // a cluster of zeros for zero requests
 uint64_t cluster_size = 0;
 
 // Zero requests hold the lock for this many clusters at a time, so that a
 // huge trim does not stall every other request.
 constexpr uint64_t kZeroBatchClusters = 1024;
-// Block status looks no further than this per request (clients ask again).
-constexpr uint64_t kExtentsLimit = 1ull << 30;
 
 int ErrnoFor(const Status& s) {
   switch (s.kind()) {
@@ -139,6 +139,7 @@ int GetReady() {
     }
     image = std::move(opened).value();
     cluster_size = image->cluster_size();
+    virtual_size = image->virtual_size();
     zero_cluster.assign(cluster_size, 0);
     return 0;
   });
@@ -152,6 +153,9 @@ int AfterFork() {
 
 // SIGINT, SIGTERM or the end of --run: store the index and mark the image clean.
 void Cleanup() {
+  // Under the lock: a request still running finishes first, and one that
+  // comes later finds no image rather than a closed one.
+  std::lock_guard lock(image_mutex);
   if (!image) return;
   Status s = image->Close();
   // What the session did, as `write -p` reports it.
@@ -176,7 +180,15 @@ void* Open(int readonly) {
   return &handle;
 }
 
-int64_t GetSize(void*) { return int64_t(image->virtual_size()); }
+int64_t GetSize(void*) { return int64_t(virtual_size); }
+
+// With image_mutex held: false (and the client's errno set) once closed.
+bool StillOpen() {
+  if (image) return true;
+  nbdkit_error("%s: the image is closed: the server is stopping", config.name.c_str());
+  nbdkit_set_error(ESHUTDOWN);
+  return false;
+}
 
 int BlockSize(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
   *minimum = 1;  // Write completes partial clusters itself
@@ -199,6 +211,7 @@ int CanCache(void*) { return NBDKIT_CACHE_NONE; }
 int Pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t) {
   return Guarded("read", [&] {
     std::lock_guard lock(image_mutex);
+    if (!StillOpen()) return -1;
     Status s = image->Read(offset, {static_cast<uint8_t*>(buf), count});
     return s.ok() ? 0 : Failed("read", s);
   });
@@ -219,7 +232,7 @@ struct Split {
 };
 Split WholeClusters(uint64_t offset, uint64_t count) {
   const uint64_t stop = offset + count;
-  const uint64_t last_whole = image->virtual_size() / cluster_size * cluster_size;
+  const uint64_t last_whole = virtual_size / cluster_size * cluster_size;
   const uint64_t first = std::min(stop, (offset + cluster_size - 1) / cluster_size * cluster_size);
   const uint64_t end = std::max(first, std::min(stop / cluster_size * cluster_size, last_whole));
   return {first, end};
@@ -237,6 +250,7 @@ int Pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32_t fla
       clusters.push_back(c);
     }
     std::lock_guard lock(image_mutex);
+    if (!StillOpen()) return -1;
     if (w.first > offset)
       if (Status s = image->Write(offset, {data, w.first - offset}); !s.ok()) return Failed("write", s);
     if (!clusters.empty())
@@ -265,6 +279,7 @@ int ZeroRange(uint64_t count, uint64_t offset, uint32_t flags, const char* what)
   };
   {
     std::lock_guard lock(image_mutex);
+    if (!StillOpen()) return -1;
     if (w.first > offset)
       if (Status s = zeros(offset, w.first - offset); !s.ok()) return Failed(what, s);
     if (offset + count > w.end)
@@ -276,9 +291,11 @@ int ZeroRange(uint64_t count, uint64_t offset, uint32_t flags, const char* what)
     for (; at < w.end && batch.size() < kZeroBatchClusters; at += cluster_size)
       batch.push_back(ClusterWrite{at / cluster_size, zero_cluster, true, {}});
     std::lock_guard lock(image_mutex);
+    if (!StillOpen()) return -1;
     if (Status s = image->WriteClusters(batch); !s.ok()) return Failed(what, s);
   }
   std::lock_guard lock(image_mutex);
+  if (!StillOpen()) return -1;
   return FinishWrite(flags);
 }
 
@@ -293,6 +310,7 @@ int Trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
 int Flush(void*, uint32_t) {
   return Guarded("flush", [] {
     std::lock_guard lock(image_mutex);
+    if (!StillOpen()) return -1;
     Status s = image->Flush();
     return s.ok() ? 0 : Failed("flush", s);
   });
@@ -303,8 +321,8 @@ int Flush(void*, uint32_t) {
 int Extents(void*, uint32_t count, uint64_t offset, uint32_t flags, struct nbdkit_extents* extents) {
   return Guarded("block status", [&] {
     std::lock_guard lock(image_mutex);
-    const uint64_t size = image->virtual_size();
-    const uint64_t end = std::min<uint64_t>(size, offset + std::max<uint64_t>(count, std::min<uint64_t>(kExtentsLimit, size - offset)));
+    if (!StillOpen()) return -1;
+    const uint64_t end = std::min<uint64_t>(virtual_size, offset + count);
     const bool one = flags & NBDKIT_FLAG_REQ_ONE;
     for (uint64_t at = offset; at < end;) {
       auto zero = image->ZeroRun(at);
@@ -325,7 +343,7 @@ int Extents(void*, uint32_t count, uint64_t offset, uint32_t flags, struct nbdki
       }
       if (nbdkit_add_extent(extents, at, n, type) != 0) return -1;
       at += n;
-      if (one || at >= offset + count) break;
+      if (one) break;
     }
     return 0;
   });

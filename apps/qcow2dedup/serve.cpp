@@ -115,28 +115,6 @@ Status CheckTcpPort(const std::string& address, int port) {
   return status;
 }
 
-// A sanitized build (the suite under ASan+UBSan): our plugin and library
-// need the sanitizer runtime, which nbdkit, an ordinary program, lacks; it
-// is preloaded into nbdkit. Returns shell lines that give --run's command
-// the environment serve had, so that the client programs run unsanitized.
-std::string PreloadSanitizerRuntime() {
-#ifdef QCOW2DEDUP_SANITIZER_RUNTIME
-  auto restore = [](const char* name) {
-    const char* v = std::getenv(name);
-    return v ? fmt::format("export {}={}\n", name, ShellQuote(v)) : fmt::format("unset {}\n", name);
-  };
-  std::string lines = restore("LD_PRELOAD") + restore("ASAN_OPTIONS");
-  const char* old = std::getenv("LD_PRELOAD");
-  ::setenv("LD_PRELOAD", (std::string(QCOW2DEDUP_SANITIZER_RUNTIME) + (old ? std::string(":") + old : "")).c_str(), 1);
-  // nbdkit's own allocations still held at exit are not ours to judge.
-  const char* asan = std::getenv("ASAN_OPTIONS");
-  ::setenv("ASAN_OPTIONS", (std::string(asan ? asan : "") + ":detect_leaks=0").c_str(), 1);
-  return lines;
-#else
-  return "";
-#endif
-}
-
 }  // namespace
 
 void SetupServe(CLI::App& app) {
@@ -163,7 +141,6 @@ int RunServe() {
     return Fail("", fmt::format("cannot find {} (next to the qcow2dedup binary or in {})", kPluginName,
                                 NBDKIT_PLUGINDIR));
   const std::string image = Absolute(opts.image);
-  const std::string run_env = PreloadSanitizerRuntime();
   std::vector<std::string> args = {"nbdkit", "-f"};
   if (opts.readonly) args.push_back("-r");
   std::string uri;
@@ -185,7 +162,7 @@ int RunServe() {
     // nbdkit sets $uri in the command's shell; print it there, since a
     // private socket's name is known only to nbdkit.
     args.insert(args.end(),
-                {"--run", fmt::format("{}printf 'qcow2dedup: serving %s at %s\\n' {} \"$uri\" >&2\n{}", run_env, ShellQuote(opts.image), opts.run)});
+                {"--run", fmt::format("printf 'qcow2dedup: serving %s at %s\\n' {} \"$uri\" >&2\n{}", ShellQuote(opts.image), opts.run)});
   }
   args.push_back(plugin);
   args.push_back("file=" + image);

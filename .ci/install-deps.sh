@@ -4,9 +4,14 @@
 # libclang-rt-14-dev holds clang 14's sanitizer runtimes and libFuzzer
 # (libclang_rt.fuzzer-x86_64.a, libclang_rt.asan-x86_64.a): on Debian 12 it
 # is only recommended by clang's dependencies, so it is named here.
+# serve runs nbdkit with our plugin (nbdkit-plugin-dev has its header);
+# libnbd's tools and library are the tests' NBD clients, fio the benchmark's;
+# qemu-system-x86 and busybox-static boot the VM test's guest, whose kernel
+# tests/vm/prepare-kernel.sh fetches (cached in /var/tmp/qcow2dedup-vm).
 set -euo pipefail
 pkgs=(cmake g++ make pkg-config libcli11-dev libfmt-dev libssl-dev doctest-dev zlib1g-dev libzstd-dev
-      nlohmann-json3-dev qemu-utils python3 clang libclang-rt-14-dev debootstrap e2fsprogs time bc strace)
+      nlohmann-json3-dev qemu-utils python3 clang libclang-rt-14-dev debootstrap e2fsprogs time bc strace
+      nbdkit nbdkit-plugin-dev libnbd-bin libnbd-dev python3-libnbd fio qemu-system-x86 busybox-static)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -16,3 +21,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+bash "$(dirname "$0")/../tests/vm/prepare-kernel.sh"

@@ -28,6 +28,8 @@ void SetupDedupStats(CLI::App& app);
 int RunDedupStats();
 void SetupDedup(CLI::App& app);
 int RunDedup();
+void SetupServe(CLI::App& app);
+int RunServe();
 
 // False only for a readable file without qcow2's magic: such an error is
 // then explained by the format rather than reported as a damaged image.

@@ -34,6 +34,8 @@ constexpr Command kCommands[] = {
     {"dedup-stats", "Show what deduplication saves, or simulate it at other cluster sizes",
      SetupDedupStats, RunDedupStats},
     {"dedup", "Deduplicate an image in place and give the freed space back", SetupDedup, RunDedup},
+    {"serve", "Export an image over NBD (through nbdkit); every write goes through inline dedup", SetupServe,
+     RunServe},
 };
 
 // A closed standard descriptor would be handed to the next open(): an

@@ -66,7 +66,9 @@ TEST_CASE("entries QEMU refuses are corruption") {
       {"unknown flag", Entry("x", 1u << 5, 16)},
       {"extra data without the flag", Entry("x", 0, 16, 1, 8)},
   };
-  for (const auto& [what, dir] : bad) {
+  for (const auto& item : bad) {
+    const char* what = item.first;  // not a binding: clang 14 cannot capture one in CAPTURE
+    const auto& dir = item.second;
     CAPTURE(what);
     auto r = DecodeBitmapDirectory(dir, 1);
     REQUIRE(!r.ok());

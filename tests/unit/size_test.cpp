@@ -29,7 +29,9 @@ TEST_CASE("ParseSize takes what qemu-img takes, with the same bytes") {
       {"7E", 8070450532247928832},
       {"9223372036854775808", 9223372036854775808u},  // the range check is ParseSizeInRange's
   };
-  for (auto [text, bytes] : ok) {
+  for (const auto& item : ok) {
+    const auto text = item.first;  // not a binding: clang 14 cannot capture one in CAPTURE
+    const auto bytes = item.second;
     CAPTURE(text);
     auto r = ParseSize(text);
     REQUIRE(r.ok());

@@ -39,18 +39,6 @@ bool MentionsLock(const std::string& err) {
   return e.find("in use") != std::string::npos || e.find("lock") != std::string::npos;
 }
 
-// Someone holds QEMU's lock on the image: /proc/locks lists a lock on byte
-// 201 ("refuses to share write", which every QEMU user and our writers
-// take) of the file's inode.
-bool HoldsQemuLock(const std::string& image) {
-  struct stat st;
-  if (::stat(image.c_str(), &st) != 0) return false;
-  std::istringstream locks(ReadFileBytes("/proc/locks"));
-  const std::string inode = ":" + std::to_string(st.st_ino) + " ";
-  for (std::string line; std::getline(locks, line);)
-    if (line.find(inode) != std::string::npos && line.find(" 201 201") != std::string::npos) return true;
-  return false;
-}
 
 std::string Digest(const std::string& bytes) {
   return std::to_string(bytes.size()) + " bytes, hash " + std::to_string(std::hash<std::string>{}(bytes));

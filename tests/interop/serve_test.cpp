@@ -61,17 +61,6 @@ void CheckSession(const std::string& image, const std::string& expected_raw) {
   CHECK(StoredClusters(image) <= OracleUniqueClusters(expected_raw, kCluster));
 }
 
-// Someone holds QEMU's lock on the image: /proc/locks lists a lock on byte
-// 201 ("refuses to share write") of the file's inode.
-bool HoldsWriteLock(const std::string& image) {
-  struct stat st;
-  if (::stat(image.c_str(), &st) != 0) return false;
-  std::istringstream locks(ReadFileBytes("/proc/locks"));
-  const std::string inode = ":" + std::to_string(st.st_ino) + " ";
-  for (std::string line; std::getline(locks, line);)
-    if (line.find(inode) != std::string::npos && line.find(" 201 201") != std::string::npos) return true;
-  return false;
-}
 
 std::string QemuIo(const std::string& target, const std::string& cmds, const std::string& flags = "") {
   return "qemu-io -f raw --discard=unmap " + flags + " " + Sh(target) + " " + cmds;
@@ -346,7 +335,7 @@ TEST_CASE("locks: QEMU cannot open a served image, and serve refuses an image in
   {
     NbdServer server(dir.path(), image);
     REQUIRE_MESSAGE(server.WaitReady(), server.err());
-    CHECK(HoldsWriteLock(image));
+    CHECK(HoldsQemuLock(image));
     RunResult r = Run("qemu-io -f qcow2 " + Sh(image) + " -c 'read 0 512'");
     CHECK(r.exit_code != 0);
     CHECK(r.err.find("lock") != std::string::npos);
@@ -364,7 +353,7 @@ TEST_CASE("locks: QEMU cannot open a served image, and serve refuses an image in
   BackgroundProcess holder("sleep 300 | qemu-io -f qcow2 " + Sh(image) + " >" + Sh(dir / "holder.log") + " 2>&1");
   // qemu-io takes its locks as it opens: wait until a writer is refused.
   // Wait by looking, not by trying: a probe that takes the lock could make qemu-io fail to open.
-  const bool held = WaitFor([&] { return HoldsWriteLock(image); }, 20);
+  const bool held = WaitFor([&] { return HoldsQemuLock(image); }, 20);
   INFO(ReadFileBytes(dir / "holder.log"));
   REQUIRE(held);
   RunResult r = Run(Tool() + " serve --socket " + Sh(dir / "s.sock") + " " + Sh(image));

@@ -1,10 +1,14 @@
 #include "support/qemu_tools.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <doctest/doctest.h>
+
+#include <fstream>
+#include <sstream>
 
 namespace testing {
 
@@ -97,6 +101,18 @@ void BackgroundProcess::Kill() {
     ::waitpid(pid_, &status_, 0);
     reaped_ = true;
   }
+}
+
+bool HoldsQemuLock(const std::string& image) {
+  struct stat st;
+  if (::stat(image.c_str(), &st) != 0) return false;
+  std::ifstream in("/proc/locks");
+  std::stringstream locks;
+  locks << in.rdbuf();
+  const std::string inode = ":" + std::to_string(st.st_ino) + " ";
+  for (std::string line; std::getline(locks, line);)
+    if (line.find(inode) != std::string::npos && line.find(" 201 201") != std::string::npos) return true;
+  return false;
 }
 
 }  // namespace testing

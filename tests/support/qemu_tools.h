@@ -31,6 +31,10 @@ void CheckQemuClean(const std::string& path);
 // Asserts that qemu-img compare says image and raw are identical.
 void CheckQemuIdentical(const std::string& image, const std::string& raw);
 
+// Whether someone holds QEMU's write lock on image: /proc/locks lists a
+// lock on byte 201 ("refuses to share write") of the file's inode.
+bool HoldsQemuLock(const std::string& image);
+
 // Number of lines in s (a final newline does not start a new line).
 int LineCount(const std::string& s);
 

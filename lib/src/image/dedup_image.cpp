@@ -33,7 +33,7 @@ Result<DedupResult> DeduplicateImage(const std::string& path, DedupOptions o) {
   Writer& w = *StateOf(*image).writer;
   r.cluster_size = image->cluster_size();
   QD_ASSIGN_OR_RETURN(Writer::DedupCounts counts, w.Deduplicate(o.hashing, o.relinking));
-  r.stored_before = w.index().size() + w.stats().freed_clusters;
+  r.stored_before = counts.stored;
   r.relinked = counts.relinked;
   r.zeroed = counts.zeroed;
   QD_RETURN_IF_ERROR(image->Close());

@@ -49,6 +49,7 @@ class Writer {
   // cluster whose data is stored more than once linked to one copy (the
   // lowest), all-zero data unmapped; the other copies freed.
   struct DedupCounts {
+    uint64_t stored = 0;    // data clusters stored before (the rebuilt index's entries)
     uint64_t relinked = 0;  // guest clusters now pointing at another copy
     uint64_t zeroed = 0;    // guest clusters of zeros no longer stored
   };

@@ -34,6 +34,7 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
     }
   });
   DedupCounts counts;
+  counts.stored = index_.size();
   if (moves.empty()) return counts;
   Status st = Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());

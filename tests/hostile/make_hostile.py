@@ -548,95 +548,95 @@ def dedup_cases(c):
     assert ext, "qcow2dedup convert wrote no dedup extension"
     ext_off, ext_len = ext
     assert ext_len >= 56 and im.autoclear & AUTOCLEAR_DEDUP
-    _ver, _alg, idx_off, idx_n = struct.unpack_from(">IIQQ", im.data, ext_off)
-    assert idx_off and idx_n == 5, (idx_off, idx_n)
-    entries = [bytearray(im.data[idx_off + 32 * i: idx_off + 32 * i + 32]) for i in range(idx_n)]
+    _ver, _alg, idx_off, idx_n, idx_buckets = struct.unpack_from(">IIQQQ", im.data, ext_off)
+    assert _ver == 2 and idx_off and idx_n == 5 and idx_buckets == 1, (_ver, idx_off, idx_n, idx_buckets)
+    # The table is one bucket: {be16 count, u8 overflowed, 5 zero, 8-byte
+    # check}, then entries {20-byte key, be32 host cluster}.
+    count = struct.unpack_from(">H", im.data, idx_off)[0]
+    assert count == 5
+    entries = [(bytes(im.data[idx_off + 16 + 24 * i: idx_off + 36 + 24 * i]),
+                struct.unpack_from(">I", im.data, idx_off + 36 + 24 * i)[0]) for i in range(count)]
     host_of = {k: im.host(layout.index(k)) for k in "ABCDE"}
     key = {k: sha256(blocks[k])[:20] for k in "ABCDE"}
-    for e in entries:
-        assert e[8:28] in key.values()
+    for k_, _c in entries:
+        assert k_ in key.values()
 
-    def entry_for(k):
-        for i, e in enumerate(entries):
-            if bytes(e[8:28]) == key[k]:
-                return i
-        raise AssertionError(k)
+    def bucket(es, check=True):
+        b = bytearray(struct.pack(">HB5x8x", len(es), 0) + b"".join(k_ + be32(c_) for k_, c_ in es))
+        b += b"\x00" * (4096 - len(b))
+        if check:
+            b[8:16] = sha256(bytes(b))[:8]
+        return bytes(b)
 
     # The write: copies of A, B and D (stored elsewhere) over zero clusters 6-8.
     with open(c.p("write_dedup.bin"), "wb") as f:
         f.write(blocks["A"] + blocks["B"] + blocks["D"])
     wr = ("write_dedup.bin", 6 * CS)
 
-    def index_bytes(es):
-        return b"".join(bytes(e) for e in es)
-
-    def lying(name, what, es=None, idx_at=None, n=None, digest=None, ext_fields=None, extra_patches=(),
-              append=None, recompute=True):
+    def lying(name, what, es=None, idx_at=None, n=None, buckets=1, body=None, ext_fields=None, extra_patches=(),
+              append=None):
         es = entries if es is None else es
-        body = index_bytes(es)
         at = idx_off if idx_at is None else idx_at
-        count = len(es) if n is None else n
-        dg = sha256(body) if recompute and digest is None else (digest if digest is not None else
-                                                                im.data[ext_off + 24: ext_off + 56])
         patches = []
-        if idx_at is None and es is not entries:
-            patches.append((idx_off, body))
-        fields = ext_fields or (1, 1, at, count)
-        patches.append((ext_off, struct.pack(">IIQQ", *fields) + dg))
+        if body is not None or es is not entries or idx_at is not None:
+            patches.append((at, body if body is not None else bucket(es)))
+        fields = ext_fields or (2, 1, at, len(es) if n is None else n, buckets)
+        patches.append((ext_off, struct.pack(">IIQQQ", *fields)))
         patches += list(extra_patches)
         c.add(name, base, what, patches, group="index", write=wr, append=append)
 
-    def remap(k, new_off):
-        es = [bytearray(e) for e in entries]
-        es[entry_for(k)][0:8] = be64(new_off)
-        return es
+    def remap(k, cluster):
+        return [(k_, cluster if k_ == key[k] else c_) for k_, c_ in entries]
 
-    lying("idx_offset_beyond_eof.qcow2", "index offset 1 GiB past the end of the file", idx_at=1 << 30)
-    lying("idx_offset_huge.qcow2", "index offset 0xfffffffffffff000", idx_at=0xFFFFFFFFFFFFF000)
-    lying("idx_offset_misaligned.qcow2", "index offset not cluster aligned", idx_at=idx_off + 8)
-    lying("idx_offset_zero_entries.qcow2", "index offset 0 with 5 entries", idx_at=0)
+    lying("idx_offset_beyond_eof.qcow2", "index offset 1 GiB past the end of the file", idx_at=1 << 30, body=b"")
+    lying("idx_offset_huge.qcow2", "index offset 0xfffffffffffff000", ext_fields=(2, 1, 0xFFFFFFFFFFFFF000, 5, 1))
+    lying("idx_offset_misaligned.qcow2", "index offset not cluster aligned", ext_fields=(2, 1, idx_off + 8, 5, 1))
+    lying("idx_offset_zero_entries.qcow2", "index offset 0 with 5 entries", ext_fields=(2, 1, 0, 5, 1))
     lying("idx_entries_huge.qcow2", "index_entries 2^60", n=1 << 60)
-    lying("idx_entries_overflow.qcow2", "index_entries 2^59+1 (times 32 wraps to 32)", n=(1 << 59) + 1)
+    lying("idx_buckets_overflow.qcow2", "index_buckets 2^52 (times 4096 wraps to 0)", buckets=1 << 52)
+    lying("idx_buckets_not_power.qcow2", "index_buckets 3", buckets=3)
+    lying("idx_buckets_zero.qcow2", "index_buckets 0 with a table", buckets=0)
     lying("idx_entries_max.qcow2", "index_entries 0xffffffffffffffff", n=0xFFFFFFFFFFFFFFFF)
-    lying("idx_entries_past_eof.qcow2", "index_entries one more than the file holds", n=idx_n + 1)
-    lying("idx_digest_wrong.qcow2", "index digest does not match", digest=b"\x5a" * 32)
-    lying("idx_hash_algorithm_unknown.qcow2", "hash algorithm 7", ext_fields=(1, 7, idx_off, idx_n))
-    lying("idx_version_unknown.qcow2", "extension version 99", ext_fields=(99, 1, idx_off, idx_n))
-    lying("idx_points_at_l2.qcow2", "A's entry points at the L2 table (digest recomputed)",
-          es=remap("A", im.l2_tables[0]))
-    lying("idx_points_at_l1.qcow2", "A's entry points at the L1 table (digest recomputed)", es=remap("A", im.l1_offset))
-    lying("idx_points_at_refblock.qcow2", "A's entry points at the refcount block (digest recomputed)",
-          es=remap("A", im.refblocks[0]))
-    lying("idx_points_at_reftable.qcow2", "A's entry points at the refcount table (digest recomputed)",
-          es=remap("A", im.reftable_offset))
-    lying("idx_points_at_header.qcow2", "A's entry points at cluster 0 (digest recomputed)", es=remap("A", 0))
-    lying("idx_points_into_index.qcow2", "A's entry points at the index itself (digest recomputed)",
-          es=remap("A", idx_off))
-    lying("idx_points_misaligned.qcow2", "A's entry points 512 bytes into C's cluster (digest recomputed)",
-          es=remap("A", host_of["C"] + 512))
-    lying("idx_wrong_data.qcow2", "A's entry points at C's cluster (digest recomputed)", es=remap("A", host_of["C"]))
-    both = remap("A", host_of["D"])
-    both[entry_for("B")][0:8] = be64(host_of["E"])
-    lying("idx_wrong_data_b.qcow2", "A's entry points at D's cluster, B's at E's (digest recomputed)", es=both)
-    # An extra entry for A, pointing at B's cluster, appended after the real one.
-    extra = entries + [bytearray(be64(host_of["B"]) + key["A"] + b"\x00" * 4)]
-    lying("idx_duplicate_key.qcow2", "a second entry for A points at B's cluster (digest recomputed)", es=extra)
+    lying("idx_entries_more_than_stored.qcow2", "index_entries one more than the table holds", n=idx_n + 1)
+    lying("idx_entries_past_bucket.qcow2", "a bucket count of 171 entries",
+          body=struct.pack(">H", 171) + bucket(entries)[2:])
+    bad_check = bytearray(bucket(entries))
+    bad_check[9] ^= 0x5A
+    lying("idx_check_wrong.qcow2", "the bucket's check does not match", body=bytes(bad_check))
+    lying("idx_hash_algorithm_unknown.qcow2", "hash algorithm 7", ext_fields=(2, 7, idx_off, idx_n, 1))
+    lying("idx_version_unknown.qcow2", "extension version 99", ext_fields=(99, 1, idx_off, idx_n, 1))
+    lying("idx_version_first.qcow2", "extension version 1 (a sorted array, no longer read)",
+          ext_fields=(1, 1, idx_off, idx_n, 1))
+    lying("idx_points_at_l2.qcow2", "A's entry points at the L2 table (check recomputed)",
+          es=remap("A", im.l2_tables[0] // CS))
+    lying("idx_points_at_l1.qcow2", "A's entry points at the L1 table (check recomputed)", es=remap("A", im.l1_offset // CS))
+    lying("idx_points_at_refblock.qcow2", "A's entry points at the refcount block (check recomputed)",
+          es=remap("A", im.refblocks[0] // CS))
+    lying("idx_points_at_reftable.qcow2", "A's entry points at the refcount table (check recomputed)",
+          es=remap("A", im.reftable_offset // CS))
+    lying("idx_points_at_header.qcow2", "A's entry points at cluster 0 (check recomputed)", es=remap("A", 0))
+    lying("idx_points_into_index.qcow2", "A's entry points at the index itself (check recomputed)",
+          es=remap("A", idx_off // CS))
+    lying("idx_points_past_eof.qcow2", "A's entry points at cluster 2^32-1, far past the end (check recomputed)",
+          es=remap("A", 0xFFFFFFFF))
+    lying("idx_wrong_data.qcow2", "A's entry points at C's cluster (check recomputed)", es=remap("A", host_of["C"] // CS))
+    both = [(k_, host_of["D"] // CS if k_ == key["A"] else host_of["E"] // CS if k_ == key["B"] else c_)
+            for k_, c_ in entries]
+    lying("idx_wrong_data_b.qcow2", "A's entry points at D's cluster, B's at E's (check recomputed)", es=both)
+    # An extra entry for A, pointing at B's cluster, after the real one.
+    lying("idx_duplicate_key.qcow2", "a second entry for A points at B's cluster (check recomputed)",
+          es=entries + [(key["A"], host_of["B"] // CS)])
     # The index moved one cluster further, A's entry pointing at the free (refcount 0) cluster in between.
     gap = (idx_off // CS) * CS
-    moved = [bytearray(e) for e in remap("A", gap)]
-    body = index_bytes(moved)
     lying("idx_points_at_free_cluster.qcow2", "A's entry points at a refcount-0 cluster below the index",
-          es=moved, idx_at=gap + CS, extra_patches=[(gap, b"\x00" * CS), (gap + CS, body)])
+          es=remap("A", gap // CS), idx_at=gap + CS, extra_patches=[(gap, b"\x00" * CS)])
     # Stale data: A's cluster overwritten in place (not through the image), index still "in sync".
-    lying("idx_stale_data.qcow2", "A's cluster holds other bytes than the index says", es=entries,
+    lying("idx_stale_data.qcow2", "A's cluster holds other bytes than the index says",
           extra_patches=[(host_of["A"], bytes(rng.getrandbits(8) for _ in range(CS)))])
-    # The index placed over the L2 table, its digest matching those bytes.
-    l2 = im.l2_tables[0]
-    l2_bytes = bytes(im.data[l2: l2 + CS])
-    lying("idx_offset_at_l2.qcow2", "index offset is the L2 table (digest of its bytes)", idx_at=l2,
-          n=CS // 32, digest=sha256(l2_bytes))
-    lying("idx_all_point_at_c.qcow2", "every entry points at C's cluster (digest recomputed)",
-          es=[bytearray(be64(host_of["C"]) + e[8:32]) for e in entries])
+    # The index placed over the L2 table.
+    lying("idx_offset_at_l2.qcow2", "index offset is the L2 table", ext_fields=(2, 1, im.l2_tables[0], 5, 1))
+    lying("idx_all_point_at_c.qcow2", "every entry points at C's cluster (check recomputed)",
+          es=[(k_, host_of["C"] // CS) for k_, _c in entries])
     # Our extension too short to hold its fields (the extensions after it
     # moved up), autoclear set.
     exts = []
@@ -647,9 +647,8 @@ def dedup_cases(c):
           group="index", write=wr)
     # Our extension present but the image dirty (a crash): the index must not be used.
     # Not only the index: a dirty image may be refused by write.
-    body = index_bytes(remap("A", host_of["C"]))
-    c.add("idx_dirty_image.qcow2", base, "dirty bit set with the index in sync (digest recomputed, A -> C)",
-          [(idx_off, body), (ext_off + 24, sha256(body)), (OFF_INCOMPAT, be64(1))], write=wr)
+    c.add("idx_dirty_image.qcow2", base, "dirty bit set with the index in sync (check recomputed, A -> C)",
+          [(idx_off, bucket(remap("A", host_of["C"] // CS))), (OFF_INCOMPAT, be64(1))], write=wr)
     # Refcount of A's cluster at the maximum: sharing must not overflow it.
     lying("idx_refcount_at_max.qcow2", "A's cluster has refcount 0xffff (leak; sharing must not overflow)",
           extra_patches=[(im.refcount_entry_offset(host_of["A"] // CS), be16(0xFFFF))])

@@ -4,6 +4,8 @@
 // a judge that silently passes is no judge.
 #include <doctest/doctest.h>
 
+#include "dedup/index_table.h"
+
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -138,7 +140,7 @@ void CheckDisk(const std::string& name) {
     }
     CHECK(stored == s.stored_clusters);
     CHECK(refs == s.data_clusters);
-    CHECK(s.metadata.index == want.unique * 32);
+    CHECK(s.metadata.index == IndexTableBytes(IndexBucketsFor(want.unique)));
     // The estimate is the size convert made.
     const size_t i = std::find(kSimulated.begin(), kSimulated.end(), cs) - kSimulated.begin();
     CHECK(sims[i].estimated_image_size == file_sizes[cs]);

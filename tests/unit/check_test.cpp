@@ -12,7 +12,7 @@
 #include <functional>
 #include <random>
 
-#include "dedup/index_store.h"
+#include "dedup/index_table.h"
 #include "dedup/sha256.h"
 #include "format/endian.h"
 #include "format/entries.h"
@@ -22,6 +22,7 @@
 #include "support/check_helpers.h"
 #include "support/process.h"
 #include "support/require_command.h"
+#include "support/stored_index.h"
 #include "support/qcow2_layout.h"
 #include "support/temp_dir.h"
 
@@ -487,20 +488,16 @@ TEST_CASE("an index entry left for a freed cluster is stale") {
 // Keeps only the stored index entries keep() accepts, and makes the header
 // vouch for what is left.
 static void KeepIndexEntries(const std::string& img, const std::function<bool(uint64_t offset)>& keep) {
-  ImageBytes raw(img);
-  Header h = raw.header();
-  REQUIRE(h.dedup);
-  const auto bytes = raw.Read(h.dedup->index_offset, h.dedup->index_entries * kIndexEntryBytes);
-  std::vector<uint8_t> kept;
-  for (size_t at = 0; at < bytes.size(); at += kIndexEntryBytes)
-    if (keep(LoadBe64(&bytes[at]))) kept.insert(kept.end(), &bytes[at], &bytes[at] + kIndexEntryBytes);
-  REQUIRE(kept.size() < bytes.size());
-  raw.Write(h.dedup->index_offset, kept);
-  h.dedup->index_entries = kept.size() / kIndexEntryBytes;
-  h.dedup->index_digest = Sha256(kept);
-  auto head = EncodeHeader(h);
-  REQUIRE(head.ok());
-  raw.Write(0, *head);
+  testing::RewriteStoredIndex(img, [&](DedupIndex& index) {
+    DedupIndex kept;
+    index.ForEach([&](const uint8_t* key, uint64_t c) {
+      Digest d{};
+      std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
+      if (keep(c * kCs)) kept.Insert(d, c);
+    });
+    REQUIRE(kept.size() < index.size());
+    index = std::move(kept);
+  });
 }
 
 TEST_CASE("an entry removed from the stored index is missing") {
@@ -553,7 +550,7 @@ TEST_CASE("an index cut short by the end of the file is counted once: every stor
   MakeImage(img);
   const DedupExtension ext = *ImageBytes(img).header().dedup;
   REQUIRE(ext.index_entries == 4);
-  std::filesystem::resize_file(img, ext.index_offset + kIndexEntryBytes * 2 + 5);
+  std::filesystem::resize_file(img, ext.index_offset + kIndexEntryBytes * 2 + 5);  // inside the first bucket
   const Outcome o = JudgeAndRepair(dir, img, {2, 0});
   CHECK_FALSE(o.before.dedup.index_loaded);
   CHECK(o.before.dedup.unreadable);
@@ -565,14 +562,15 @@ TEST_CASE("an index cut short by the end of the file is counted once: every stor
   REQUIRE(o.before.findings.size() == 1);
   CHECK(o.before.findings[0].area == FindingArea::kDedupIndex);
   CHECK(o.before.findings[0].kind == FindingKind::kError);
-  CHECK(o.before.findings[0].text == fmt::format("ERROR dedup index: 4 entries at {:#x} do not fit in the file",
-                                                 ext.index_offset));
+  CHECK(o.before.findings[0].text ==
+        fmt::format("ERROR dedup index: the index table at {:#x} ({} bytes) does not fit in the file",
+                    ext.index_offset, IndexTableBytes(ext.index_buckets)));
   CHECK(o.repaired.dedup.rebuilt);
   CHECK(o.repaired.dedup.indexed == 4);
   // The repair says what it mended, worded as qemu-img words a repair.
   REQUIRE(!o.repaired.findings.empty());
   CHECK(o.repaired.findings[0].kind == FindingKind::kRepaired);
-  CHECK(o.repaired.findings[0].text.rfind("Repairing dedup index: 4 entries", 0) == 0);
+  CHECK(o.repaired.findings[0].text.rfind("Repairing dedup index: the index table at", 0) == 0);
 }
 
 // Findings are data: the write path and the CLI go by area and kind, not

@@ -3,6 +3,7 @@
 // can be wrong or cut short.
 #include "format/header.h"
 
+#include <algorithm>
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
@@ -98,7 +99,7 @@ Header FullV3() {
   d.hash_algorithm = kHashSha256;
   d.index_offset = 0x200000;
   d.index_entries = 1234;
-  for (int i = 0; i < 32; ++i) d.index_digest[i] = uint8_t(0xa0 + i);
+  d.index_buckets = 64;
   h.dedup = d;
   h.other_extensions.push_back({0x12345678, {1, 2, 3, 4, 5}});
   h.other_extensions.push_back({0x0badcafe, {}});
@@ -131,7 +132,8 @@ void CheckSame(const Header& a, const Header& b) {
     CHECK(a.dedup->hash_algorithm == b.dedup->hash_algorithm);
     CHECK(a.dedup->index_offset == b.dedup->index_offset);
     CHECK(a.dedup->index_entries == b.dedup->index_entries);
-    CHECK(a.dedup->index_digest == b.dedup->index_digest);
+    CHECK(a.dedup->index_buckets == b.dedup->index_buckets);
+    CHECK(a.dedup->version == b.dedup->version);
   }
 }
 
@@ -225,12 +227,12 @@ TEST_CASE("v3 round trip: backing file, backing format, feature names, dedup and
   REQUIRE(by_type[kExtFeatureNames].size() == 3 * 48);
   REQUIRE(by_type[kExtDedup].size() == 56);
   const Bytes& dd = by_type[kExtDedup];
-  CHECK(Get32(dd, 0) == 1);  // extension version
+  CHECK(Get32(dd, 0) == 2);  // extension version
   CHECK(Get32(dd, 4) == kHashSha256);
   CHECK(Get64(dd, 8) == 0x200000);
   CHECK(Get64(dd, 16) == 1234);
-  CHECK(dd[24] == 0xa0);
-  CHECK(dd[55] == 0xa0 + 31);
+  CHECK(Get64(dd, 24) == 64);  // buckets
+  CHECK(std::all_of(dd.begin() + 32, dd.end(), [](uint8_t b) { return b == 0; }));
 
   auto parsed = ParseHeader(b, 4u << 20);
   REQUIRE_MESSAGE(parsed.ok(), parsed.status().message());

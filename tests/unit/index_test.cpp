@@ -1,6 +1,4 @@
-// dedup/index and dedup/index_store: the in-memory hash index and its
-// on-disk form, which must be refused (not trusted, not an error) whenever
-// the header does not vouch for it or it is not whole.
+// dedup/index: the in-memory hash index.
 #include "dedup/index.h"
 
 #include <doctest/doctest.h>
@@ -10,23 +8,12 @@
 #include <random>
 #include <set>
 
-#include "dedup/index_store.h"
 #include "dedup/sha256.h"
 #include "format/endian.h"
-#include "support/memory_file.h"
-#include "support/temp_dir.h"
 
 using namespace qcow2dedup;
-using testing::TempDir;
 
 namespace {
-
-// The bytes SaveIndex writes for idx.
-std::vector<uint8_t> EncodeIndex(const DedupIndex& idx, uint32_t bits) {
-  testing::MemoryFile f({});
-  REQUIRE(SaveIndex(f, idx, bits, 0).ok());
-  return f.bytes();
-}
 
 Digest D(uint64_t n) {
   uint8_t b[8];
@@ -207,192 +194,4 @@ TEST_CASE("memory: at most 40 bytes an entry just past a power of two") {
   const double per_entry = double(idx.MemoryBytes()) / double(n);
   MESSAGE("bytes per entry at 2^20 + 1000: ", per_entry);
   CHECK(per_entry <= 40.0);
-}
-
-// ---------------------------------------------------------------------------
-// On disk.
-
-namespace {
-
-constexpr uint32_t kBits = 16;
-constexpr uint64_t kCs = 1u << kBits;
-
-struct Stored {
-  TempDir dir;
-  std::unique_ptr<File> file;
-  Header h;
-  DedupIndex idx;
-  uint64_t offset = 0;
-  std::vector<uint8_t> bytes;
-
-  explicit Stored(uint64_t n) {
-    auto f = OpenPosixFile(dir / "img", OpenMode::kCreate);
-    REQUIRE(f.ok());
-    file = std::move(f).value();
-    for (uint64_t i = 0; i < n; ++i) idx.Insert(D(i), 2 + (i * 7919) % (n + 5));  // clusters 2..n+6, unordered
-    offset = (n + 8) * kCs;
-    REQUIRE(file->Truncate(offset).ok());
-    auto ext = SaveIndex(*file, idx, kBits, offset);
-    REQUIRE(ext.ok());
-    h.cluster_bits = kBits;
-    h.dedup = *ext;
-    h.autoclear = kAutoclearDedupInSync;
-    bytes = EncodeIndex(idx, kBits);
-  }
-  uint64_t FileSize() { return *file->Size(); }
-  Result<bool> Load(DedupIndex& out) { return LoadIndex(*file, h, FileSize(), out); }
-  // Rewrites the stored bytes and the digest that vouches for them.
-  void Restore(const std::vector<uint8_t>& b) {
-    REQUIRE(file->WriteAt(offset, b).ok());
-    h.dedup->index_digest = Sha256(b);
-    h.dedup->index_entries = b.size() / kIndexEntryBytes;
-  }
-};
-
-void ExpectRefused(Stored& s) {
-  DedupIndex out;
-  out.Insert(D(999999), 3);  // whatever was there goes
-  auto r = s.Load(out);
-  REQUIRE_MESSAGE(r.ok(), "LoadIndex must refuse, not fail: ", r.status().message());
-  CHECK_FALSE(*r);
-  CHECK(out.size() == 0);
-}
-
-}  // namespace
-
-TEST_CASE("EncodeIndex: 32-byte entries sorted by host offset") {
-  DedupIndex idx;
-  idx.Insert(D(1), 9);
-  idx.Insert(D(2), 3);
-  idx.Insert(D(3), 5);
-  const auto b = EncodeIndex(idx, kBits);
-  REQUIRE(b.size() == 3 * kIndexEntryBytes);
-  const uint64_t clusters[] = {3, 5, 9};
-  const uint64_t digests[] = {2, 3, 1};
-  for (int i = 0; i < 3; ++i) {
-    const uint8_t* p = &b[i * kIndexEntryBytes];
-    CHECK(LoadBe64(p) == clusters[i] << kBits);
-    const Digest d = D(digests[i]);
-    CHECK(std::equal(p + 8, p + 28, d.begin()));
-    CHECK(std::all_of(p + 28, p + 32, [](uint8_t c) { return c == 0; }));
-  }
-}
-
-TEST_CASE("SaveIndex and LoadIndex round trip") {
-  uint64_t n = 0;
-  SUBCASE("in one piece") { n = 5000; }
-  SUBCASE("in several pieces") { n = 70000; }  // SaveIndex and LoadIndex move 32768 entries at a time
-  CAPTURE(n);
-  Stored s(n);
-  CHECK(s.h.dedup->index_offset == s.offset);
-  CHECK(s.h.dedup->index_entries == n);
-  CHECK(s.h.dedup->hash_algorithm == kHashSha256);
-  CHECK(s.FileSize() == s.offset + n * kIndexEntryBytes);
-  std::vector<uint8_t> on_disk(s.bytes.size());
-  REQUIRE(s.file->ReadAt(s.offset, on_disk).ok());
-  CHECK(on_disk == s.bytes);
-  CHECK(s.h.dedup->index_digest == Sha256(s.bytes));
-  DedupIndex out;
-  auto r = s.Load(out);
-  REQUIRE(r.ok());
-  CHECK(*r);
-  CHECK(Contents(out) == Contents(s.idx));
-  CHECK(out.Find(D(17)) == s.idx.Find(D(17)));
-}
-
-TEST_CASE("an empty index round trips without a location") {
-  TempDir dir;
-  auto f = OpenPosixFile(dir / "img", OpenMode::kCreate);
-  REQUIRE(f.ok());
-  REQUIRE((*f)->Truncate(4 * kCs).ok());
-  DedupIndex empty;
-  auto ext = SaveIndex(**f, empty, kBits, 4 * kCs);
-  REQUIRE(ext.ok());
-  CHECK(ext->index_offset == 0);
-  CHECK(ext->index_entries == 0);
-  CHECK(*(*f)->Size() == 4 * kCs);  // nothing written
-  Header h;
-  h.cluster_bits = kBits;
-  h.dedup = *ext;
-  h.autoclear = kAutoclearDedupInSync;
-  DedupIndex out;
-  out.Insert(D(1), 2);
-  auto r = LoadIndex(**f, h, 4 * kCs, out);
-  REQUIRE(r.ok());
-  CHECK(*r);
-  CHECK(out.size() == 0);
-}
-
-TEST_CASE("LoadIndex refuses what it cannot trust") {
-  Stored s(300);
-  SUBCASE("truncated") {
-    REQUIRE(s.file->Truncate(s.FileSize() - 1).ok());
-    ExpectRefused(s);
-  }
-  SUBCASE("truncated to its start") {
-    REQUIRE(s.file->Truncate(s.offset).ok());
-    ExpectRefused(s);
-  }
-  SUBCASE("a wrong digest in the header") {
-    s.h.dedup->index_digest[7] ^= 0x40;
-    ExpectRefused(s);
-  }
-  SUBCASE("a flipped byte in the stored index") {
-    auto b = s.bytes;
-    b[100] ^= 1;
-    REQUIRE(s.file->WriteAt(s.offset, b).ok());
-    ExpectRefused(s);
-  }
-  SUBCASE("an entry pointing at the index itself or past it (with a good digest)") {
-    auto b = s.bytes;
-    StoreBe64(&b[b.size() - kIndexEntryBytes], s.offset);
-    s.Restore(b);
-    ExpectRefused(s);
-    StoreBe64(&b[b.size() - kIndexEntryBytes], s.offset + 1000 * kCs);
-    s.Restore(b);
-    ExpectRefused(s);
-  }
-  SUBCASE("an entry pointing at the header or between clusters") {
-    auto b = s.bytes;
-    StoreBe64(&b[0], 0);
-    s.Restore(b);
-    ExpectRefused(s);
-    StoreBe64(&b[0], 3 * kCs + 512);
-    s.Restore(b);
-    ExpectRefused(s);
-  }
-  SUBCASE("the good digest of a shorter index than the header says") {
-    s.h.dedup->index_digest = Sha256(std::span(s.bytes).first(s.bytes.size() - kIndexEntryBytes));
-    ExpectRefused(s);
-  }
-  SUBCASE("more entries than the file can hold") {
-    s.h.dedup->index_entries = 1ull << 60;
-    ExpectRefused(s);
-    s.h.dedup->index_entries = ~0ull;
-    ExpectRefused(s);
-  }
-  SUBCASE("misplaced index") {
-    s.h.dedup->index_offset = s.offset + 512;
-    ExpectRefused(s);
-    s.h.dedup->index_offset = 0;
-    ExpectRefused(s);
-    s.h.dedup->index_offset = ~0ull & ~(kCs - 1);
-    ExpectRefused(s);
-  }
-  SUBCASE("out of sync: the autoclear bit is clear") {
-    s.h.autoclear = 0;
-    ExpectRefused(s);
-  }
-  SUBCASE("no dedup extension") {
-    s.h.dedup.reset();
-    ExpectRefused(s);
-  }
-  SUBCASE("another hash algorithm") {
-    s.h.dedup->hash_algorithm = 2;
-    ExpectRefused(s);
-  }
-  SUBCASE("no entries but an offset") {
-    s.h.dedup->index_entries = 0;
-    ExpectRefused(s);
-  }
 }

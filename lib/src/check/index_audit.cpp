@@ -7,7 +7,7 @@
 
 #include "dedup/hasher.h"
 #include "dedup/index.h"
-#include "dedup/index_store.h"
+#include "dedup/index_table.h"
 #include "dedup/sha256.h"
 #include "format/endian.h"
 
@@ -28,13 +28,22 @@ const HashedCluster* FindCluster(const std::vector<HashedCluster>& hashed, uint6
   return it != hashed.end() && it->cluster == cluster ? &*it : nullptr;
 }
 
-// The stored index bytes, if they are whole: the same tests LoadIndex
-// makes before the writer trusts them.
-Status ReadIndex(Context& ctx, const DedupExtension& ext, std::vector<uint8_t>& bytes) {
+struct StoredEntry {
+  uint64_t cluster;
+  Key key;
+};
+
+// The stored table's entries, if it is whole: the same placement tests the
+// writer makes before it searches the table, and every bucket's check.
+Status ReadIndex(Context& ctx, const DedupExtension& ext, std::vector<StoredEntry>& entries) {
   QD_RETURN_IF_ERROR(CheckIndexPlacement(ext, ctx.cs(), ctx.file_size));
-  bytes.resize(ext.index_entries * kIndexEntryBytes);
-  if (!ctx.Read(ext.index_offset, bytes).ok()) return Status::Corruption("it cannot be read");
-  if (Sha256(bytes) != ext.index_digest) return Status::Corruption("its bytes do not match the digest in the header");
+  IndexTable table(ctx.file, ext);
+  if (!table.ForEach([&](const uint8_t* key, uint64_t c) { entries.push_back({c, KeyOf(key)}); }).ok())
+    return Status::Corruption("it cannot be read");
+  if (table.damaged()) return Status::Corruption("a bucket of it does not match its check");
+  if (entries.size() != ext.index_entries)
+    return Status::Corruption(fmt::format("it holds {} entries, not the {} the header says", entries.size(),
+                                          ext.index_entries));
   return Status::Ok();
 }
 
@@ -92,8 +101,8 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
   for (size_t i = 1; i < keys.size(); ++i) d.duplicates += keys[i] == keys[i - 1];
   if (!d.in_sync) return Status::Ok();
 
-  std::vector<uint8_t> bytes;
-  if (Status broken = ReadIndex(ctx, *h.dedup, bytes); !broken.ok()) {
+  std::vector<StoredEntry> entries;
+  if (Status broken = ReadIndex(ctx, *h.dedup, entries); !broken.ok()) {
     // A newer tool's index is not ours to judge (nor an error: the writer
     // rebuilds an index it cannot read).
     if (broken.kind() == ErrorKind::kUnsupported) {
@@ -113,13 +122,14 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
 
   // The index holds every stored copy (freeing one must leave the others
   // findable), so each stored cluster needs an entry of its own.
+  const uint64_t table_first = h.dedup->index_offset / cs;
+  const uint64_t table_end = (h.dedup->index_offset + IndexTableBytes(h.dedup->index_buckets) + cs - 1) / cs;
   std::vector<uint64_t> good;
-  for (uint64_t i = 0; i < d.indexed; ++i) {
-    const uint8_t* p = &bytes[i * kIndexEntryBytes];
-    const uint64_t offset = LoadBe64(p);
-    const Key key = KeyOf(p + 8);
-    const HashedCluster* hc =
-        IndexEntryOffsetOk(offset, cs, *h.dedup) ? FindCluster(hashed, offset / cs) : nullptr;
+  for (const StoredEntry& e : entries) {
+    const uint64_t offset = e.cluster * cs;
+    const Key& key = e.key;
+    const bool placed = e.cluster > 0 && (e.cluster < table_first || e.cluster >= table_end);
+    const HashedCluster* hc = placed ? FindCluster(hashed, e.cluster) : nullptr;
     if (!hc) {
       ++d.stale;
       IndexError(notes, fmt::format("dedup index entry for offset {:#x}: the cluster holds no guest data", offset));
@@ -161,8 +171,8 @@ Status SaveRebuiltIndex(Context& ctx, const std::vector<HashedCluster>& hashed, 
   }
   QD_ASSIGN_OR_RETURN(uint64_t end, stored.EndCluster());
   const uint64_t at = std::max<uint64_t>(end, 1) * cs;
-  QD_ASSIGN_OR_RETURN(DedupExtension ext, SaveIndex(*ctx.file, index, ctx.bits(), at));
-  const uint64_t size = ext.index_offset ? at + ext.index_entries * kIndexEntryBytes : at;
+  QD_ASSIGN_OR_RETURN(DedupExtension ext, WriteIndexTable(*ctx.file, index, at));
+  const uint64_t size = ext.index_offset ? at + IndexTableBytes(ext.index_buckets) : at;
   QD_RETURN_IF_ERROR(ctx.file->Truncate(std::max(size, cs)));
   QD_RETURN_IF_ERROR(ctx.RefreshFileSize().status());
   QD_RETURN_IF_ERROR(ctx.file->Sync());

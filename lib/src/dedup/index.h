@@ -43,6 +43,22 @@ class DedupIndex {
     return low;
   }
 
+  // Every host cluster holding data with this digest, newest first.
+  std::vector<uint64_t> FindAll(const Digest& d) const {
+    std::vector<uint64_t> all;
+    if (buckets_.empty()) return all;
+    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next)
+      if (std::memcmp(At(i).key, d.data(), kKeyBytes) == 0) all.push_back(At(i).cluster);
+    return all;
+  }
+
+  bool Contains(const Digest& d, uint64_t cluster) const {
+    if (buckets_.empty()) return false;
+    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next)
+      if (At(i).cluster == cluster && std::memcmp(At(i).key, d.data(), kKeyBytes) == 0) return true;
+    return false;
+  }
+
   // Adds the pair (digest, cluster); adding a pair already held does nothing.
   void Insert(const Digest& d, uint64_t cluster);
   // Forgets the pair (digest, cluster); true if it was held.
@@ -65,17 +81,17 @@ class DedupIndex {
     for (uint32_t i = 0; i < used_; ++i)
       if (At(i).cluster != kNil) f(At(i).key, uint64_t(At(i).cluster));
   }
-  // The same, by ascending cluster and then key: a stable order for the
-  // bytes on disk. Costs 4 bytes an entry while it runs.
-  template <class F>
-  void ForEachByCluster(F f) const {
+  // The same, in ascending order of order(key prefix, cluster): a stable
+  // order for the bytes on disk. Costs 4 bytes an entry while it runs.
+  template <class O, class F>
+  void ForEachSortedBy(O order, F f) const {
     std::vector<uint32_t> slots;
     slots.reserve(live_);
     for (uint32_t i = 0; i < used_; ++i)
       if (At(i).cluster != kNil) slots.push_back(i);
-    std::sort(slots.begin(), slots.end(), [this](uint32_t a, uint32_t b) {
-      const Entry &x = At(a), &y = At(b);
-      return x.cluster != y.cluster ? x.cluster < y.cluster : std::memcmp(x.key, y.key, kKeyBytes) < 0;
+    std::sort(slots.begin(), slots.end(), [&](uint32_t a, uint32_t b) {
+      const uint64_t x = order(At(a).key, uint64_t(At(a).cluster)), y = order(At(b).key, uint64_t(At(b).cluster));
+      return x != y ? x < y : a < b;
     });
     for (uint32_t i : slots) f(At(i).key, uint64_t(At(i).cluster));
   }

@@ -83,7 +83,8 @@ Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t l
         d.hash_algorithm = raw.hash_algorithm;
         d.index_offset = raw.index_offset;
         d.index_entries = raw.index_entries;
-        std::memcpy(d.index_digest.data(), raw.index_digest, 32);
+        d.index_buckets = raw.index_buckets;
+        d.version = raw.version;
         h.dedup = d;
         break;
       }
@@ -269,11 +270,12 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
                                   h.backing_format->size()});
     if (h.dedup) {
       RawDedupExtension raw;
-      raw.version = 1;
+      raw.version = h.dedup->version;
       raw.hash_algorithm = h.dedup->hash_algorithm;
       raw.index_offset = h.dedup->index_offset;
       raw.index_entries = h.dedup->index_entries;
-      std::memcpy(raw.index_digest, h.dedup->index_digest.data(), 32);
+      raw.index_buckets = h.dedup->index_buckets;
+      std::memset(raw.reserved, 0, sizeof raw.reserved);
       put_ext(kExtDedup, {reinterpret_cast<const uint8_t*>(&raw), sizeof raw});
     }
     if (!h.feature_names.empty()) {

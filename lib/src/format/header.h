@@ -73,27 +73,31 @@ struct RawHeader {
 };
 
 // Our extension: where the dedup index lives and what it holds. The index
-// itself sits in clusters with refcount 0 past the image's end, which QEMU
+// itself (dedup/index_table.h) sits in clusters with refcount 0, which QEMU
 // neither counts as leaks nor protects; the autoclear bit says whether it
-// can still be believed.
+// can still be believed. Version 1 (a sorted array, read whole) is no longer
+// read: its images rebuild the index on their next write.
 struct RawDedupExtension {
-  be32 version;         // 1
+  be32 version;         // 2
   be32 hash_algorithm;  // 1 = SHA-256
   be64 index_offset;    // 0: no index stored
   be64 index_entries;
-  uint8_t index_digest[32];  // SHA-256 of the index bytes
+  be64 index_buckets;   // a power of two
+  uint8_t reserved[24];
 };
 #pragma pack(pop)
 static_assert(sizeof(RawHeader) == 112);
 static_assert(sizeof(RawDedupExtension) == 56);
 constexpr uint32_t kV2HeaderLength = 72;
 constexpr uint32_t kHashSha256 = 1;
+constexpr uint32_t kDedupExtensionVersion = 2;
 
 struct DedupExtension {
   uint32_t hash_algorithm = kHashSha256;
   uint64_t index_offset = 0;
   uint64_t index_entries = 0;
-  std::array<uint8_t, 32> index_digest = {};
+  uint64_t index_buckets = 0;
+  uint32_t version = kDedupExtensionVersion;
 };
 
 struct Header {
@@ -137,7 +141,9 @@ struct Header {
     return refcount_order == 6 ? ~0ull : (1ull << refcount_bits()) - 1;
   }
   bool lazy_refcounts() const { return compatible & kCompatLazyRefcounts; }
-  bool dedup_in_sync() const { return dedup && (autoclear & kAutoclearDedupInSync); }
+  bool dedup_in_sync() const {
+    return dedup && dedup->version == kDedupExtensionVersion && (autoclear & kAutoclearDedupInSync);
+  }
 };
 
 // L1 entries needed to map virtual_size bytes.

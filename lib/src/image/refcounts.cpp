@@ -52,6 +52,7 @@ Result<TableCache::Table*> Refcounts::Block(uint64_t b, bool create) {
     // range it covers, which is free because no block covered it before.
     const uint64_t cluster = b * per_block_;
     const uint64_t off = cluster * h_->cluster_size();
+    if (IsReserved(cluster)) overran_reserved_ = true;
     QD_RETURN_IF_ERROR(meta_->CheckTableWrite(off));
     QD_ASSIGN_OR_RETURN(TableCache::Table * t, blocks_.Create(off));
     SetRefcount(t->data(), h_->refcount_order, 0, 1);
@@ -98,11 +99,12 @@ Result<uint64_t> Refcounts::Adjust(uint64_t cluster, int64_t delta) {
 Result<uint64_t> Refcounts::Allocate() {
   const uint32_t order = h_->refcount_order;
   for (uint64_t c = std::max<uint64_t>(free_hint_, 1);; ) {
+    if (IsReserved(c)) c = reserved_end_;
     const uint64_t b = BlockIndex(c);
     QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(b, true));
     // Scan this block without going back through the cache per cluster.
     const uint64_t end = (b + 1) * per_block_;
-    for (; c < end; ++c) {
+    for (; c < end && !IsReserved(c); ++c) {
       if (GetRefcount(t->data(), order, c % per_block_) != 0) continue;
       if (!pending_free_.empty() && pending_free_.count(c)) continue;
       SetRefcount(t->data(), order, c % per_block_, 1);
@@ -120,7 +122,7 @@ Result<uint64_t> Refcounts::AllocateRange(uint64_t n) {
   auto start_past_all = [&]() -> Result<uint64_t> {
     QD_ASSIGN_OR_RETURN(uint64_t end, EndCluster());
     for (uint64_t c : pending_free_) end = std::max(end, c + 1);
-    return end;
+    return std::max(end, reserved_end_);
   };
   QD_ASSIGN_OR_RETURN(uint64_t start, start_past_all());
   // Which blocks are missing for the range and for themselves (k of them,

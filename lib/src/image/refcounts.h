@@ -27,6 +27,17 @@ class Refcounts {
   // cluster a pending free.
   Result<uint64_t> Adjust(uint64_t cluster, int64_t delta);
 
+  // Keeps clusters [first, first + count) from being handed out (they hold
+  // the dedup index, which has no refcount). One range at a time.
+  void Reserve(uint64_t first, uint64_t count) {
+    reserved_first_ = first;
+    reserved_end_ = first + count;
+  }
+  bool IsReserved(uint64_t c) const { return c >= reserved_first_ && c < reserved_end_; }
+  // Whether a new refcount block had to go inside the reserved range (a
+  // block lives in the first cluster of what it covers).
+  bool overran_reserved() const { return overran_reserved_; }
+
   // A free cluster with its refcount set to 1; returns its host offset.
   Result<uint64_t> Allocate();
   // n contiguous free clusters past everything allocated, each set to 1.
@@ -61,6 +72,8 @@ class Refcounts {
   bool table_dirty_ = false;
   bool header_dirty_ = false;
   uint64_t free_hint_ = 0;
+  uint64_t reserved_first_ = 0, reserved_end_ = 0;
+  bool overran_reserved_ = false;
   std::unordered_set<uint64_t> pending_free_;
 };
 

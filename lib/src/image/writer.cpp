@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "dedup/index_store.h"
+#include "dedup/index_table.h"
 #include "image/image_state.h"
 #include "qcow2dedup/check.h"
 
@@ -74,6 +74,7 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
   if (left == 1) copied_fixups_.Insert(cluster);
   if (left != 0) return Status::Ok();
   ++stats_.freed_clusters;
+  checked_.erase(cluster);  // it may hold other data when it is handed out again
   if (!data) return Status::Ok();
   Digest digest;
   if (known) {
@@ -83,7 +84,12 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
     QD_RETURN_IF_ERROR(ReadCluster(cluster));
     digest = Sha256(scratch_);
   }
-  if (!index_.Remove(digest, cluster)) index_.RemoveCluster(cluster);
+  QD_ASSIGN_OR_RETURN(bool removed, index_.Remove(digest, cluster));
+  if (!removed) {
+    // Not where its data says: the index did not match the image.
+    index_.memory().RemoveCluster(cluster);
+    if (index_.table()) index_.NoteInexact();
+  }
   index_changed_ = true;
   return Status::Ok();
 }
@@ -104,16 +110,23 @@ Status Writer::ReleaseEntry(uint64_t entry, uint64_t bitmap) {
 }
 
 // Whether the index's claim that cluster c holds data with this digest can
-// be believed. An entry loaded from disk is checked against the data the
-// first time it is used; a wrong one leaves the index.
+// be believed. What this session indexed it knows; what the stored table
+// says is checked against the data the first time it is used, and a wrong
+// entry leaves the index.
 Result<bool> Writer::Believe(uint64_t c, const Digest& digest) {
-  if (!unverified_.Contains(c)) return true;
-  QD_RETURN_IF_ERROR(ReadCluster(c));
-  unverified_.Erase(c);
-  const Digest actual = Sha256(scratch_);
-  if (std::memcmp(actual.data(), digest.data(), DedupIndex::kKeyBytes) == 0) return true;
-  index_.RemoveCluster(c);  // whatever else it claims about c is as wrong
-  index_.Insert(actual, c);  // and what c does hold is now known
+  if (!index_.table() || index_.memory().Contains(digest, c)) return true;
+  auto it = checked_.find(c);
+  if (it == checked_.end()) {
+    QD_RETURN_IF_ERROR(ReadCluster(c));
+    const Digest actual = Sha256(scratch_);
+    it = checked_.emplace(c, Key{}).first;
+    std::memcpy(it->second.data(), actual.data(), it->second.size());
+  }
+  if (std::memcmp(it->second.data(), digest.data(), DedupIndex::kKeyBytes) == 0) return true;
+  QD_RETURN_IF_ERROR(index_.Remove(digest, c).status());
+  Digest actual{};
+  std::memcpy(actual.data(), it->second.data(), it->second.size());
+  QD_RETURN_IF_ERROR(index_.Insert(actual, c));  // what c does hold is known now
   return false;
 }
 
@@ -123,7 +136,7 @@ Result<bool> Writer::Believe(uint64_t c, const Digest& digest) {
 Result<Writer::Share> Writer::CanShare(uint64_t c, const ClusterWrite& w) {
   QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
   if (rc == 0 || s_.meta.IsTable(c * s_.cs()) || s_.meta.FixedStructureAt(c * s_.cs())) {
-    index_.Remove(w.digest, c);
+    QD_RETURN_IF_ERROR(index_.Remove(w.digest, c).status());
     return Share::kStale;
   }
   if (rc + 1 > ShareLimit(s_.header)) return Share::kNo;
@@ -136,13 +149,24 @@ Result<Writer::Share> Writer::CanShare(uint64_t c, const ClusterWrite& w) {
   return Share::kYes;
 }
 
-// The host cluster to link w to, if any: hit (the index's copy), or another
-// one when that copy turns out stale.
-Result<std::optional<uint64_t>> Writer::FindShareable(const ClusterWrite& w, std::optional<uint64_t> hit) {
-  for (; hit; hit = index_.Find(w.digest)) {
-    QD_ASSIGN_OR_RETURN(Share share, CanShare(*hit, w));
-    if (share == Share::kYes) return hit;
-    if (share == Share::kNo) return std::optional<uint64_t>();
+// The host cluster to link w to, if any: the index's copies in turn (the
+// newest first), past those that are full. A stale one leaves the index,
+// and the copies are asked for again.
+Result<std::optional<uint64_t>> Writer::FindShareable(const ClusterWrite& w) {
+  std::vector<uint64_t> stale;  // never asked about twice, whatever the index says
+  for (bool again = true; again;) {
+    again = false;
+    QD_ASSIGN_OR_RETURN(std::vector<uint64_t> copies, index_.FindAll(w.digest));
+    for (uint64_t c : copies) {
+      if (std::find(stale.begin(), stale.end(), c) != stale.end()) continue;
+      QD_ASSIGN_OR_RETURN(Share share, CanShare(c, w));
+      if (share == Share::kYes) return std::optional<uint64_t>(c);
+      if (share == Share::kStale) {
+        stale.push_back(c);
+        again = true;
+        break;
+      }
+    }
   }
   return std::optional<uint64_t>();
 }
@@ -202,16 +226,18 @@ Status Writer::WriteOne(const ClusterWrite& w) {
     // A whole cluster of data: every subcluster allocated, so the guest
     // reads exactly the host cluster's bytes (whose digest the index holds).
     bitmap = extended ? kAllSubclustersAllocated : 0;
-    std::optional<uint64_t> hit = index_.Find(w.digest);
-    if (hit && !IsCompressed(old) && !(old & kFlagZero) && L2Offset(old) == *hit * cs && old_bitmap == bitmap) {
-      QD_ASSIGN_OR_RETURN(bool same, Believe(*hit, w.digest));
-      if (same) {
-        ++stats_.dedup_hits;  // the same data again: nothing changes
-        return Status::Ok();
+    if (!IsCompressed(old) && !(old & kFlagZero) && L2Offset(old) && old_bitmap == bitmap) {
+      QD_ASSIGN_OR_RETURN(std::vector<uint64_t> copies, index_.FindAll(w.digest));
+      const uint64_t now = L2Offset(old) / cs;
+      if (std::find(copies.begin(), copies.end(), now) != copies.end()) {
+        QD_ASSIGN_OR_RETURN(bool same, Believe(now, w.digest));
+        if (same) {
+          ++stats_.dedup_hits;  // the same data again: nothing changes
+          return Status::Ok();
+        }
       }
-      hit = index_.Find(w.digest);  // that entry is gone: another copy, if any
     }
-    QD_ASSIGN_OR_RETURN(hit, FindShareable(w, hit));
+    QD_ASSIGN_OR_RETURN(std::optional<uint64_t> hit, FindShareable(w));
     if (hit) {
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Adjust(*hit, +1));
       if (rc == 2) copied_fixups_.Insert(*hit);
@@ -222,8 +248,7 @@ Status Writer::WriteOne(const ClusterWrite& w) {
       QD_RETURN_IF_ERROR(s_.meta.CheckDataWrite(host));
       QD_RETURN_IF_ERROR(data_.Write(host, w.data));
       s_.map->NoteFileEnd(host + cs);
-      index_.Insert(w.digest, host / cs);
-      unverified_.Erase(host / cs);
+      QD_RETURN_IF_ERROR(index_.Insert(w.digest, host / cs));
       entry = host | kFlagCopied;
       ++stats_.new_clusters;
     }
@@ -376,24 +401,71 @@ Status Writer::Close() {
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
     QD_RETURN_IF_ERROR(FixCopiedFlags());
+    QD_RETURN_IF_ERROR(StoreIndex());
     QD_RETURN_IF_ERROR(FlushState());
-    // The index goes past the last allocated cluster, where QEMU sees only
-    // free space; the header is the last thing written.
     QD_ASSIGN_OR_RETURN(uint64_t end, refcounts_->EndCluster());
-    const uint64_t at = end * s_.cs();
-    QD_ASSIGN_OR_RETURN(DedupExtension ext, SaveIndex(*s_.file, index_, s_.header.cluster_bits, at));
-    const uint64_t new_size = ext.index_offset ? at + ext.index_entries * kIndexEntryBytes : at;
-    QD_RETURN_IF_ERROR(s_.file->Truncate(std::max<uint64_t>(new_size, s_.cs())));
+    uint64_t file_end = end * s_.cs();
+    if (s_.header.dedup && s_.header.dedup->index_offset)
+      file_end = std::max(file_end, s_.header.dedup->index_offset + IndexTableBytes(s_.header.dedup->index_buckets));
+    QD_RETURN_IF_ERROR(s_.file->Truncate(std::max<uint64_t>(file_end, s_.cs())));
     QD_RETURN_IF_ERROR(s_.file->Sync());
-    s_.header.dedup = ext;
     s_.header.incompatible &= ~kIncompatDirty;
-    s_.header.autoclear |= kAutoclearDedupInSync;
     QD_RETURN_IF_ERROR(WriteHeader(s_));
     QD_RETURN_IF_ERROR(s_.file->Sync());
     marked_dirty_ = false;
     index_changed_ = false;
     return Status::Ok();
   });
+}
+
+// The index's changes go into the stored table in place when it takes
+// them; otherwise a fresh table goes past everything allocated, where QEMU
+// sees only free space. The header, written last, says which.
+Status Writer::StoreIndex() {
+  const uint64_t cs = s_.cs();
+  // A refcount block that had to go where the stored table lies has
+  // overwritten some of it, unseen.
+  if (refcounts_->overran_reserved()) index_.NoteInexact();
+  auto in_use = [&](uint64_t c) -> Result<bool> {
+    QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
+    return rc != 0 || s_.meta.IsTable(c * cs) || s_.meta.FixedStructureAt(c * cs);
+  };
+  // The stored table's clusters have refcount 0 and are reserved; one in
+  // use after all makes the table move.
+  auto may_write = [&](uint64_t offset, uint64_t len) -> Status {
+    for (uint64_t c = offset / cs; c < (offset + len + cs - 1) / cs; ++c) {
+      QD_ASSIGN_OR_RETURN(bool used, in_use(c));
+      if (used) return Status::Corruption(fmt::format("index cluster {} is in use", c));
+    }
+    return Status::Ok();
+  };
+  // A fresh table's clusters are allocated, so that every refcount block
+  // covering them exists (placed after them) and none is ever put inside
+  // the table later; then they are given back: the table has refcount 0.
+  auto place = [&](uint64_t bytes) -> Result<uint64_t> {
+    const uint64_t n = (bytes + cs - 1) / cs;
+    QD_ASSIGN_OR_RETURN(uint64_t at, refcounts_->AllocateRange(n));
+    for (uint64_t c = at / cs; c < at / cs + n; ++c) QD_RETURN_IF_ERROR(refcounts_->Set(c, 0));
+    return at;
+  };
+  QD_ASSIGN_OR_RETURN(std::optional<DedupExtension> ext, index_.Store(*s_.file, may_write, place));
+  if (ext) {
+    s_.header.dedup = *ext;
+    s_.header.autoclear |= kAutoclearDedupInSync;
+  } else {
+    s_.header.dedup = DedupExtension{};  // rebuilt from the data on the next write
+  }
+  // A table left behind gives its space back (what lies past the end goes
+  // when the file is cut).
+  const auto [old_at, old_bytes] = reserved_index_;
+  if (old_bytes && (!ext || ext->index_offset != old_at)) {
+    QD_ASSIGN_OR_RETURN(uint64_t end, refcounts_->EndCluster());
+    for (uint64_t c = old_at / cs; c < std::min(end, (old_at + old_bytes + cs - 1) / cs); ++c) {
+      QD_ASSIGN_OR_RETURN(bool used, in_use(c));
+      if (!used) QD_RETURN_IF_ERROR(s_.file->PunchHole(c * cs, cs));
+    }
+  }
+  return Status::Ok();
 }
 
 Status WriteHeader(ImageState& s) {

@@ -11,12 +11,14 @@
 // next open), since what reached the disk is no longer known.
 #pragma once
 
+#include <array>
 #include <functional>
+#include <unordered_map>
 #include <memory>
 #include <span>
 #include <vector>
 
-#include "dedup/index.h"
+#include "dedup/session_index.h"
 #include "image/cluster_set.h"
 #include "image/data_writer.h"
 #include "image/refcounts.h"
@@ -38,9 +40,11 @@ inline uint64_t ShareLimit(const Header& h) { return ShareLimit(h.refcount_bits(
 
 class Writer {
  public:
-  // Readies s, opened read-write, for writing: refcounts loaded, the
-  // structure vetted, the dedup index loaded if the header vouches for it
-  // (rebuilt from the data otherwise).
+  // Readies s, opened read-write, for writing. An image we closed cleanly
+  // (the header vouches for its index) is taken as it is: its stored index
+  // is searched where it lies, and nothing is read that the writes do not
+  // need. Any other image has its structure vetted and its index rebuilt
+  // from the data first.
   static Result<std::unique_ptr<Writer>> Start(ImageState& s, uint64_t cache_tables, const ProgressFn& progress);
   ~Writer();
 
@@ -57,7 +61,7 @@ class Writer {
   Status Resize(uint64_t new_size);
   // Everything so far durable, in the crash-safe order; the image stays dirty.
   Status Flush();
-  // Flushes, stores the index past the image's end and marks it clean.
+  // Flushes, stores the index's changes and marks the image clean.
   Status Close();
 
   // Gathered data overlapping [offset, offset + len) goes to the file, so a
@@ -65,7 +69,7 @@ class Writer {
   Status FlushDataOverlapping(uint64_t offset, uint64_t len);
 
   const WriteStats& stats() const { return stats_; }
-  const DedupIndex& index() const { return index_; }
+  const SessionIndex& index() const { return index_; }
 
  private:
   enum class Share { kYes, kNo, kStale };
@@ -91,7 +95,7 @@ class Writer {
   Status ReleaseEntry(uint64_t entry, uint64_t bitmap);
   Result<bool> Believe(uint64_t cluster, const Digest& digest);
   Result<Share> CanShare(uint64_t cluster, const ClusterWrite& w);
-  Result<std::optional<uint64_t>> FindShareable(const ClusterWrite& w, std::optional<uint64_t> hit);
+  Result<std::optional<uint64_t>> FindShareable(const ClusterWrite& w);
   Status FixCopiedFlags();
   // Writes everything back: data, then refcount blocks and L2 tables, then
   // the L1 and refcount tables, then the header; frees become reusable.
@@ -104,7 +108,7 @@ class Writer {
   ImageState& s_;
   std::unique_ptr<Refcounts> refcounts_;
   DataWriter data_;
-  DedupIndex index_;
+  SessionIndex index_;
   WriteStats stats_;
   Status failed_;                 // set once a write or sync failed
   bool marked_dirty_ = false;     // the header on disk says dirty, index out of sync
@@ -113,8 +117,13 @@ class Writer {
   ClusterSet copied_fixups_;      // host clusters whose refcount crossed 1
   bool fix_all_copied_ = false;   // recheck COPIED on every L2 entry at the next flush
   bool fix_l1_copied_ = false;    // an L2 table was copied: recheck the L1 entries' COPIED
-  ClusterSet unverified_;         // host clusters whose index entry came from disk, unchecked
+  // Stored-table clusters whose data this session hashed: what they hold.
+  using Key = std::array<uint8_t, DedupIndex::kKeyBytes>;
+  std::unordered_map<uint64_t, Key> checked_;
   bool index_hashed_ = false;     // the index was built from the data by this session
+  std::pair<uint64_t, uint64_t> reserved_index_;  // the stored table found at the start: offset, bytes
+  // Stores the index, in place or fresh, and sets the header's extension.
+  Status StoreIndex();
   std::vector<uint8_t> scratch_;  // one cluster
 };
 

@@ -14,7 +14,6 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
   // must rest on what the clusters hold today.
   if (!index_hashed_) QD_RETURN_IF_ERROR(RebuildIndex(hashing));
   index_hashed_ = true;
-  unverified_.Clear();
   index_changed_ = true;
   const uint64_t cs = s_.cs();
   const Digest zero = Sha256(std::vector<uint8_t>(cs, 0));
@@ -24,12 +23,13 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
     Digest digest;
   };
   std::unordered_map<uint64_t, Move> moves;
-  index_.ForEach([&](const uint8_t* key, uint64_t c) {
+  const DedupIndex& index = index_.memory();  // all of it: rebuilt above
+  index.ForEach([&](const uint8_t* key, uint64_t c) {
     Digest d{};
     std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
     if (std::memcmp(key, zero.data(), DedupIndex::kKeyBytes) == 0) {
       moves.emplace(c, Move{std::nullopt, d});
-    } else if (auto keep = index_.FindLowest(d); keep && *keep != c) {
+    } else if (auto keep = index.FindLowest(d); keep && *keep != c) {
       moves.emplace(c, Move{keep, d});
     }
   });

@@ -6,7 +6,7 @@
 #include "check/context.h"
 #include "check/passes.h"
 #include "dedup/hash_clusters.h"
-#include "dedup/index_store.h"
+#include "dedup/index_table.h"
 #include "image/image_state.h"
 #include "image/writer.h"
 
@@ -26,18 +26,24 @@ Status Writer::Prepare(const ProgressFn& progress) {
   if (h.incompatible & kIncompatDirty)
     return Status::Corruption("the image was not closed cleanly; repair it with 'check -r all' first");
   QD_RETURN_IF_ERROR(refcounts_->Load(s_.file_size));
-  QD_RETURN_IF_ERROR(VetStructure());
-  QD_ASSIGN_OR_RETURN(bool loaded, LoadIndex(*s_.file, h, s_.file_size, index_));
-  if (loaded) {
-    index_.ForEach([&](const uint8_t*, uint64_t c) { unverified_.Insert(c); });
-  } else {
-    QD_RETURN_IF_ERROR(RebuildIndex(progress));
-    index_changed_ = true;
-    index_hashed_ = true;
-    // Someone else wrote the image: QEMU's copy-on-write of a cluster shared
-    // twice leaves the other reference's COPIED flag clear. Mend them all.
-    fix_all_copied_ = true;
+  if (h.dedup_in_sync() && CheckIndexPlacement(*h.dedup, s_.cs(), s_.file_size).ok()) {
+    // We closed it cleanly last, and nobody wrote it since: no pass over
+    // the image, whose cost would grow with it. Overlap checks guard each
+    // metadata write, as in QEMU.
+    if (h.dedup->index_offset) {
+      index_.Attach(std::make_unique<IndexTable>(s_.file.get(), *h.dedup));
+      reserved_index_ = {h.dedup->index_offset, IndexTableBytes(h.dedup->index_buckets)};
+      refcounts_->Reserve(h.dedup->index_offset / s_.cs(), (reserved_index_.second + s_.cs() - 1) / s_.cs());
+    }
+    return Status::Ok();
   }
+  QD_RETURN_IF_ERROR(VetStructure());
+  QD_RETURN_IF_ERROR(RebuildIndex(progress));
+  index_changed_ = true;
+  index_hashed_ = true;
+  // Someone else wrote the image: QEMU's copy-on-write of a cluster shared
+  // twice leaves the other reference's COPIED flag clear. Mend them all.
+  fix_all_copied_ = true;
   return Status::Ok();
 }
 
@@ -67,7 +73,7 @@ Status Writer::VetStructure() {
 // index, on every core. Every copy goes in, so that freeing one leaves the
 // others findable.
 Status Writer::RebuildIndex(const ProgressFn& progress) {
-  index_.Clear();
+  index_.Reset();
   const uint64_t cs = s_.cs();
   std::vector<uint64_t> clusters;
   const auto& l1 = s_.map->l1();
@@ -82,7 +88,7 @@ Status Writer::RebuildIndex(const ProgressFn& progress) {
   std::sort(clusters.begin(), clusters.end());
   clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
   return HashClusters(*s_.file, cs, clusters, progress,
-                      [&](uint64_t c, const Digest& d) { index_.Insert(d, c); });
+                      [&](uint64_t c, const Digest& d) { index_.memory().Insert(d, c); });
 }
 
 }  // namespace qcow2dedup

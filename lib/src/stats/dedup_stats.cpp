@@ -8,7 +8,7 @@
 #include <set>
 #include <unordered_map>
 
-#include "dedup/index_store.h"
+#include "dedup/index_table.h"
 #include "qcow2dedup/stats.h"
 #include "stats/histogram.h"
 #include "stats/host_references.h"
@@ -75,7 +75,7 @@ Status MeasureMetadata(ImageState& s, DedupStats::Metadata& m) {
   m.refcount = (h.reftable_clusters + blocks) * cs;
   // An index out of sync is dead bytes the next writer replaces (QEMU may
   // already have put data there): it is no part of the image's metadata.
-  m.index = h.dedup_in_sync() && h.dedup->index_offset ? h.dedup->index_entries * kIndexEntryBytes : 0;
+  m.index = h.dedup_in_sync() && h.dedup->index_offset ? IndexTableBytes(h.dedup->index_buckets) : 0;
   return Status::Ok();
 }
 

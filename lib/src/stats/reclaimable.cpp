@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "dedup/hash_clusters.h"
-#include "dedup/index_store.h"
+#include "dedup/index_table.h"
 #include "stats/digest_set.h"
 
 namespace qcow2dedup {
@@ -11,7 +11,7 @@ namespace {
 
 Result<uint64_t> FromStoredIndex(ImageState& s, bool& loaded) {
   DedupIndex index;
-  QD_ASSIGN_OR_RETURN(loaded, LoadIndex(*s.file, s.header, s.file_size, index));
+  QD_ASSIGN_OR_RETURN(loaded, ReadIndexTable(*s.file, s.header, s.file_size, index));
   uint64_t copies = 0;
   index.ForEach([&](const uint8_t* key, uint64_t c) {
     Digest d{};

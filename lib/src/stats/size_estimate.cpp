@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "dedup/index_store.h"
+#include "dedup/index_table.h"
 #include "format/header.h"
 
 namespace qcow2dedup {
@@ -20,7 +20,15 @@ uint64_t EstimateImageSize(uint64_t device_size, uint64_t cs, uint64_t l2_tables
   const uint64_t others = 1 + reftable + l1 + l2_tables + unique;
   // Each block sits in the range it covers, so it counts itself.
   const uint64_t blocks = std::max<uint64_t>(1, div_up(others, per_block - 1));
-  return (others + blocks) * cs + unique * kIndexEntryBytes;
+  const uint64_t end = others + blocks;
+  if (unique == 0) return end * cs;
+  // The index table follows, with refcount 0 but covered by refcount
+  // blocks: those it lacks go after it (the writer's AllocateRange).
+  const uint64_t table_bytes = IndexTableBytes(IndexBucketsFor(unique));
+  const uint64_t table = div_up(table_bytes, cs);
+  uint64_t after = 0;
+  while ((blocks + after) * per_block < end + table + after) ++after;
+  return after ? (end + table + after) * cs : end * cs + table_bytes;
 }
 
 }  // namespace qcow2dedup

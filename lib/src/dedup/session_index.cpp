@@ -1,0 +1,110 @@
+#include "dedup/session_index.h"
+
+#include <cstring>
+#include <vector>
+
+namespace qcow2dedup {
+
+void SessionIndex::Reset() {
+  table_.reset();
+  added_.Clear();
+  removed_.Clear();
+  inexact_ = false;
+}
+
+Result<std::optional<uint64_t>> SessionIndex::Find(const Digest& d) {
+  if (auto c = added_.Find(d)) return c;
+  std::optional<uint64_t> found;
+  if (table_) {
+    QD_RETURN_IF_ERROR(table_->ForKey(d.data(), [&](uint64_t c) {
+      if (removed_.Contains(d, c)) return true;
+      found = c;
+      return false;
+    }));
+  }
+  return found;
+}
+
+Result<std::vector<uint64_t>> SessionIndex::FindAll(const Digest& d) {
+  std::vector<uint64_t> all = added_.FindAll(d);
+  if (table_) {
+    QD_RETURN_IF_ERROR(table_->ForKey(d.data(), [&](uint64_t c) {
+      if (!removed_.Contains(d, c)) all.push_back(c);
+      return true;
+    }));
+  }
+  return all;
+}
+
+namespace {
+
+Result<bool> InTable(IndexTable& table, const Digest& d, uint64_t cluster) {
+  bool found = false;
+  QD_RETURN_IF_ERROR(table.ForKey(d.data(), [&](uint64_t c) {
+    found = c == cluster;
+    return !found;
+  }));
+  return found;
+}
+
+}  // namespace
+
+Status SessionIndex::Insert(const Digest& d, uint64_t cluster) {
+  if (removed_.Remove(d, cluster)) return Status::Ok();  // back as the table has it
+  if (table_) {
+    QD_ASSIGN_OR_RETURN(bool stored, InTable(*table_, d, cluster));
+    if (stored) return Status::Ok();
+  }
+  added_.Insert(d, cluster);
+  return Status::Ok();
+}
+
+Result<bool> SessionIndex::Remove(const Digest& d, uint64_t cluster) {
+  if (added_.Remove(d, cluster)) return true;
+  if (!table_ || removed_.Contains(d, cluster)) return false;
+  QD_ASSIGN_OR_RETURN(bool stored, InTable(*table_, d, cluster));
+  if (stored) removed_.Insert(d, cluster);
+  return stored;
+}
+
+Result<std::optional<DedupExtension>> SessionIndex::Store(
+    File& file, const IndexTable::MayWrite& may_write, const Place& place) {
+  if (inexact_ || (table_ && table_->damaged())) return std::optional<DedupExtension>();
+  if (table_) {
+    std::vector<IndexTable::Pair> removed, added;
+    auto collect = [](const DedupIndex& from, std::vector<IndexTable::Pair>& to) {
+      from.ForEach([&](const uint8_t* key, uint64_t c) {
+        IndexTable::Pair p{};
+        std::memcpy(p.digest.data(), key, DedupIndex::kKeyBytes);
+        p.cluster = c;
+        to.push_back(p);
+      });
+    };
+    collect(removed_, removed);
+    collect(added_, added);
+    Status st = table_->Apply(removed, added, may_write);
+    if (st.ok()) {
+      DedupExtension ext;
+      ext.index_offset = table_->offset();
+      ext.index_buckets = table_->buckets();
+      ext.index_entries = table_->entries();
+      return std::optional<DedupExtension>(ext);
+    }
+    if (st.kind() == ErrorKind::kIOError || st.kind() == ErrorKind::kNoSpace) return st;
+    // Too full, or its place is taken: everything moves to a fresh table.
+    QD_RETURN_IF_ERROR(table_->ForEach([&](const uint8_t* key, uint64_t c) {
+      Digest d{};
+      std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
+      if (!removed_.Contains(d, c)) added_.Insert(d, c);
+    }));
+    if (table_->damaged()) return std::optional<DedupExtension>();
+    table_.reset();
+    removed_.Clear();
+  }
+  if (added_.size() == 0) return std::optional<DedupExtension>(DedupExtension{});
+  QD_ASSIGN_OR_RETURN(uint64_t at, place(IndexTableBytes(IndexTableBuckets(added_))));
+  QD_ASSIGN_OR_RETURN(DedupExtension ext, WriteIndexTable(file, added_, at));
+  return std::optional<DedupExtension>(ext);
+}
+
+}  // namespace qcow2dedup

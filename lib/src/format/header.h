@@ -83,7 +83,8 @@ struct RawDedupExtension {
   be64 index_offset;    // 0: no index stored
   be64 index_entries;
   be64 index_buckets;   // a power of two
-  uint8_t reserved[24];
+  be64 free_hint;       // no free cluster lies below this one (a hint)
+  uint8_t reserved[16];
 };
 #pragma pack(pop)
 static_assert(sizeof(RawHeader) == 112);
@@ -97,6 +98,7 @@ struct DedupExtension {
   uint64_t index_offset = 0;
   uint64_t index_entries = 0;
   uint64_t index_buckets = 0;
+  uint64_t free_hint = 0;
   uint32_t version = kDedupExtensionVersion;
 };
 

@@ -3,6 +3,7 @@
 // image says the L2 change that freed it is on disk (ReleasePendingFrees).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <unordered_set>
@@ -45,6 +46,17 @@ class Refcounts {
   // Clusters freed since the last call may now be reused; returns them.
   std::vector<uint64_t> ReleasePendingFrees();
   bool IsPendingFree(uint64_t cluster) const { return pending_free_.count(cluster) != 0; }
+
+  // The search for a free cluster starts here: a clean image's extension
+  // says below which cluster none is free, which spares a scan of every
+  // refcount block per session.
+  void set_free_hint(uint64_t c) { free_hint_ = c; }
+  // No cluster below this one is free or about to be.
+  uint64_t LowestFree() const {
+    uint64_t low = free_hint_;
+    for (uint64_t c : pending_free_) low = std::min(low, c);
+    return std::min(low, reserved_end_ > reserved_first_ ? reserved_first_ : low);
+  }
 
   // One past the highest cluster whose refcount is not zero.
   Result<uint64_t> EndCluster();

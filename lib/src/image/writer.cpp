@@ -451,6 +451,7 @@ Status Writer::StoreIndex() {
   QD_ASSIGN_OR_RETURN(std::optional<DedupExtension> ext, index_.Store(*s_.file, may_write, place));
   if (ext) {
     s_.header.dedup = *ext;
+    s_.header.dedup->free_hint = refcounts_->LowestFree();
     s_.header.autoclear |= kAutoclearDedupInSync;
   } else {
     s_.header.dedup = DedupExtension{};  // rebuilt from the data on the next write

@@ -30,6 +30,7 @@ Status Writer::Prepare(const ProgressFn& progress) {
     // We closed it cleanly last, and nobody wrote it since: no pass over
     // the image, whose cost would grow with it. Overlap checks guard each
     // metadata write, as in QEMU.
+    if (h.dedup->free_hint <= s_.file_size / s_.cs()) refcounts_->set_free_hint(h.dedup->free_hint);
     if (h.dedup->index_offset) {
       index_.Attach(std::make_unique<IndexTable>(s_.file.get(), *h.dedup));
       reserved_index_ = {h.dedup->index_offset, IndexTableBytes(h.dedup->index_buckets)};

@@ -191,6 +191,10 @@ Status Refcounts::WriteTable() {
 Status Refcounts::GrowTable(uint64_t min_blocks) {
   const uint64_t cs = h_->cluster_size();
   QD_ASSIGN_OR_RETURN(uint64_t end, EndCluster());
+  // Past what a crash could still need (frees not yet on disk) and past
+  // the index's reserved clusters too.
+  for (uint64_t c : pending_free_) end = std::max(end, c + 1);
+  end = std::max(end, reserved_end_);
   uint64_t home_block = std::max<uint64_t>((end + per_block_ - 1) / per_block_, table_.size());
   uint64_t blocks = std::max(min_blocks, home_block + 1);
   blocks += blocks / 2 + 8;  // room to grow

@@ -4,11 +4,12 @@
 
 #include <fmt/format.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <functional>
-#include <future>
 #include <mutex>
+#include <thread>
 
 #include "dedup/hasher.h"
 #include "dedup/sha256.h"
@@ -28,13 +29,18 @@ struct Chunk {
 // Fills a chunk's data (on a worker thread); the default leaves it as is.
 using FillFn = std::function<Status(Chunk&)>;
 
-// Runs hashing of up to `depth` chunks ahead of the writer. Chunks are
-// recycled: a fresh 4 MiB buffer each time costs page faults and zeroing.
+// Fills and hashes chunks on a fixed pool of HashThreads() workers while the
+// calling thread writes earlier ones, in order: one writer, so the write
+// path needs no lock. Up to depth_ chunks are in flight, enough that a worker
+// always finds a chunk to hash while the writer writes. Chunks are recycled:
+// a fresh 4 MiB buffer each time costs page faults and zeroing.
 class HashPipeline {
  public:
   // detect_zeros false: zero clusters are hashed and stored as data (-S 0).
   explicit HashPipeline(Image& dst, bool detect_zeros = true)
-      : dst_(dst), depth_(std::max(2u, HashThreads()) + 1), detect_zeros_(detect_zeros) {}
+      : dst_(dst), depth_(2 * HashThreads() + 2), detect_zeros_(detect_zeros) {
+    for (unsigned i = 0; i < HashThreads(); ++i) workers_.emplace_back([this] { Work(); });
+  }
 
   // A chunk for guest bytes [offset, offset + len), len a multiple of the
   // cluster size or the end of the input (the tail is zeroed).
@@ -63,20 +69,13 @@ class HashPipeline {
     const uint64_t cs = dst_.cluster_size();
     for (uint64_t i = 0; i < c->data.size() / cs; ++i)
       c->writes.push_back({c->offset / cs + i, std::span<const uint8_t>(&c->data[i * cs], cs), false, {}});
-    Chunk* raw = c.get();
     c->status = Status::Ok();
-    auto work = [raw, fill = std::move(fill), detect_zeros = detect_zeros_] {
-      if (fill) raw->status = fill(*raw);
-      if (raw->status.ok())
-        for (ClusterWrite& w : raw->writes) {
-          PrepareClusterWrite(w);
-          if (w.zero && !detect_zeros) {
-            w.zero = false;
-            w.digest = Sha256(w.data);
-          }
-        }
-    };
-    inflight_.push_back({std::move(c), std::async(std::launch::async, std::move(work))});
+    {
+      std::lock_guard lock(mutex_);
+      inflight_.push_back({std::move(c), std::move(fill), false});
+      todo_.push_back(&inflight_.back());
+    }
+    work_ready_.notify_one();
     if (inflight_.size() >= depth_) return PopOne();
     return Status::Ok();
   }
@@ -85,27 +84,74 @@ class HashPipeline {
     return Status::Ok();
   }
   ~HashPipeline() {
-    for (auto& f : inflight_) f.done.wait();
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+      todo_.clear();  // after an error: what is not begun is not needed
+    }
+    work_ready_.notify_all();
+    for (std::thread& t : workers_) t.join();
   }
 
  private:
   struct InFlight {
     std::unique_ptr<Chunk> chunk;
-    std::future<void> done;
+    FillFn fill;
+    bool done;
   };
+  void Work() {
+    for (;;) {
+      InFlight* f;
+      {
+        std::unique_lock lock(mutex_);
+        work_ready_.wait(lock, [&] { return stop_ || !todo_.empty(); });
+        if (stop_) return;
+        f = todo_.front();
+        todo_.pop_front();
+      }
+      Chunk& c = *f->chunk;
+      if (f->fill) c.status = f->fill(c);
+      if (c.status.ok())
+        for (ClusterWrite& w : c.writes) {
+          PrepareClusterWrite(w);
+          if (w.zero && !detect_zeros_) {
+            w.zero = false;
+            w.digest = Sha256(w.data);
+          }
+        }
+      {
+        std::lock_guard lock(mutex_);
+        f->done = true;
+      }
+      chunk_done_.notify_all();
+    }
+  }
   Status PopOne() {
-    InFlight f = std::move(inflight_.front());
-    inflight_.pop_front();
-    f.done.get();
-    Status s = f.chunk->status.ok() ? dst_.WriteClusters(f.chunk->writes) : f.chunk->status;
-    free_.push_back(std::move(f.chunk));
+    {
+      std::unique_lock lock(mutex_);
+      chunk_done_.wait(lock, [&] { return inflight_.front().done; });
+    }
+    // Only this thread adds or removes in-flight chunks (std::deque keeps
+    // the others' addresses, which todo_ holds, when the front goes).
+    std::unique_ptr<Chunk> c = std::move(inflight_.front().chunk);
+    {
+      std::lock_guard lock(mutex_);
+      inflight_.pop_front();
+    }
+    Status s = c->status.ok() ? dst_.WriteClusters(c->writes) : c->status;
+    free_.push_back(std::move(c));
     return s;
   }
   Image& dst_;
-  unsigned depth_;
-  bool detect_zeros_;
-  std::deque<InFlight> inflight_;
+  const unsigned depth_;
+  const bool detect_zeros_;
+  std::mutex mutex_;  // guards todo_, stop_, the done flags and inflight_'s shape
+  std::condition_variable work_ready_, chunk_done_;
+  std::deque<InFlight> inflight_;  // in push order, the oldest first
+  std::deque<InFlight*> todo_;     // not yet taken by a worker
+  bool stop_ = false;
   std::vector<std::unique_ptr<Chunk>> free_;
+  std::vector<std::thread> workers_;
 };
 
 // Flushes dst after every `interval` bytes pushed (0: never). The pipeline

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <future>
 #include <mutex>
 #include <thread>
 
@@ -38,7 +39,7 @@ class HashPipeline {
  public:
   // detect_zeros false: zero clusters are hashed and stored as data (-S 0).
   explicit HashPipeline(Image& dst, bool detect_zeros = true)
-      : dst_(dst), depth_(2 * HashThreads() + 2), detect_zeros_(detect_zeros) {
+      : dst_(dst), depth_(HashThreads() + 3), detect_zeros_(detect_zeros) {
     for (unsigned i = 0; i < HashThreads(); ++i) workers_.emplace_back([this] { Work(); });
   }
 
@@ -283,24 +284,56 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
   return dst.Resize((total + 511) & ~511ull);
 }
 
+namespace {
+
+// What ExportRaw writes next: a run of zeros (reading it was skipped) or a
+// chunk of data.
+struct RawPiece {
+  uint64_t zeros = 0, len = 0;
+  std::vector<uint8_t> buf;
+  Status status;
+};
+
+void LoadPiece(BlockDevice& src, uint64_t pos, RawPiece& p) {
+  p.zeros = p.len = 0;
+  auto zeros = src.ZeroRun(pos);
+  p.status = zeros.status();
+  if (!p.status.ok()) return;
+  if (*zeros > 0) {
+    p.zeros = std::min(*zeros, src.virtual_size() - pos);
+    return;
+  }
+  p.len = std::min<uint64_t>(kChunkBytes, src.virtual_size() - pos);
+  p.buf.resize(kChunkBytes);
+  p.status = src.Read(pos, std::span<uint8_t>(p.buf.data(), p.len));
+}
+
+}  // namespace
+
 Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const CopyOptions& options) {
   // Holes stand for zeros only in a target that reads zero, and only with -S.
   const bool holes = options.target == TargetState::kZero && options.sparse_size != 0;
   const uint64_t size = src.virtual_size();
   const uint64_t block = options.sparse_size ? options.sparse_size : 4096;
-  std::vector<uint8_t> buf(kChunkBytes);
-  uint64_t pos = 0;
-  while (pos < size) {
-    QD_ASSIGN_OR_RETURN(uint64_t zeros, src.ZeroRun(pos));
-    if (zeros > 0) {
-      zeros = std::min(zeros, size - pos);
-      // An unallocated run is a hole even when shorter than -S: it was one.
-      if (options.target == TargetState::kAnyData || !options.sparse_size)
-        QD_RETURN_IF_ERROR(WriteZeros(dst, pos, zeros));
-      pos += zeros;
-    } else {
-      const uint64_t len = std::min<uint64_t>(kChunkBytes, size - pos);
-      QD_RETURN_IF_ERROR(src.Read(pos, std::span<uint8_t>(buf.data(), len)));
+  // The next piece is read on another thread while this one is written
+  // (only that thread touches src).
+  RawPiece pieces[2];
+  RawPiece* cur = &pieces[0];
+  RawPiece* next = &pieces[1];
+  if (size > 0) LoadPiece(src, 0, *cur);
+  for (uint64_t pos = 0; pos < size;) {
+    QD_RETURN_IF_ERROR(cur->status);
+    const uint64_t end = pos + cur->zeros + cur->len;
+    std::future<void> loading;
+    if (end < size) loading = std::async(std::launch::async, [&src, end, next] { LoadPiece(src, end, *next); });
+    Status written = [&] {
+      if (cur->zeros > 0) {
+        // An unallocated run is a hole even when shorter than -S: it was one.
+        if (options.target == TargetState::kAnyData || !options.sparse_size) return WriteZeros(dst, pos, cur->zeros);
+        return Status::Ok();
+      }
+      const std::vector<uint8_t>& buf = cur->buf;
+      const uint64_t len = cur->len;
       // Write only the 4 KiB blocks that hold data: the rest stays a hole.
       for (uint64_t b = 0; b < len;) {
         uint64_t n = std::min(block, len - b);
@@ -315,15 +348,19 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const 
         QD_RETURN_IF_ERROR(dst.WriteAt(pos + b, {&buf[b], e - b}));
         b = e;
       }
-      pos += len;
-    }
+      return Status::Ok();
+    }();
+    if (loading.valid()) loading.wait();
+    QD_RETURN_IF_ERROR(written);
+    pos = end;
+    std::swap(cur, next);
     if (progress) progress(pos, size);
   }
   // Holes at the end: the file must still reach size. Never shrink: a
   // target of -n (a block device, a larger file) keeps its size.
   QD_ASSIGN_OR_RETURN(uint64_t file_size, dst.Size());
   if (file_size < size) QD_RETURN_IF_ERROR(dst.Truncate(size));
-  return dst.Sync();
+  return options.cache == CacheMode::kUnsafe ? Status::Ok() : dst.Sync();
 }
 
 }  // namespace qcow2dedup

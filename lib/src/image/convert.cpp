@@ -8,7 +8,6 @@
 #include <cstring>
 #include <deque>
 #include <functional>
-#include <future>
 #include <mutex>
 #include <thread>
 
@@ -308,6 +307,71 @@ void LoadPiece(BlockDevice& src, uint64_t pos, RawPiece& p) {
   p.status = src.Read(pos, std::span<uint8_t>(p.buf.data(), p.len));
 }
 
+// Reads src from the start, a few pieces ahead of the writer, on a thread
+// of its own (the only one that touches src). A handoff per piece would
+// make the writer wait for that thread to be scheduled at every piece on a
+// busy machine; a few pieces ahead, it rarely waits.
+class ReadAhead {
+ public:
+  explicit ReadAhead(BlockDevice& src) {
+    for (RawPiece& p : pieces_) free_.push_back(&p);
+    reader_ = std::thread([this, &src] { Read(src); });
+  }
+  ~ReadAhead() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    changed_.notify_all();
+    reader_.join();
+  }
+  // The next piece in order (its status may be an error: then no more come).
+  RawPiece* Next() {
+    std::unique_lock lock(mutex_);
+    changed_.wait(lock, [&] { return !ready_.empty(); });
+    RawPiece* p = ready_.front();
+    ready_.pop_front();
+    return p;
+  }
+  void Done(RawPiece* p) {
+    {
+      std::lock_guard lock(mutex_);
+      free_.push_back(p);
+    }
+    changed_.notify_all();
+  }
+
+ private:
+  void Read(BlockDevice& src) {
+    for (uint64_t pos = 0; pos < src.virtual_size();) {
+      RawPiece* p;
+      {
+        std::unique_lock lock(mutex_);
+        changed_.wait(lock, [&] { return stop_ || !free_.empty(); });
+        if (stop_) return;
+        p = free_.front();
+        free_.pop_front();
+      }
+      LoadPiece(src, pos, *p);
+      pos += p->zeros + p->len;
+      const bool failed = !p->status.ok();
+      {
+        std::lock_guard lock(mutex_);
+        ready_.push_back(p);
+      }
+      changed_.notify_all();
+      if (failed) return;
+    }
+  }
+
+  RawPiece pieces_[4];
+  std::mutex mutex_;  // guards the rest
+  std::condition_variable changed_;
+  std::deque<RawPiece*> ready_, free_;
+  bool stop_ = false;
+  std::thread reader_;
+};
+
 }  // namespace
 
 Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const CopyOptions& options) {
@@ -315,23 +379,15 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const 
   const bool holes = options.target == TargetState::kZero && options.sparse_size != 0;
   const uint64_t size = src.virtual_size();
   const uint64_t block = options.sparse_size ? options.sparse_size : 4096;
-  // The next piece is read on another thread while this one is written
-  // (only that thread touches src).
-  RawPiece pieces[2];
-  RawPiece* cur = &pieces[0];
-  RawPiece* next = &pieces[1];
-  if (size > 0) LoadPiece(src, 0, *cur);
+  ReadAhead ahead(src);
   for (uint64_t pos = 0; pos < size;) {
+    RawPiece* cur = ahead.Next();
     QD_RETURN_IF_ERROR(cur->status);
-    const uint64_t end = pos + cur->zeros + cur->len;
-    std::future<void> loading;
-    if (end < size) loading = std::async(std::launch::async, [&src, end, next] { LoadPiece(src, end, *next); });
-    Status written = [&] {
-      if (cur->zeros > 0) {
-        // An unallocated run is a hole even when shorter than -S: it was one.
-        if (options.target == TargetState::kAnyData || !options.sparse_size) return WriteZeros(dst, pos, cur->zeros);
-        return Status::Ok();
-      }
+    if (cur->zeros > 0) {
+      // An unallocated run is a hole even when shorter than -S: it was one.
+      if (options.target == TargetState::kAnyData || !options.sparse_size)
+        QD_RETURN_IF_ERROR(WriteZeros(dst, pos, cur->zeros));
+    } else {
       const std::vector<uint8_t>& buf = cur->buf;
       const uint64_t len = cur->len;
       // Write only the 4 KiB blocks that hold data: the rest stays a hole.
@@ -348,12 +404,9 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const 
         QD_RETURN_IF_ERROR(dst.WriteAt(pos + b, {&buf[b], e - b}));
         b = e;
       }
-      return Status::Ok();
-    }();
-    if (loading.valid()) loading.wait();
-    QD_RETURN_IF_ERROR(written);
-    pos = end;
-    std::swap(cur, next);
+    }
+    pos += cur->zeros + cur->len;
+    ahead.Done(cur);
     if (progress) progress(pos, size);
   }
   // Holes at the end: the file must still reach size. Never shrink: a

@@ -198,7 +198,8 @@ int ToQcow2(const ImageOptions& o) {
 // -n: into an existing target, as qemu-img convert -n. Nothing is created
 // and nothing removed on failure: the target is the caller's.
 CopyOptions IntoExistingOptions() {
-  return {opts.target_is_zero ? TargetState::kZero : TargetState::kAnyData, opts.sparse_size, opts.flush_interval};
+  return {opts.target_is_zero ? TargetState::kZero : TargetState::kAnyData, opts.sparse_size, opts.flush_interval,
+          opts.cache};
 }
 
 int IntoExistingQcow2(BlockDevice& src) {
@@ -261,7 +262,7 @@ int ToRaw() {
   s = (*file)->Truncate(0);
   Progress progress(opts.progress, Progress::Unit::kBytes, {}, stdout);
   BlamedSource blamed(**src);
-  if (s.ok()) s = ExportRaw(blamed, **file, progress.fn(), {TargetState::kZero, opts.sparse_size});
+  if (s.ok()) s = ExportRaw(blamed, **file, progress.fn(), {TargetState::kZero, opts.sparse_size, 0, opts.cache});
   if (!s.ok()) {
     file->reset();
     return out.Fail(blamed.failed ? opts.src : opts.dst, s);

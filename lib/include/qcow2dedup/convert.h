@@ -28,6 +28,9 @@ struct CopyOptions {
   // that a crash keeps what was flushed; 0: flush only when dst's table
   // cache is full (and the caller's Close at the end).
   uint64_t flush_interval = 0;
+  // ExportRaw: kWriteback syncs dst at the end, kUnsafe does not. (A qcow2
+  // dst has its own, from OpenOptions.)
+  CacheMode cache = CacheMode::kWriteback;
 };
 
 // Copies the guest view of src into dst (dst.virtual_size() >= src's).

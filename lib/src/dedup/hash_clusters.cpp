@@ -1,6 +1,8 @@
 #include "dedup/hash_clusters.h"
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <vector>
 
 #include "dedup/hasher.h"
@@ -19,10 +21,13 @@ struct Piece {
 
 Status HashClusters(File& file, uint64_t cs, std::span<const uint64_t> clusters, const ProgressFn& progress,
                     const std::function<void(uint64_t, const Digest&)>& done) {
-  const size_t batch = std::max<size_t>(64, (8u << 20) / cs);
-  const size_t per_piece = std::max<size_t>(1, (1u << 20) / cs);  // pieces of 1 MiB: both cores get work
-  std::vector<uint8_t> buf(std::min(batch, clusters.size()) * cs);
-  std::vector<Digest> digests(batch);
+  // Batches of 64 MiB: a batch ends with a wait for its slowest piece, so
+  // it must be long beside one piece's time.
+  const size_t batch = std::max<size_t>(64, (64u << 20) / cs);
+  const size_t per_piece = std::max<size_t>(1, (1u << 20) / cs);
+  const unsigned threads = HashThreads();
+  std::vector<std::vector<uint8_t>> bufs(threads);  // one piece each
+  std::vector<Digest> digests(std::min(batch, clusters.size()));
   std::vector<Piece> pieces;
   std::vector<Status> errors;
   for (size_t start = 0; start < clusters.size(); start += batch) {
@@ -39,12 +44,25 @@ Status HashClusters(File& file, uint64_t cs, std::span<const uint64_t> clusters,
       pieces.push_back({k, 1});
     }
     errors.assign(pieces.size(), Status::Ok());
-    ParallelFor(pieces.size(), 1, [&](size_t i) {
-      const Piece& p = pieces[i];
-      std::span<uint8_t> bytes(&buf[p.first * cs], p.count * cs);
-      errors[i] = file.ReadAt(clusters[start + p.first] * cs, bytes);
-      for (size_t k = p.first; k < p.first + p.count; ++k) digests[k] = Sha256(std::span(&buf[k * cs], cs));
-    });
+    // Each thread takes the next piece when done with one: pieces differ in
+    // size (a run of 1 MiB, a lone cluster), so a fixed split would leave a
+    // core idle.
+    std::atomic<size_t> next{0};
+    auto work = [&](unsigned t) {
+      std::vector<uint8_t>& buf = bufs[t];
+      for (size_t i; (i = next.fetch_add(1)) < pieces.size();) {
+        const Piece& p = pieces[i];
+        buf.resize(p.count * cs);
+        errors[i] = file.ReadAt(clusters[start + p.first] * cs, buf);
+        if (!errors[i].ok()) continue;
+        for (size_t k = 0; k < p.count; ++k) digests[p.first + k] = Sha256(std::span(&buf[k * cs], cs));
+      }
+    };
+    const unsigned helpers = unsigned(std::min<size_t>(threads, pieces.size())) - 1;
+    std::vector<std::thread> pool;
+    for (unsigned t = 1; t <= helpers; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (std::thread& th : pool) th.join();
     for (const Status& e : errors) QD_RETURN_IF_ERROR(e);
     for (size_t k = 0; k < n; ++k) done(clusters[start + k], digests[k]);
     if (progress) progress(start + n, clusters.size());

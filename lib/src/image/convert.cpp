@@ -4,11 +4,12 @@
 
 #include <fmt/format.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <functional>
-#include <future>
 #include <mutex>
+#include <thread>
 
 #include "dedup/hasher.h"
 #include "dedup/sha256.h"
@@ -28,13 +29,18 @@ struct Chunk {
 // Fills a chunk's data (on a worker thread); the default leaves it as is.
 using FillFn = std::function<Status(Chunk&)>;
 
-// Runs hashing of up to `depth` chunks ahead of the writer. Chunks are
-// recycled: a fresh 4 MiB buffer each time costs page faults and zeroing.
+// Fills and hashes chunks on a fixed pool of HashThreads() workers while the
+// calling thread writes earlier ones, in order: one writer, so the write
+// path needs no lock. Up to depth_ chunks are in flight, enough that a worker
+// always finds a chunk to hash while the writer writes. Chunks are recycled:
+// a fresh 4 MiB buffer each time costs page faults and zeroing.
 class HashPipeline {
  public:
   // detect_zeros false: zero clusters are hashed and stored as data (-S 0).
   explicit HashPipeline(Image& dst, bool detect_zeros = true)
-      : dst_(dst), depth_(std::max(2u, HashThreads()) + 1), detect_zeros_(detect_zeros) {}
+      : dst_(dst), depth_(HashThreads() + 3), detect_zeros_(detect_zeros) {
+    for (unsigned i = 0; i < HashThreads(); ++i) workers_.emplace_back([this] { Work(); });
+  }
 
   // A chunk for guest bytes [offset, offset + len), len a multiple of the
   // cluster size or the end of the input (the tail is zeroed).
@@ -63,20 +69,13 @@ class HashPipeline {
     const uint64_t cs = dst_.cluster_size();
     for (uint64_t i = 0; i < c->data.size() / cs; ++i)
       c->writes.push_back({c->offset / cs + i, std::span<const uint8_t>(&c->data[i * cs], cs), false, {}});
-    Chunk* raw = c.get();
     c->status = Status::Ok();
-    auto work = [raw, fill = std::move(fill), detect_zeros = detect_zeros_] {
-      if (fill) raw->status = fill(*raw);
-      if (raw->status.ok())
-        for (ClusterWrite& w : raw->writes) {
-          PrepareClusterWrite(w);
-          if (w.zero && !detect_zeros) {
-            w.zero = false;
-            w.digest = Sha256(w.data);
-          }
-        }
-    };
-    inflight_.push_back({std::move(c), std::async(std::launch::async, std::move(work))});
+    {
+      std::lock_guard lock(mutex_);
+      inflight_.push_back({std::move(c), std::move(fill), false});
+      todo_.push_back(&inflight_.back());
+    }
+    work_ready_.notify_one();
     if (inflight_.size() >= depth_) return PopOne();
     return Status::Ok();
   }
@@ -85,27 +84,74 @@ class HashPipeline {
     return Status::Ok();
   }
   ~HashPipeline() {
-    for (auto& f : inflight_) f.done.wait();
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+      todo_.clear();  // after an error: what is not begun is not needed
+    }
+    work_ready_.notify_all();
+    for (std::thread& t : workers_) t.join();
   }
 
  private:
   struct InFlight {
     std::unique_ptr<Chunk> chunk;
-    std::future<void> done;
+    FillFn fill;
+    bool done;
   };
+  void Work() {
+    for (;;) {
+      InFlight* f;
+      {
+        std::unique_lock lock(mutex_);
+        work_ready_.wait(lock, [&] { return stop_ || !todo_.empty(); });
+        if (stop_) return;
+        f = todo_.front();
+        todo_.pop_front();
+      }
+      Chunk& c = *f->chunk;
+      if (f->fill) c.status = f->fill(c);
+      if (c.status.ok())
+        for (ClusterWrite& w : c.writes) {
+          PrepareClusterWrite(w);
+          if (w.zero && !detect_zeros_) {
+            w.zero = false;
+            w.digest = Sha256(w.data);
+          }
+        }
+      {
+        std::lock_guard lock(mutex_);
+        f->done = true;
+      }
+      chunk_done_.notify_all();
+    }
+  }
   Status PopOne() {
-    InFlight f = std::move(inflight_.front());
-    inflight_.pop_front();
-    f.done.get();
-    Status s = f.chunk->status.ok() ? dst_.WriteClusters(f.chunk->writes) : f.chunk->status;
-    free_.push_back(std::move(f.chunk));
+    {
+      std::unique_lock lock(mutex_);
+      chunk_done_.wait(lock, [&] { return inflight_.front().done; });
+    }
+    // Only this thread adds or removes in-flight chunks (std::deque keeps
+    // the others' addresses, which todo_ holds, when the front goes).
+    std::unique_ptr<Chunk> c = std::move(inflight_.front().chunk);
+    {
+      std::lock_guard lock(mutex_);
+      inflight_.pop_front();
+    }
+    Status s = c->status.ok() ? dst_.WriteClusters(c->writes) : c->status;
+    free_.push_back(std::move(c));
     return s;
   }
   Image& dst_;
-  unsigned depth_;
-  bool detect_zeros_;
-  std::deque<InFlight> inflight_;
+  const unsigned depth_;
+  const bool detect_zeros_;
+  std::mutex mutex_;  // guards todo_, stop_, the done flags and inflight_'s shape
+  std::condition_variable work_ready_, chunk_done_;
+  std::deque<InFlight> inflight_;  // in push order, the oldest first
+  std::deque<InFlight*> todo_;     // not yet taken by a worker
+  bool stop_ = false;
   std::vector<std::unique_ptr<Chunk>> free_;
+  std::vector<std::thread> workers_;
 };
 
 // Flushes dst after every `interval` bytes pushed (0: never). The pipeline
@@ -237,24 +283,113 @@ Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progre
   return dst.Resize((total + 511) & ~511ull);
 }
 
+namespace {
+
+// What ExportRaw writes next: a run of zeros (reading it was skipped) or a
+// chunk of data.
+struct RawPiece {
+  uint64_t zeros = 0, len = 0;
+  std::vector<uint8_t> buf;
+  Status status;
+};
+
+void LoadPiece(BlockDevice& src, uint64_t pos, RawPiece& p) {
+  p.zeros = p.len = 0;
+  auto zeros = src.ZeroRun(pos);
+  p.status = zeros.status();
+  if (!p.status.ok()) return;
+  if (*zeros > 0) {
+    p.zeros = std::min(*zeros, src.virtual_size() - pos);
+    return;
+  }
+  p.len = std::min<uint64_t>(kChunkBytes, src.virtual_size() - pos);
+  p.buf.resize(kChunkBytes);
+  p.status = src.Read(pos, std::span<uint8_t>(p.buf.data(), p.len));
+}
+
+// Reads src from the start, a few pieces ahead of the writer, on a thread
+// of its own (the only one that touches src). A handoff per piece would
+// make the writer wait for that thread to be scheduled at every piece on a
+// busy machine; a few pieces ahead, it rarely waits.
+class ReadAhead {
+ public:
+  explicit ReadAhead(BlockDevice& src) {
+    for (RawPiece& p : pieces_) free_.push_back(&p);
+    reader_ = std::thread([this, &src] { Read(src); });
+  }
+  ~ReadAhead() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    changed_.notify_all();
+    reader_.join();
+  }
+  // The next piece in order (its status may be an error: then no more come).
+  RawPiece* Next() {
+    std::unique_lock lock(mutex_);
+    changed_.wait(lock, [&] { return !ready_.empty(); });
+    RawPiece* p = ready_.front();
+    ready_.pop_front();
+    return p;
+  }
+  void Done(RawPiece* p) {
+    {
+      std::lock_guard lock(mutex_);
+      free_.push_back(p);
+    }
+    changed_.notify_all();
+  }
+
+ private:
+  void Read(BlockDevice& src) {
+    for (uint64_t pos = 0; pos < src.virtual_size();) {
+      RawPiece* p;
+      {
+        std::unique_lock lock(mutex_);
+        changed_.wait(lock, [&] { return stop_ || !free_.empty(); });
+        if (stop_) return;
+        p = free_.front();
+        free_.pop_front();
+      }
+      LoadPiece(src, pos, *p);
+      pos += p->zeros + p->len;
+      const bool failed = !p->status.ok();
+      {
+        std::lock_guard lock(mutex_);
+        ready_.push_back(p);
+      }
+      changed_.notify_all();
+      if (failed) return;
+    }
+  }
+
+  RawPiece pieces_[4];
+  std::mutex mutex_;  // guards the rest
+  std::condition_variable changed_;
+  std::deque<RawPiece*> ready_, free_;
+  bool stop_ = false;
+  std::thread reader_;
+};
+
+}  // namespace
+
 Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const CopyOptions& options) {
   // Holes stand for zeros only in a target that reads zero, and only with -S.
   const bool holes = options.target == TargetState::kZero && options.sparse_size != 0;
   const uint64_t size = src.virtual_size();
   const uint64_t block = options.sparse_size ? options.sparse_size : 4096;
-  std::vector<uint8_t> buf(kChunkBytes);
-  uint64_t pos = 0;
-  while (pos < size) {
-    QD_ASSIGN_OR_RETURN(uint64_t zeros, src.ZeroRun(pos));
-    if (zeros > 0) {
-      zeros = std::min(zeros, size - pos);
+  ReadAhead ahead(src);
+  for (uint64_t pos = 0; pos < size;) {
+    RawPiece* cur = ahead.Next();
+    QD_RETURN_IF_ERROR(cur->status);
+    if (cur->zeros > 0) {
       // An unallocated run is a hole even when shorter than -S: it was one.
       if (options.target == TargetState::kAnyData || !options.sparse_size)
-        QD_RETURN_IF_ERROR(WriteZeros(dst, pos, zeros));
-      pos += zeros;
+        QD_RETURN_IF_ERROR(WriteZeros(dst, pos, cur->zeros));
     } else {
-      const uint64_t len = std::min<uint64_t>(kChunkBytes, size - pos);
-      QD_RETURN_IF_ERROR(src.Read(pos, std::span<uint8_t>(buf.data(), len)));
+      const std::vector<uint8_t>& buf = cur->buf;
+      const uint64_t len = cur->len;
       // Write only the 4 KiB blocks that hold data: the rest stays a hole.
       for (uint64_t b = 0; b < len;) {
         uint64_t n = std::min(block, len - b);
@@ -269,15 +404,16 @@ Status ExportRaw(BlockDevice& src, File& dst, const ProgressFn& progress, const 
         QD_RETURN_IF_ERROR(dst.WriteAt(pos + b, {&buf[b], e - b}));
         b = e;
       }
-      pos += len;
     }
+    pos += cur->zeros + cur->len;
+    ahead.Done(cur);
     if (progress) progress(pos, size);
   }
   // Holes at the end: the file must still reach size. Never shrink: a
   // target of -n (a block device, a larger file) keeps its size.
   QD_ASSIGN_OR_RETURN(uint64_t file_size, dst.Size());
   if (file_size < size) QD_RETURN_IF_ERROR(dst.Truncate(size));
-  return dst.Sync();
+  return options.cache == CacheMode::kUnsafe ? Status::Ok() : dst.Sync();
 }
 
 }  // namespace qcow2dedup

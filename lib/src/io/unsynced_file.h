@@ -21,6 +21,7 @@ class UnsyncedFile final : public File {
   Status PunchHole(uint64_t offset, uint64_t len) override { return inner_->PunchHole(offset, len); }
   Status Lock(LockMode mode) override { return inner_->Lock(mode); }
   Result<uint64_t> NextData(uint64_t offset) override { return inner_->NextData(offset); }
+  void Prefetch(uint64_t offset, uint64_t len) override { inner_->Prefetch(offset, len); }
   const std::string& name() const override { return inner_->name(); }
 
  private:

@@ -15,7 +15,10 @@ namespace qcow2dedup {
 Writer::Writer(ImageState& s, uint64_t cache_tables)
     : s_(s),
       refcounts_(std::make_unique<Refcounts>(s.file.get(), &s.header, &s.meta, cache_tables)),
-      data_(s.file.get()) {}
+      data_(s.file.get()),
+      v2_(s.header.version == 2) {
+  refcounts_->set_hold_decrements(v2_);
+}
 
 Writer::~Writer() = default;
 
@@ -48,6 +51,12 @@ void Writer::GiveBackSpace() {
 // change, so a crash from here on is repaired and the index rebuilt.
 Status Writer::BeginChange() {
   if (marked_dirty_) return Status::Ok();
+  if (v2_) {
+    // Nothing to mark: version 2 has neither the dirty bit nor autoclear
+    // bits, and its index is never stored (see Close).
+    marked_dirty_ = true;
+    return Status::Ok();
+  }
   s_.header.incompatible |= kIncompatDirty;
   s_.header.autoclear &= ~kAutoclearDedupInSync;
   QD_RETURN_IF_ERROR(WriteHeader(s_));
@@ -181,8 +190,14 @@ Status Writer::CopyL2Table(uint64_t l1_index) {
   return Status::Ok();
 }
 
-Status Writer::WriteOne(const ClusterWrite& w) {
+Status Writer::WriteOne(const ClusterWrite& in) {
   const uint64_t cs = s_.cs();
+  ClusterWrite w = in;
+  if (w.zero && v2_ && s_.backing) {
+    // Version 2 has no zero flag: over a backing file, zeros are data.
+    w.zero = false;
+    w.digest = Sha256(w.data);
+  }
   const bool extended = s_.header.extended_l2();
   QD_ASSIGN_OR_RETURN(uint64_t old, s_.map->GetEntry(w.guest_cluster));
   QD_ASSIGN_OR_RETURN(uint64_t old_bitmap, s_.map->GetBitmap(w.guest_cluster));
@@ -216,6 +231,7 @@ Status Writer::WriteOne(const ClusterWrite& w) {
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Adjust(*hit, +1));
       if (rc == 2) copied_fixups_.Insert(*hit);
       entry = *hit * cs;
+      NoteLink(w.guest_cluster, old);
       ++stats_.dedup_hits;
     } else {
       QD_ASSIGN_OR_RETURN(uint64_t host, refcounts_->Allocate());
@@ -285,10 +301,11 @@ Status Writer::Resize(uint64_t new_size) {
 // Sets COPIED on every L2 entry exactly when its cluster's refcount is 1,
 // for the clusters whose refcount crossed 1 since the last fix-up (and on
 // the L1 entries, after an L2 table was copied).
-Status Writer::FixCopiedFlags() {
+Status Writer::FixCopiedFlags(CopiedPass pass) {
   ClusterMap& map = *s_.map;
   const uint32_t bits = s_.header.cluster_bits;
-  if (fix_l1_copied_) {
+  const bool set = pass != CopiedPass::kClearOnly, clear = pass != CopiedPass::kSetOnly;
+  if (fix_l1_copied_ && set) {
     for (uint64_t i = 0; i < map.l1().size(); ++i) {
       if (!L1Offset(map.l1()[i]) || (map.l1()[i] & kFlagCopied)) continue;
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(L1Offset(map.l1()[i]) >> bits));
@@ -310,15 +327,18 @@ Status Writer::FixCopiedFlags() {
       if (!fix_all_copied_ && !copied_fixups_.Contains(L2Offset(e) >> bits)) continue;
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(L2Offset(e) >> bits));
       uint64_t want = rc == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied);
+      if ((want & kFlagCopied) ? !set : !clear) continue;
       if (want != e) {
         StoreBe64(p, want);
         changed = true;
       }
     }
     if (changed) map.cache().MarkDirty(table);
-    // Each table's fix-up is whole: a safe point to write back a full cache.
-    QD_RETURN_IF_ERROR(FlushIfCachesFull());
+    // Each table's fix-up is whole: a safe point to write back a full cache
+    // (version 2 runs its fix-ups inside its flush: the cache just grows).
+    if (pass == CopiedPass::kBoth) QD_RETURN_IF_ERROR(FlushIfCachesFull());
   }
+  if (!set) return Status::Ok();  // the set pass still needs the list
   copied_fixups_.Clear();
   fix_all_copied_ = false;
   return Status::Ok();
@@ -330,6 +350,7 @@ Status Writer::FlushIfCachesFull() {
 }
 
 Status Writer::FlushState() {
+  if (v2_) return FlushStateV2();
   QD_RETURN_IF_ERROR(data_.Flush());
   if (!marked_dirty_) return Status::Ok();
   QD_RETURN_IF_ERROR(s_.file->Sync());
@@ -366,7 +387,7 @@ Status Writer::PunchFreed(std::vector<uint64_t> clusters) {
 
 Status Writer::Flush() {
   return Guarded([&] {
-    QD_RETURN_IF_ERROR(FixCopiedFlags());
+    if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
     return FlushState();
   });
 }
@@ -375,8 +396,21 @@ Status Writer::Close() {
   if (!marked_dirty_ && !index_changed_ && failed_.ok()) return Status::Ok();
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
-    QD_RETURN_IF_ERROR(FixCopiedFlags());
+    if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
     QD_RETURN_IF_ERROR(FlushState());
+    if (v2_) {
+      // No autoclear bit could tell a later reader that QEMU wrote the
+      // image after us, and QEMU keeps our extension when it rewrites the
+      // header: a stored index would go stale unnoticed. So a version 2
+      // image keeps no index (the next session rebuilds it from the data:
+      // slower, never wrong).
+      QD_ASSIGN_OR_RETURN(uint64_t end, refcounts_->EndCluster());
+      QD_RETURN_IF_ERROR(s_.file->Truncate(std::max<uint64_t>(end * s_.cs(), s_.cs())));
+      QD_RETURN_IF_ERROR(s_.file->Sync());
+      marked_dirty_ = false;
+      index_changed_ = false;
+      return Status::Ok();
+    }
     // The index goes past the last allocated cluster, where QEMU sees only
     // free space; the header is the last thing written.
     QD_ASSIGN_OR_RETURN(uint64_t end, refcounts_->EndCluster());

@@ -14,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "dedup/index.h"
@@ -92,13 +93,25 @@ class Writer {
   Result<bool> Believe(uint64_t cluster, const Digest& digest);
   Result<Share> CanShare(uint64_t cluster, const ClusterWrite& w);
   Result<std::optional<uint64_t>> FindShareable(const ClusterWrite& w, std::optional<uint64_t> hit);
-  Status FixCopiedFlags();
+  // Which COPIED changes a fix-up makes. A cleared flag is always safe on
+  // disk (it only forces a copy on write); a set one only once no other
+  // reference is on disk. Version 2 images (no dirty bit) take them apart.
+  enum class CopiedPass { kBoth, kClearOnly, kSetOnly };
+  Status FixCopiedFlags(CopiedPass pass = CopiedPass::kBoth);
   // Writes everything back: data, then refcount blocks and L2 tables, then
   // the L1 and refcount tables, then the header; frees become reusable.
   Status FlushState();
   // A flush at a point where no metadata change is half done, when a cache
   // has grown past its capacity.
   Status FlushIfCachesFull();
+  // Version 2 (writer_v2.cpp): FlushState in the order that keeps a crash
+  // to leaks, since no dirty bit makes anyone repair the image.
+  Status FlushStateV2();
+  // guest_cluster's entry now links to a cluster others reference; old is
+  // the entry it replaced. Version 2 holds such links back in the flush.
+  void NoteLink(uint64_t guest_cluster, uint64_t old) {
+    if (v2_) held_links_.try_emplace(guest_cluster, old);
+  }
   Status PunchFreed(std::vector<uint64_t> clusters);
 
   ImageState& s_;
@@ -116,6 +129,8 @@ class Writer {
   ClusterSet unverified_;         // host clusters whose index entry came from disk, unchecked
   bool index_hashed_ = false;     // the index was built from the data by this session
   std::vector<uint8_t> scratch_;  // one cluster
+  const bool v2_;                 // a version 2 image: no dirty bit, no autoclear bits, no zero flag
+  std::unordered_map<uint64_t, uint64_t> held_links_;  // v2: guest cluster -> entry on disk before its link
 };
 
 }  // namespace qcow2dedup

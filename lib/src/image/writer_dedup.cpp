@@ -18,6 +18,8 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
   index_changed_ = true;
   const uint64_t cs = s_.cs();
   const Digest zero = Sha256(std::vector<uint8_t>(cs, 0));
+  // Version 2 has no zero flag: over a backing file zeros stay data (one copy).
+  const bool unmap_zeros = !(v2_ && s_.backing);
   // For each copy that goes: the copy kept (none for zeros), and its digest.
   struct Move {
     std::optional<uint64_t> keep;
@@ -27,7 +29,7 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
   index_.ForEach([&](const uint8_t* key, uint64_t c) {
     Digest d{};
     std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
-    if (std::memcmp(key, zero.data(), DedupIndex::kKeyBytes) == 0) {
+    if (unmap_zeros && std::memcmp(key, zero.data(), DedupIndex::kKeyBytes) == 0) {
       moves.emplace(c, Move{std::nullopt, d});
     } else if (auto keep = index_.FindLowest(d); keep && *keep != c) {
       moves.emplace(c, Move{keep, d});
@@ -63,6 +65,7 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
           QD_RETURN_IF_ERROR(refcounts_->Adjust(keep, +1).status());
           if (rc + 1 == 2) copied_fixups_.Insert(keep);
           entry = keep * cs;
+          NoteLink(g, old);
           ++counts.relinked;
         }
         QD_RETURN_IF_ERROR(PrepareL2(g));

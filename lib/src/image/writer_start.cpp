@@ -13,7 +13,7 @@
 namespace qcow2dedup {
 
 Status CheckWritableFormat(const Header& h) {
-  if (h.version < 3) return Status::Unsupported("writing qcow2 version 2 images is not supported; convert it first");
+  // Version 2 is written as version 2 (writer_v2.cpp says how).
   if (h.autoclear & kAutoclearBitmaps)
     return Status::Unsupported("writing images with persistent bitmaps is not supported");
   return Status::Ok();

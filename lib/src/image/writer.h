@@ -54,7 +54,8 @@ class Writer {
     uint64_t relinked = 0;  // guest clusters now pointing at another copy
     uint64_t zeroed = 0;    // guest clusters of zeros no longer stored
   };
-  Result<DedupCounts> Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking);
+  // flush_interval: flush after every this many bytes of guest space (0: never mid-run).
+  Result<DedupCounts> Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking, uint64_t flush_interval = 0);
   Status Resize(uint64_t new_size);
   // Everything so far durable, in the crash-safe order; the image stays dirty.
   Status Flush();

@@ -9,7 +9,8 @@
 
 namespace qcow2dedup {
 
-Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking) {
+Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking,
+                                                uint64_t flush_interval) {
   // Whatever index was loaded, hash every stored copy now: the relinking
   // must rest on what the clusters hold today.
   if (!index_hashed_) QD_RETURN_IF_ERROR(RebuildIndex(hashing));
@@ -72,6 +73,12 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
         QD_RETURN_IF_ERROR(s_.map->SetEntry(g, entry, bitmap));
         QD_RETURN_IF_ERROR(Release(L2Offset(old) / cs, true, &it->second.digest));
         QD_RETURN_IF_ERROR(FlushIfCachesFull());
+      }
+      // Between two L2 tables no change is half done: a safe point to flush.
+      const uint64_t table_bytes = s_.header.l2_entries() * cs;
+      if (flush_interval && (i + 1) % std::max<uint64_t>(1, flush_interval / table_bytes) == 0) {
+        if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
+        QD_RETURN_IF_ERROR(FlushState());
       }
       if (relinking) relinking(i + 1, tables);
     }

@@ -7,6 +7,8 @@
 #include <cstring>
 
 #include "dedup/index_store.h"
+#include "format/bitmap_directory.h"
+#include "image/bitmap_marks.h"
 #include "image/image_state.h"
 #include "qcow2dedup/check.h"
 
@@ -57,6 +59,11 @@ Status Writer::BeginChange() {
     marked_dirty_ = true;
     return Status::Ok();
   }
+  // Persistent bitmaps are flagged in-use in the same sync (bitmap_marks.h).
+  if (!bitmaps_) {
+    QD_ASSIGN_OR_RETURN(bitmaps_, BitmapMarks::Load(s_));
+  }
+  QD_RETURN_IF_ERROR(bitmaps_->MarkInUse());
   s_.header.incompatible |= kIncompatDirty;
   s_.header.autoclear &= ~kAutoclearDedupInSync;
   QD_RETURN_IF_ERROR(WriteHeader(s_));
@@ -250,13 +257,25 @@ Status Writer::WriteOne(const ClusterWrite& in) {
   return ReleaseEntry(old, old_bitmap);
 }
 
-Status Writer::WriteClusters(std::span<const ClusterWrite> clusters) {
+Status Writer::NoteGuestWrite(uint64_t offset, uint64_t len) {
+  if (len == 0) return Status::Ok();
+  return Guarded([&] {
+    QD_RETURN_IF_ERROR(BeginChange());
+    if (bitmaps_) bitmaps_->Note(offset, len);
+    return Status::Ok();
+  });
+}
+
+Status Writer::WriteClusters(std::span<const ClusterWrite> clusters, bool mark) {
   const uint64_t guest_clusters = (s_.header.virtual_size + s_.cs() - 1) / s_.cs();
   for (const ClusterWrite& w : clusters)
     if (w.guest_cluster >= guest_clusters || w.data.size() != s_.cs())
       return Status::InvalidArgument("cluster write outside the image");
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
+    if (mark && bitmaps_ && !bitmaps_->empty())
+      for (const ClusterWrite& w : clusters)
+        bitmaps_->Note(w.guest_cluster * s_.cs(), std::min(s_.cs(), s_.header.virtual_size - w.guest_cluster * s_.cs()));
     for (const ClusterWrite& w : clusters) {
       QD_RETURN_IF_ERROR(WriteOne(w));
       QD_RETURN_IF_ERROR(FlushIfCachesFull());
@@ -280,6 +299,11 @@ Status Writer::Resize(uint64_t new_size) {
   uint64_t entries = std::max<uint64_t>(need, uint64_t(h.l1_size) * 2);
   entries = std::min<uint64_t>(entries, kMaxL1Bytes / 8);
   if (need > entries) return Status::InvalidArgument("image size needs an L1 table larger than 32 MiB");
+  {
+    // As QEMU: a bitmap's table is sized for the virtual size.
+    QD_ASSIGN_OR_RETURN(auto bitmaps, ReadBitmapDirectory(*s_.file, h, s_.file_size));
+    if (!bitmaps.empty()) return Status::Unsupported("an image with persistent bitmaps cannot be resized");
+  }
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
     if (need > h.l1_size) {
@@ -397,7 +421,13 @@ Status Writer::Close() {
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
     if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
+    if (bitmaps_) QD_RETURN_IF_ERROR(bitmaps_->WriteMarks(*refcounts_));
     QD_RETURN_IF_ERROR(FlushState());
+    if (bitmaps_) {
+      // Marks and their clusters' refcounts are on disk: consistent again.
+      QD_RETURN_IF_ERROR(bitmaps_->ClearInUse());
+      QD_RETURN_IF_ERROR(s_.file->Sync());
+    }
     if (v2_) {
       // No autoclear bit could tell a later reader that QEMU wrote the
       // image after us, and QEMU keeps our extension when it rewrites the

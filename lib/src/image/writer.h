@@ -26,6 +26,7 @@
 
 namespace qcow2dedup {
 
+class BitmapMarks;
 class ImageState;
 
 // Whether we can write images of this format (checked before anything is
@@ -45,7 +46,10 @@ class Writer {
   static Result<std::unique_ptr<Writer>> Start(ImageState& s, uint64_t cache_tables, const ProgressFn& progress);
   ~Writer();
 
-  Status WriteClusters(std::span<const ClusterWrite> clusters);
+  // mark: the clusters are what the guest wrote, for the persistent
+  // bitmaps; false when the caller noted the exact bytes (NoteGuestWrite).
+  Status WriteClusters(std::span<const ClusterWrite> clusters, bool mark = true);
+  Status NoteGuestWrite(uint64_t offset, uint64_t len);
   // In-place dedup: every stored data cluster hashed anew, every guest
   // cluster whose data is stored more than once linked to one copy (the
   // lowest), all-zero data unmapped; the other copies freed.
@@ -130,6 +134,7 @@ class Writer {
   ClusterSet unverified_;         // host clusters whose index entry came from disk, unchecked
   bool index_hashed_ = false;     // the index was built from the data by this session
   std::vector<uint8_t> scratch_;  // one cluster
+  std::unique_ptr<BitmapMarks> bitmaps_;  // loaded at the first change
   const bool v2_;                 // a version 2 image: no dirty bit, no autoclear bits, no zero flag
   std::unordered_map<uint64_t, uint64_t> held_links_;  // v2: guest cluster -> entry on disk before its link
 };

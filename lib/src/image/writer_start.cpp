@@ -14,8 +14,8 @@ namespace qcow2dedup {
 
 Status CheckWritableFormat(const Header& h) {
   // Version 2 is written as version 2 (writer_v2.cpp says how).
-  if (h.autoclear & kAutoclearBitmaps)
-    return Status::Unsupported("writing images with persistent bitmaps is not supported");
+  // Persistent bitmaps are kept up to date (bitmap_marks.h).
+  (void)h;
   return Status::Ok();
 }
 

@@ -283,6 +283,8 @@ void SetupConvert(CLI::App& app) {
       ->option_text("OPTIONS")
       ->allow_extra_args(false)
       ->each([](const std::string& v) {
+        // -O is defined first, so its value is in by now.
+        if (AsksForHelp(v) && opts.out_format == "raw") PrintRawOptionsHelp();
         if (AsksForHelp(v)) PrintImageOptionsHelp(/*allow_verify=*/true);
       });
   app.add_flag("-p,--progress", opts.progress, "Show progress on stdout (as qemu-img)");

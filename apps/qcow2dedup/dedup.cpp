@@ -14,6 +14,7 @@ struct {
   OutputFormat output = OutputFormat::kHuman;
   bool progress = false;
   bool quiet = false;
+  uint64_t flush_interval = 0;
 } opts;
 
 void PrintHuman(const DedupResult& r) {
@@ -47,6 +48,7 @@ void PrintJsonResult(const DedupResult& r) {
 void SetupDedup(CLI::App& app) {
   AddCacheOption(app, opts.cache);
   AddOutputOption(app, opts.output);
+  AddFlushIntervalOption(app, opts.flush_interval);
   app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing but errors (overrides -p)");
   app.add_option("IMAGE", opts.image, "The qcow2 image to deduplicate in place")->required();
@@ -57,6 +59,7 @@ int RunDedup() {
   Progress progress(opts.progress, Progress::Unit::kClusters);
   DedupOptions o;
   o.cache = opts.cache;
+  o.flush_interval = opts.flush_interval;
   bool relinking = false;
   o.hashing = progress.fn();
   o.relinking = [&](uint64_t done, uint64_t total) {

@@ -112,6 +112,16 @@ void PrintImageOptionsHelp(bool allow_verify) {
   throw CLI::Success();
 }
 
+void PrintRawOptionsHelp() {
+  // qemu-img convert -O raw -o help, word for word (without a target name:
+  // we take none of the file protocol's options).
+  fmt::print("Supported raw options:\n");
+  fmt::print("  {:<22} - {}\n", "size=<size>", "Virtual disk size");
+  fmt::print("\nThe protocol level may support further options.\n"
+             "Specify the target filename to include those options.\n");
+  throw CLI::Success();
+}
+
 std::string FormattingLine(const std::string& path, const CreateOptions& o) {
   return fmt::format(
       "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={} "

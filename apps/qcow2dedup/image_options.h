@@ -31,6 +31,8 @@ bool AsksForHelp(const std::string& arg);
 // CLI::Success (help is success, and needs no other argument).
 // allow_verify: convert's list, with verify=on|off.
 [[noreturn]] void PrintImageOptionsHelp(bool allow_verify);
+// The same for -O raw: qemu-img's list for raw.
+[[noreturn]] void PrintRawOptionsHelp();
 
 // qemu-img create's "Formatting 'FILE', fmt=qcow2 cluster_size=..." line.
 std::string FormattingLine(const std::string& path, const CreateOptions& o);

@@ -66,6 +66,10 @@ int Main(int argc, char** argv) {
                    [&](const Command& c) { return std::strcmp(c.name, argv[1]) == 0; })) {
     return Fail("", fmt::format("unknown subcommand '{}' (see qcow2dedup --help)", argv[1]));
   }
+  // Before the subcommand only --help is an option; CLI11 would again ask
+  // for a subcommand. qemu-img: "unrecognized option '-x'".
+  if (argc > 1 && argv[1][0] == '-' && std::strcmp(argv[1], "-h") != 0 && std::strcmp(argv[1], "--help") != 0)
+    return Fail("", fmt::format("unrecognized option '{}' (see qcow2dedup --help)", argv[1]));
   int rc = 1;
   try {
     app.parse(argc, argv);

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <functional>
 #include <random>
+#include <sstream>
 
 #include "qcow2dedup/check.h"
 #include "qcow2dedup/convert.h"
@@ -95,9 +96,36 @@ void MakeBase(const std::string& path, const Bytes& old) {
   REQUIRE((*img)->Close().ok());
 }
 
+// Every guest cluster of the image holds its old or its new data.
+void ExpectOldOrNew(const std::string& path, const Bytes& old_data, const Bytes& new_data, const char* when) {
+  auto img = Image::Open(path, {});
+  REQUIRE(img.ok());
+  Bytes now(kSize);
+  REQUIRE((*img)->Read(0, now).ok());
+  for (uint64_t c = 0; c < kSize / kCluster; ++c) {
+    const uint8_t* got = &now[c * kCluster];
+    bool is_old = std::memcmp(got, &old_data[c * kCluster], kCluster) == 0;
+    bool is_new = std::memcmp(got, &new_data[c * kCluster], kCluster) == 0;
+    CHECK_MESSAGE((is_old || is_new), "guest cluster ", c, " holds neither its old nor its new data ", when);
+  }
+}
+
+// A version 2 image, as the failure left it: nothing repairs it before
+// QEMU uses it (no dirty bit), so it must already be safe: qemu-img check
+// finds at most leaks and stale COPIED flags, no refcount below its
+// references; and the guest reads old or new data.
+void ExpectSafeWithoutRepair(const std::string& path, const Bytes& old_data, const Bytes& new_data) {
+  auto q = testing::Run("qemu-img check " + testing::Sh(path));
+  std::istringstream err(q.err);
+  for (std::string line; std::getline(err, line);)
+    CHECK_MESSAGE((line.rfind("Leaked cluster", 0) == 0 || line.rfind("ERROR OFLAG_COPIED data cluster", 0) == 0),
+                  "qemu-img check before any repair: ", line);
+  ExpectOldOrNew(path, old_data, new_data, "before any repair");
+}
+
 // After a failure: repair, then judge with both tools and per cluster.
 void ExpectRepairsToOldOrNew(const std::string& path, const Bytes& old_data, const Bytes& new_data,
-                             bool may_be_unformatted) {
+                             bool may_be_unformatted, bool v2 = false) {
   {
     auto probe = Image::Open(path, {});
     if (!probe.ok() && may_be_unformatted) {
@@ -110,6 +138,7 @@ void ExpectRepairsToOldOrNew(const std::string& path, const Bytes& old_data, con
     }
     REQUIRE_MESSAGE(probe.ok(), probe.status().message());
   }
+  if (v2) ExpectSafeWithoutRepair(path, old_data, new_data);
   CheckOptions repair;
   repair.repair = RepairMode::kAll;
   auto fixed = CheckImage(path, std::move(repair));
@@ -120,18 +149,13 @@ void ExpectRepairsToOldOrNew(const std::string& path, const Bytes& old_data, con
                 " leaks=", again->leaks);
   auto q = testing::Run("qemu-img check " + testing::Sh(path));
   CHECK_MESSAGE(q.exit_code == 0, q.out, q.err);
-
-  auto img = Image::Open(path, {});
-  REQUIRE(img.ok());
+  ExpectOldOrNew(path, old_data, new_data, "after the repair");
   Bytes now(kSize);
-  REQUIRE((*img)->Read(0, now).ok());
-  for (uint64_t c = 0; c < kSize / kCluster; ++c) {
-    const uint8_t* got = &now[c * kCluster];
-    bool is_old = std::memcmp(got, &old_data[c * kCluster], kCluster) == 0;
-    bool is_new = std::memcmp(got, &new_data[c * kCluster], kCluster) == 0;
-    CHECK_MESSAGE((is_old || is_new), "guest cluster ", c, " holds neither its old nor its new data");
+  {
+    auto img = Image::Open(path, {});
+    REQUIRE(img.ok());
+    REQUIRE((*img)->Read(0, now).ok());
   }
-  img->reset();
   // Whatever index the run and the repair left (updated in place, moved,
   // rebuilt or dropped) serves the next write: copies of stored data into
   // the last two clusters link to the right clusters, or are stored again.
@@ -205,7 +229,7 @@ using RunFn = std::function<Status(const std::string& path, std::unique_ptr<Faul
 // then the image must repair to old or new data in every cluster.
 void InjectEverywhere(const std::string& path, uint64_t writes, uint64_t syncs,
                       const std::function<void(const std::string&)>& fresh, const RunFn& run, const Bytes& old_data,
-                      const Bytes& new_data, bool may_be_unformatted) {
+                      const Bytes& new_data, bool may_be_unformatted, bool v2 = false) {
   for (Fault fault : {Fault::kWriteEIO, Fault::kWriteENOSPC, Fault::kSyncEIO, Fault::kPowerCutAtWrite,
                       Fault::kPartialPowerCut}) {
     const uint64_t points = fault == Fault::kSyncEIO ? syncs : writes;
@@ -221,7 +245,7 @@ void InjectEverywhere(const std::string& path, uint64_t writes, uint64_t syncs,
       CHECK_MESSAGE(s.message().find("injected") != std::string::npos, s.message());
       MaybeCutPower(**ff, fault, n);
       ff->reset();
-      ExpectRepairsToOldOrNew(path, old_data, new_data, may_be_unformatted);
+      ExpectRepairsToOldOrNew(path, old_data, new_data, may_be_unformatted, v2);
       ++g_fault_points;
     }
   }
@@ -278,40 +302,83 @@ TEST_CASE("a write run fails or loses power at every write and sync point, and r
 
 TEST_CASE("a dedup run fails or loses power at every write and sync point, and the guest view never changes") {
   REQUIRE_MESSAGE(testing::HaveCommand("qemu-img"), "qemu-img is missing: install qemu-utils");
+  for (const bool v2 : {false, true}) {
+    CAPTURE(v2);
+    testing::TempDir tmp;
+    // An image QEMU wrote: duplicates stored apart, and zeros stored as data.
+    const Bytes data = OldContent();
+    WriteFile(tmp / "src.raw", data);
+    const std::string base = tmp / "base.qcow2";
+    REQUIRE(testing::Run("qemu-img convert -f raw -O qcow2 -o cluster_size=4096" + std::string(v2 ? ",compat=0.10 " : " ") +
+                         testing::Sh(tmp / "src.raw") + " " + testing::Sh(base)).exit_code == 0);
+    REQUIRE(testing::Run("qemu-io -c 'write -P 0 160k 8k' " + testing::Sh(base)).exit_code == 0);
+    auto run = [&](const std::string& path, std::unique_ptr<FaultFile> file) -> Status {
+      DedupOptions o;
+      o.file = std::move(file);
+      return DeduplicateImage(path, std::move(o)).status();
+    };
+    uint64_t writes = 0, syncs = 0;
+    {
+      std::filesystem::copy_file(base, tmp / "clean.qcow2");
+      auto ff = FaultFile::Open(tmp / "clean.qcow2");
+      REQUIRE(ff.ok());
+      auto r = DeduplicateImage(tmp / "clean.qcow2", DedupOptions{.file = (*ff)->Share()});
+      REQUIRE_MESSAGE(r.ok(), r.status().message());
+      CHECK(r->relinked > 10);
+      CHECK(r->zeroed == 2);
+      writes = (*ff)->writes();
+      syncs = (*ff)->syncs();
+      ff->reset();
+      CHECK(testing::Run("qemu-img compare " + testing::Sh(tmp / "clean.qcow2") + " " + testing::Sh(tmp / "src.raw"))
+                .exit_code == 0);
+    }
+    REQUIRE(writes > 3);
+    auto copy_base = [&](const std::string& path) {
+      std::filesystem::copy_file(base, path, std::filesystem::copy_options::overwrite_existing);
+    };
+    InjectEverywhere(tmp / "run.qcow2", writes, syncs, copy_base, run, data, data, false, v2);
+    MESSAGE(std::string(v2 ? "version 2 " : ""), "dedup run: ", writes, " write points, ", syncs, " sync points");
+  }
+}
+
+TEST_CASE("a write run into a version 2 image fails or loses power at every point: safe before any repair") {
+  REQUIRE_MESSAGE(testing::HaveCommand("qemu-img"), "qemu-img is missing: install qemu-utils");
   testing::TempDir tmp;
-  // An image QEMU wrote: duplicates stored apart, and zeros stored as data.
-  const Bytes data = OldContent();
-  WriteFile(tmp / "src.raw", data);
+  const Bytes old_data = OldContent();
+  const auto steps = WriteSteps();
+  const Bytes new_data = Apply(old_data, steps);
+  WriteFile(tmp / "old.raw", old_data);
   const std::string base = tmp / "base.qcow2";
-  REQUIRE(testing::Run("qemu-img convert -f raw -O qcow2 -o cluster_size=4096 " + testing::Sh(tmp / "src.raw") + " " +
-                       testing::Sh(base)).exit_code == 0);
-  REQUIRE(testing::Run("qemu-io -c 'write -P 0 160k 8k' " + testing::Sh(base)).exit_code == 0);
+  // QEMU's version 2 image: duplicates stored apart; then our write shares them.
+  REQUIRE(testing::Run("qemu-img convert -f raw -O qcow2 -o cluster_size=4096,compat=0.10 " +
+                       testing::Sh(tmp / "old.raw") + " " + testing::Sh(base)).exit_code == 0);
   auto run = [&](const std::string& path, std::unique_ptr<FaultFile> file) -> Status {
-    DedupOptions o;
+    OpenOptions o;
+    o.writable = true;
     o.file = std::move(file);
-    return DeduplicateImage(path, std::move(o)).status();
+    auto img = Image::Open(path, std::move(o));
+    REQUIRE(img.ok());
+    return RunSteps(**img, steps);
   };
   uint64_t writes = 0, syncs = 0;
   {
     std::filesystem::copy_file(base, tmp / "clean.qcow2");
     auto ff = FaultFile::Open(tmp / "clean.qcow2");
     REQUIRE(ff.ok());
-    auto r = DeduplicateImage(tmp / "clean.qcow2", DedupOptions{.file = (*ff)->Share()});
-    REQUIRE_MESSAGE(r.ok(), r.status().message());
-    CHECK(r->relinked > 10);
-    CHECK(r->zeroed == 2);
+    REQUIRE(run(tmp / "clean.qcow2", (*ff)->Share()).ok());
     writes = (*ff)->writes();
     syncs = (*ff)->syncs();
     ff->reset();
-    CHECK(testing::Run("qemu-img compare " + testing::Sh(tmp / "clean.qcow2") + " " + testing::Sh(tmp / "src.raw"))
+    WriteFile(tmp / "new.raw", new_data);
+    CHECK(testing::Run("qemu-img compare " + testing::Sh(tmp / "clean.qcow2") + " " + testing::Sh(tmp / "new.raw"))
               .exit_code == 0);
   }
-  REQUIRE(writes > 3);
+  REQUIRE(writes > 5);
   auto copy_base = [&](const std::string& path) {
     std::filesystem::copy_file(base, path, std::filesystem::copy_options::overwrite_existing);
   };
-  InjectEverywhere(tmp / "run.qcow2", writes, syncs, copy_base, run, data, data, false);
-  MESSAGE("dedup run: ", writes, " write points, ", syncs, " sync points");
+  InjectEverywhere(tmp / "run.qcow2", writes, syncs, copy_base, run, old_data, new_data, false, true);
+  MESSAGE("version 2 write run: ", writes, " write points, ", syncs, " sync points");
 }
 
 TEST_CASE("a convert run fails or loses power at every write and sync point") {

@@ -29,8 +29,8 @@ void Raw(const std::string& img, const std::string& raw, const std::string& snap
        " " + Sh(raw));
 }
 
-void BothClean(const std::string& img) {
-  CheckQemuClean(img);
+void BothClean(const std::string& img, const std::string& compat = "1.1") {
+  CheckQemuClean(img, compat);
   RunResult ours = Run(Tool() + " check " + Sh(img));
   CHECK_MESSAGE(ours.exit_code == 0, ours.out, ours.err);
 }
@@ -119,4 +119,82 @@ TEST_CASE("write and dedup on an image with extended L2 entries (subclusters)") 
   Poke(raw, 2 << 20, 64 << 10, 0x33);
   BothClean(img);
   CheckQemuIdentical(img, raw);
+}
+
+// Version 2 (compat=0.10): no zero flag, no dirty bit, no autoclear bits.
+// The image stays version 2; zeros over a backing file are stored as data
+// (nothing else reads as zeros there); an internal snapshot keeps its data.
+TEST_CASE("write, dedup and convert -n on version 2 images") {
+  REQUIRE_MESSAGE(HaveCommand("qemu-io"), "qemu-io is missing: install qemu-utils");
+  auto compat = [](const std::string& img) {
+    return QemuImgInfo(img)["format-specific"]["data"]["compat"].get<std::string>();
+  };
+  for (const char* cluster : {"4096", "65536"}) {
+    CAPTURE(cluster);
+    TempDir dir;
+    const std::string img = dir / "v2.qcow2", raw = dir / "v2.raw";
+    Must("qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=" + std::string(cluster) + " " + Sh(img) + " 8M");
+    Must("qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 2M 1M' -c 'write -P 0x11 4M 64k' " + Sh(img));
+    Raw(img, dir / "snap.raw");
+    Must("qemu-img snapshot -c snap " + Sh(img));
+    Raw(img, raw);
+    Must(Tool() + " write --pattern 0x33 --length 300K " + Sh(img) + " 100K");
+    Poke(raw, 100 << 10, 300 << 10, 0x33);
+    Must(Tool() + " write --pattern 0x11 --length 1M " + Sh(img) + " 6M");
+    Poke(raw, 6 << 20, 1 << 20, 0x11);
+    Must(Tool() + " write --pattern 0 --length 128K " + Sh(img) + " 2M");
+    Poke(raw, 2 << 20, 128 << 10, 0);
+    BothClean(img, "0.10");
+    CheckQemuIdentical(img, raw);
+    CHECK(compat(img) == "0.10");
+    RunResult d = Run(Tool() + " dedup --output=json " + Sh(img));
+    REQUIRE_MESSAGE(d.exit_code == 0, d.err);
+    CHECK(nlohmann::json::parse(d.out)["relinked-clusters"].get<uint64_t>() > 0);
+    BothClean(img, "0.10");
+    CheckQemuIdentical(img, raw);
+    CHECK(compat(img) == "0.10");
+    Raw(img, dir / "snap-now.raw", "snap");
+    CHECK(Run("cmp " + Sh(dir / "snap.raw") + " " + Sh(dir / "snap-now.raw")).exit_code == 0);
+    // QEMU writes after us (into a cluster we share: it must copy).
+    Must("qemu-io -c 'write -P 0x55 6M 4k' " + Sh(img));
+    Poke(raw, 6 << 20, 4 << 10, 0x55);
+    CheckQemuIdentical(img, raw);
+    BothClean(img, "0.10");
+    // convert -n into it.
+    Must("qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=" + std::string(cluster) + " " +
+         Sh(dir / "target.qcow2") + " 8M");
+    Must(Tool() + " convert -n -f raw " + Sh(raw) + " " + Sh(dir / "target.qcow2"));
+    BothClean(dir / "target.qcow2", "0.10");
+    CheckQemuIdentical(dir / "target.qcow2", raw);
+    CHECK(compat(dir / "target.qcow2") == "0.10");
+  }
+}
+
+TEST_CASE("version 2 with a backing file: zeros over it are stored, dedup keeps them") {
+  REQUIRE_MESSAGE(HaveCommand("qemu-io"), "qemu-io is missing: install qemu-utils");
+  TempDir dir;
+  const std::string base = dir / "base.qcow2", img = dir / "top.qcow2", raw = dir / "top.raw";
+  Must("qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4096 " + Sh(base) + " 4M");
+  Must("qemu-io -c 'write -P 0x55 0 4M' " + Sh(base));
+  Must("qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4096,backing_file=base.qcow2,backing_fmt=qcow2 " +
+       Sh(img));
+  Raw(base, raw);
+  Must(Tool() + " write --pattern 0 --length 64K " + Sh(img) + " 64K");
+  Poke(raw, 64 << 10, 64 << 10, 0);
+  Must(Tool() + " write --pattern 0x66 --length 64K " + Sh(img) + " 1M");
+  Poke(raw, 1 << 20, 64 << 10, 0x66);
+  // QEMU stores zeros as data too (no zero flag in version 2), and a duplicate.
+  Must("qemu-io -c 'write -P 0 2M 64k' -c 'write -P 0x66 3M 64k' " + Sh(img));
+  Poke(raw, 2 << 20, 64 << 10, 0);
+  Poke(raw, 3 << 20, 64 << 10, 0x66);
+  BothClean(img, "0.10");
+  CheckQemuIdentical(img, raw);
+  RunResult d = Run(Tool() + " dedup --output=json " + Sh(img));
+  REQUIRE_MESSAGE(d.exit_code == 0, d.err);
+  const auto j = nlohmann::json::parse(d.out);
+  CHECK(j["zero-clusters"] == 0);         // nothing over the backing file may become unallocated
+  CHECK(j["stored-clusters-after"] == 2);  // one cluster of zeros, one of 0x66
+  BothClean(img, "0.10");
+  CheckQemuIdentical(img, raw);
+  CHECK(QemuImgInfo(img)["format-specific"]["data"]["compat"] == "0.10");
 }

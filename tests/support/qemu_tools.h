@@ -27,7 +27,7 @@ RunResult QemuImgCompare(const std::string& image, const std::string& raw);
 
 // Asserts (doctest CHECK) that qemu-img check exits 0 with no leaks,
 // corruptions or check errors, and that qemu-img info accepts the image.
-void CheckQemuClean(const std::string& path);
+void CheckQemuClean(const std::string& path, const std::string& compat = "1.1");
 // Asserts that qemu-img compare says image and raw are identical.
 void CheckQemuIdentical(const std::string& image, const std::string& raw);
 

@@ -19,6 +19,10 @@ struct DedupOptions {
   ProgressFn hashing;    // over the stored clusters
   ProgressFn relinking;  // over the L2 tables
   uint64_t metadata_cache_bytes = 0;
+  // Flush (in the crash-safe order) after relinking every this many bytes of
+  // guest space, so that a crash keeps the relinking done until then; 0:
+  // only when the metadata cache is full, and at the end.
+  uint64_t flush_interval = 0;
   std::unique_ptr<File> file;  // instead of opening the path (tests)
 };
 

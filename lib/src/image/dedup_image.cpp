@@ -32,7 +32,7 @@ Result<DedupResult> DeduplicateImage(const std::string& path, DedupOptions o) {
   QD_ASSIGN_OR_RETURN(auto image, Image::Open(path, std::move(open)));
   Writer& w = *StateOf(*image).writer;
   r.cluster_size = image->cluster_size();
-  QD_ASSIGN_OR_RETURN(Writer::DedupCounts counts, w.Deduplicate(o.hashing, o.relinking));
+  QD_ASSIGN_OR_RETURN(Writer::DedupCounts counts, w.Deduplicate(o.hashing, o.relinking, o.flush_interval));
   r.stored_before = counts.stored;
   r.relinked = counts.relinked;
   r.zeroed = counts.zeroed;

@@ -36,6 +36,7 @@ Status Image::Write(uint64_t offset, std::span<const uint8_t> data) {
                                                data.size(), offset, s.header.virtual_size));
   // Whole clusters straight from the caller; a partial one completed from
   // what the guest sees now (image, backing file or zeros).
+  QD_RETURN_IF_ERROR(writer->NoteGuestWrite(offset, data.size()));
   const size_t batch = std::max<size_t>(16, (4u << 20) / cs);
   std::vector<uint8_t> partial;
   std::vector<ClusterWrite> writes;
@@ -65,7 +66,7 @@ Status Image::Write(uint64_t offset, std::span<const uint8_t> data) {
       if (used_partial == 2) break;  // at most a head and a tail per batch
     }
     ParallelFor(writes.size(), 16, [&](size_t i) { PrepareClusterWrite(writes[i]); });
-    QD_RETURN_IF_ERROR(writer->WriteClusters(writes));
+    QD_RETURN_IF_ERROR(writer->WriteClusters(writes, /*mark=*/false));
   }
   return Status::Ok();
 }

@@ -65,10 +65,17 @@ Result<TableCache::Table*> Refcounts::Block(uint64_t b, bool create) {
   return blocks_.Get(table_[b]);
 }
 
-Result<uint64_t> Refcounts::Get(uint64_t cluster) {
+Result<uint64_t> Refcounts::Stored(uint64_t cluster) {
   QD_ASSIGN_OR_RETURN(TableCache::Table * t, Block(BlockIndex(cluster), false));
   if (!t) return uint64_t(0);
   return GetRefcount(t->data(), h_->refcount_order, cluster % per_block_);
+}
+
+Result<uint64_t> Refcounts::Get(uint64_t cluster) {
+  QD_ASSIGN_OR_RETURN(uint64_t v, Stored(cluster));
+  if (!held_.empty())
+    if (auto it = held_.find(cluster); it != held_.end()) v -= it->second;
+  return v;
 }
 
 Status Refcounts::Set(uint64_t cluster, uint64_t value) {
@@ -89,7 +96,12 @@ Result<uint64_t> Refcounts::Adjust(uint64_t cluster, int64_t delta) {
   if (delta < 0 && v < uint64_t(-delta))
     return Status::Corruption(fmt::format("refcount of cluster {} would drop below zero", cluster));
   uint64_t nv = v + uint64_t(delta);
-  QD_RETURN_IF_ERROR(Set(cluster, nv));
+  if (hold_decrements_ && delta < 0) {
+    held_[cluster] += uint64_t(-delta);
+  } else {
+    QD_ASSIGN_OR_RETURN(uint64_t stored, Stored(cluster));
+    QD_RETURN_IF_ERROR(Set(cluster, stored + (nv - v)));
+  }
   if (nv == 0) {
     pending_free_.insert(cluster);
   }
@@ -155,6 +167,15 @@ Result<uint64_t> Refcounts::AllocateRange(uint64_t n) {
   for (size_t i = 0; i < missing.size(); ++i) QD_RETURN_IF_ERROR(Set(start + n + i, 1));
   for (uint64_t c = start; c < start + n; ++c) QD_RETURN_IF_ERROR(Set(c, 1));
   return start * cs;
+}
+
+Status Refcounts::ApplyHeldDecrements() {
+  for (const auto& [cluster, n] : held_) {
+    QD_ASSIGN_OR_RETURN(uint64_t stored, Stored(cluster));
+    QD_RETURN_IF_ERROR(Set(cluster, stored - n));
+  }
+  held_.clear();
+  return Status::Ok();
 }
 
 std::vector<uint64_t> Refcounts::ReleasePendingFrees() {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -57,6 +58,15 @@ class Refcounts {
     for (uint64_t c : pending_free_) low = std::min(low, c);
     return std::min(low, reserved_end_ > reserved_first_ ? reserved_first_ : low);
   }
+  // Version 2 images have no dirty bit, so nothing repairs refcounts after a
+  // crash: a refcount on disk must never be lower than the references on
+  // disk. With decrements held back, a drop changes what Get returns at
+  // once but reaches the blocks only in ApplyHeldDecrements, which the
+  // writer calls once the L2 change that dropped the reference is on disk
+  // (QEMU orders its caches the same way: a decrease makes the refcount
+  // block cache depend on the L2 table cache).
+  void set_hold_decrements(bool on) { hold_decrements_ = on; }
+  Status ApplyHeldDecrements();
 
   // One past the highest cluster whose refcount is not zero.
   Result<uint64_t> EndCluster();
@@ -71,6 +81,8 @@ class Refcounts {
 
  private:
   uint64_t BlockIndex(uint64_t cluster) const { return cluster / per_block_; }
+  // The refcount as the blocks hold it (held decrements not subtracted).
+  Result<uint64_t> Stored(uint64_t cluster);
   // The block for block index b, creating it (inside its own range) if absent.
   Result<TableCache::Table*> Block(uint64_t b, bool create);
   Status GrowTable(uint64_t min_blocks);
@@ -87,6 +99,8 @@ class Refcounts {
   uint64_t reserved_first_ = 0, reserved_end_ = 0;
   bool overran_reserved_ = false;
   std::unordered_set<uint64_t> pending_free_;
+  bool hold_decrements_ = false;
+  std::unordered_map<uint64_t, uint64_t> held_;  // cluster -> decrements not yet in its block
 };
 
 }  // namespace qcow2dedup

@@ -7,6 +7,8 @@
 #include <cstring>
 
 #include "dedup/index_table.h"
+#include "format/bitmap_directory.h"
+#include "image/bitmap_marks.h"
 #include "image/image_state.h"
 #include "qcow2dedup/check.h"
 
@@ -15,7 +17,10 @@ namespace qcow2dedup {
 Writer::Writer(ImageState& s, uint64_t cache_tables)
     : s_(s),
       refcounts_(std::make_unique<Refcounts>(s.file.get(), &s.header, &s.meta, cache_tables)),
-      data_(s.file.get()) {}
+      data_(s.file.get()),
+      v2_(s.header.version == 2) {
+  refcounts_->set_hold_decrements(v2_);
+}
 
 Writer::~Writer() = default;
 
@@ -48,6 +53,17 @@ void Writer::GiveBackSpace() {
 // change, so a crash from here on is repaired and the index rebuilt.
 Status Writer::BeginChange() {
   if (marked_dirty_) return Status::Ok();
+  if (v2_) {
+    // Nothing to mark: version 2 has neither the dirty bit nor autoclear
+    // bits, and its index is never stored (see Close).
+    marked_dirty_ = true;
+    return Status::Ok();
+  }
+  // Persistent bitmaps are flagged in-use in the same sync (bitmap_marks.h).
+  if (!bitmaps_) {
+    QD_ASSIGN_OR_RETURN(bitmaps_, BitmapMarks::Load(s_));
+  }
+  QD_RETURN_IF_ERROR(bitmaps_->MarkInUse());
   s_.header.incompatible |= kIncompatDirty;
   s_.header.autoclear &= ~kAutoclearDedupInSync;
   QD_RETURN_IF_ERROR(WriteHeader(s_));
@@ -205,8 +221,14 @@ Status Writer::CopyL2Table(uint64_t l1_index) {
   return Status::Ok();
 }
 
-Status Writer::WriteOne(const ClusterWrite& w) {
+Status Writer::WriteOne(const ClusterWrite& in) {
   const uint64_t cs = s_.cs();
+  ClusterWrite w = in;
+  if (w.zero && v2_ && s_.backing) {
+    // Version 2 has no zero flag: over a backing file, zeros are data.
+    w.zero = false;
+    w.digest = Sha256(w.data);
+  }
   const bool extended = s_.header.extended_l2();
   QD_ASSIGN_OR_RETURN(uint64_t old, s_.map->GetEntry(w.guest_cluster));
   QD_ASSIGN_OR_RETURN(uint64_t old_bitmap, s_.map->GetBitmap(w.guest_cluster));
@@ -242,6 +264,7 @@ Status Writer::WriteOne(const ClusterWrite& w) {
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Adjust(*hit, +1));
       if (rc == 2) copied_fixups_.Insert(*hit);
       entry = *hit * cs;
+      NoteLink(w.guest_cluster, old);
       ++stats_.dedup_hits;
     } else {
       QD_ASSIGN_OR_RETURN(uint64_t host, refcounts_->Allocate());
@@ -259,13 +282,25 @@ Status Writer::WriteOne(const ClusterWrite& w) {
   return ReleaseEntry(old, old_bitmap);
 }
 
-Status Writer::WriteClusters(std::span<const ClusterWrite> clusters) {
+Status Writer::NoteGuestWrite(uint64_t offset, uint64_t len) {
+  if (len == 0) return Status::Ok();
+  return Guarded([&] {
+    QD_RETURN_IF_ERROR(BeginChange());
+    if (bitmaps_) bitmaps_->Note(offset, len);
+    return Status::Ok();
+  });
+}
+
+Status Writer::WriteClusters(std::span<const ClusterWrite> clusters, bool mark) {
   const uint64_t guest_clusters = (s_.header.virtual_size + s_.cs() - 1) / s_.cs();
   for (const ClusterWrite& w : clusters)
     if (w.guest_cluster >= guest_clusters || w.data.size() != s_.cs())
       return Status::InvalidArgument("cluster write outside the image");
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
+    if (mark && bitmaps_ && !bitmaps_->empty())
+      for (const ClusterWrite& w : clusters)
+        bitmaps_->Note(w.guest_cluster * s_.cs(), std::min(s_.cs(), s_.header.virtual_size - w.guest_cluster * s_.cs()));
     for (const ClusterWrite& w : clusters) {
       QD_RETURN_IF_ERROR(WriteOne(w));
       QD_RETURN_IF_ERROR(FlushIfCachesFull());
@@ -289,6 +324,11 @@ Status Writer::Resize(uint64_t new_size) {
   uint64_t entries = std::max<uint64_t>(need, uint64_t(h.l1_size) * 2);
   entries = std::min<uint64_t>(entries, kMaxL1Bytes / 8);
   if (need > entries) return Status::InvalidArgument("image size needs an L1 table larger than 32 MiB");
+  {
+    // As QEMU: a bitmap's table is sized for the virtual size.
+    QD_ASSIGN_OR_RETURN(auto bitmaps, ReadBitmapDirectory(*s_.file, h, s_.file_size));
+    if (!bitmaps.empty()) return Status::Unsupported("an image with persistent bitmaps cannot be resized");
+  }
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
     if (need > h.l1_size) {
@@ -310,10 +350,11 @@ Status Writer::Resize(uint64_t new_size) {
 // Sets COPIED on every L2 entry exactly when its cluster's refcount is 1,
 // for the clusters whose refcount crossed 1 since the last fix-up (and on
 // the L1 entries, after an L2 table was copied).
-Status Writer::FixCopiedFlags() {
+Status Writer::FixCopiedFlags(CopiedPass pass) {
   ClusterMap& map = *s_.map;
   const uint32_t bits = s_.header.cluster_bits;
-  if (fix_l1_copied_) {
+  const bool set = pass != CopiedPass::kClearOnly, clear = pass != CopiedPass::kSetOnly;
+  if (fix_l1_copied_ && set) {
     for (uint64_t i = 0; i < map.l1().size(); ++i) {
       if (!L1Offset(map.l1()[i]) || (map.l1()[i] & kFlagCopied)) continue;
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(L1Offset(map.l1()[i]) >> bits));
@@ -335,15 +376,18 @@ Status Writer::FixCopiedFlags() {
       if (!fix_all_copied_ && !copied_fixups_.Contains(L2Offset(e) >> bits)) continue;
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(L2Offset(e) >> bits));
       uint64_t want = rc == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied);
+      if ((want & kFlagCopied) ? !set : !clear) continue;
       if (want != e) {
         StoreBe64(p, want);
         changed = true;
       }
     }
     if (changed) map.cache().MarkDirty(table);
-    // Each table's fix-up is whole: a safe point to write back a full cache.
-    QD_RETURN_IF_ERROR(FlushIfCachesFull());
+    // Each table's fix-up is whole: a safe point to write back a full cache
+    // (version 2 runs its fix-ups inside its flush: the cache just grows).
+    if (pass == CopiedPass::kBoth) QD_RETURN_IF_ERROR(FlushIfCachesFull());
   }
+  if (!set) return Status::Ok();  // the set pass still needs the list
   copied_fixups_.Clear();
   fix_all_copied_ = false;
   return Status::Ok();
@@ -355,6 +399,7 @@ Status Writer::FlushIfCachesFull() {
 }
 
 Status Writer::FlushState() {
+  if (v2_) return FlushStateV2();
   QD_RETURN_IF_ERROR(data_.Flush());
   if (!marked_dirty_) return Status::Ok();
   QD_RETURN_IF_ERROR(s_.file->Sync());
@@ -391,7 +436,7 @@ Status Writer::PunchFreed(std::vector<uint64_t> clusters) {
 
 Status Writer::Flush() {
   return Guarded([&] {
-    QD_RETURN_IF_ERROR(FixCopiedFlags());
+    if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
     return FlushState();
   });
 }
@@ -400,9 +445,28 @@ Status Writer::Close() {
   if (!marked_dirty_ && !index_changed_ && failed_.ok()) return Status::Ok();
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
-    QD_RETURN_IF_ERROR(FixCopiedFlags());
-    QD_RETURN_IF_ERROR(StoreIndex());
+    if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
+    if (bitmaps_) QD_RETURN_IF_ERROR(bitmaps_->WriteMarks(*refcounts_));
+    if (!v2_) QD_RETURN_IF_ERROR(StoreIndex());
     QD_RETURN_IF_ERROR(FlushState());
+    if (bitmaps_) {
+      // Marks and their clusters' refcounts are on disk: consistent again.
+      QD_RETURN_IF_ERROR(bitmaps_->ClearInUse());
+      QD_RETURN_IF_ERROR(s_.file->Sync());
+    }
+    if (v2_) {
+      // No autoclear bit could tell a later reader that QEMU wrote the
+      // image after us, and QEMU keeps our extension when it rewrites the
+      // header: a stored index would go stale unnoticed. So a version 2
+      // image keeps no index (the next session rebuilds it from the data:
+      // slower, never wrong).
+      QD_ASSIGN_OR_RETURN(uint64_t end, refcounts_->EndCluster());
+      QD_RETURN_IF_ERROR(s_.file->Truncate(std::max<uint64_t>(end * s_.cs(), s_.cs())));
+      QD_RETURN_IF_ERROR(s_.file->Sync());
+      marked_dirty_ = false;
+      index_changed_ = false;
+      return Status::Ok();
+    }
     QD_ASSIGN_OR_RETURN(uint64_t end, refcounts_->EndCluster());
     uint64_t file_end = end * s_.cs();
     if (s_.header.dedup && s_.header.dedup->index_offset)

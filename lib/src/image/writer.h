@@ -16,6 +16,7 @@
 #include <unordered_map>
 #include <memory>
 #include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "dedup/session_index.h"
@@ -27,6 +28,7 @@
 
 namespace qcow2dedup {
 
+class BitmapMarks;
 class ImageState;
 
 // Whether we can write images of this format (checked before anything is
@@ -48,7 +50,10 @@ class Writer {
   static Result<std::unique_ptr<Writer>> Start(ImageState& s, uint64_t cache_tables, const ProgressFn& progress);
   ~Writer();
 
-  Status WriteClusters(std::span<const ClusterWrite> clusters);
+  // mark: the clusters are what the guest wrote, for the persistent
+  // bitmaps; false when the caller noted the exact bytes (NoteGuestWrite).
+  Status WriteClusters(std::span<const ClusterWrite> clusters, bool mark = true);
+  Status NoteGuestWrite(uint64_t offset, uint64_t len);
   // In-place dedup: every stored data cluster hashed anew, every guest
   // cluster whose data is stored more than once linked to one copy (the
   // lowest), all-zero data unmapped; the other copies freed.
@@ -57,7 +62,8 @@ class Writer {
     uint64_t relinked = 0;  // guest clusters now pointing at another copy
     uint64_t zeroed = 0;    // guest clusters of zeros no longer stored
   };
-  Result<DedupCounts> Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking);
+  // flush_interval: flush after every this many bytes of guest space (0: never mid-run).
+  Result<DedupCounts> Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking, uint64_t flush_interval = 0);
   Status Resize(uint64_t new_size);
   // Everything so far durable, in the crash-safe order; the image stays dirty.
   Status Flush();
@@ -96,13 +102,25 @@ class Writer {
   Result<bool> Believe(uint64_t cluster, const Digest& digest);
   Result<Share> CanShare(uint64_t cluster, const ClusterWrite& w);
   Result<std::optional<uint64_t>> FindShareable(const ClusterWrite& w);
-  Status FixCopiedFlags();
+  // Which COPIED changes a fix-up makes. A cleared flag is always safe on
+  // disk (it only forces a copy on write); a set one only once no other
+  // reference is on disk. Version 2 images (no dirty bit) take them apart.
+  enum class CopiedPass { kBoth, kClearOnly, kSetOnly };
+  Status FixCopiedFlags(CopiedPass pass = CopiedPass::kBoth);
   // Writes everything back: data, then refcount blocks and L2 tables, then
   // the L1 and refcount tables, then the header; frees become reusable.
   Status FlushState();
   // A flush at a point where no metadata change is half done, when a cache
   // has grown past its capacity.
   Status FlushIfCachesFull();
+  // Version 2 (writer_v2.cpp): FlushState in the order that keeps a crash
+  // to leaks, since no dirty bit makes anyone repair the image.
+  Status FlushStateV2();
+  // guest_cluster's entry now links to a cluster others reference; old is
+  // the entry it replaced. Version 2 holds such links back in the flush.
+  void NoteLink(uint64_t guest_cluster, uint64_t old) {
+    if (v2_) held_links_.try_emplace(guest_cluster, old);
+  }
   Status PunchFreed(std::vector<uint64_t> clusters);
 
   ImageState& s_;
@@ -125,6 +143,9 @@ class Writer {
   // Stores the index, in place or fresh, and sets the header's extension.
   Status StoreIndex();
   std::vector<uint8_t> scratch_;  // one cluster
+  std::unique_ptr<BitmapMarks> bitmaps_;  // loaded at the first change
+  const bool v2_;                 // a version 2 image: no dirty bit, no autoclear bits, no zero flag
+  std::unordered_map<uint64_t, uint64_t> held_links_;  // v2: guest cluster -> entry on disk before its link
 };
 
 }  // namespace qcow2dedup

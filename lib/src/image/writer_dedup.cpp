@@ -9,7 +9,8 @@
 
 namespace qcow2dedup {
 
-Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking) {
+Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking,
+                                                uint64_t flush_interval) {
   // Whatever index was loaded, hash every stored copy now: the relinking
   // must rest on what the clusters hold today.
   if (!index_hashed_) QD_RETURN_IF_ERROR(RebuildIndex(hashing));
@@ -17,6 +18,8 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
   index_changed_ = true;
   const uint64_t cs = s_.cs();
   const Digest zero = Sha256(std::vector<uint8_t>(cs, 0));
+  // Version 2 has no zero flag: over a backing file zeros stay data (one copy).
+  const bool unmap_zeros = !(v2_ && s_.backing);
   // For each copy that goes: the copy kept (none for zeros), and its digest.
   struct Move {
     std::optional<uint64_t> keep;
@@ -27,7 +30,7 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
   index.ForEach([&](const uint8_t* key, uint64_t c) {
     Digest d{};
     std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
-    if (std::memcmp(key, zero.data(), DedupIndex::kKeyBytes) == 0) {
+    if (unmap_zeros && std::memcmp(key, zero.data(), DedupIndex::kKeyBytes) == 0) {
       moves.emplace(c, Move{std::nullopt, d});
     } else if (auto keep = index.FindLowest(d); keep && *keep != c) {
       moves.emplace(c, Move{keep, d});
@@ -63,12 +66,19 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
           QD_RETURN_IF_ERROR(refcounts_->Adjust(keep, +1).status());
           if (rc + 1 == 2) copied_fixups_.Insert(keep);
           entry = keep * cs;
+          NoteLink(g, old);
           ++counts.relinked;
         }
         QD_RETURN_IF_ERROR(PrepareL2(g));
         QD_RETURN_IF_ERROR(s_.map->SetEntry(g, entry, bitmap));
         QD_RETURN_IF_ERROR(Release(L2Offset(old) / cs, true, &it->second.digest));
         QD_RETURN_IF_ERROR(FlushIfCachesFull());
+      }
+      // Between two L2 tables no change is half done: a safe point to flush.
+      const uint64_t table_bytes = s_.header.l2_entries() * cs;
+      if (flush_interval && (i + 1) % std::max<uint64_t>(1, flush_interval / table_bytes) == 0) {
+        if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
+        QD_RETURN_IF_ERROR(FlushState());
       }
       if (relinking) relinking(i + 1, tables);
     }

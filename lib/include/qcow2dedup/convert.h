@@ -28,6 +28,10 @@ struct CopyOptions {
   // that a crash keeps what was flushed; 0: flush only when dst's table
   // cache is full (and the caller's Close at the end).
   uint64_t flush_interval = 0;
+  // qemu-img convert -c: data stored anew is stored compressed (dst's
+  // compression type) where that saves a sector; only distinct data is
+  // compressed, on the worker threads.
+  bool compress = false;
 };
 
 // Copies the guest view of src into dst (dst.virtual_size() >= src's).
@@ -41,9 +45,9 @@ using StreamReader = std::function<Result<size_t>(std::span<uint8_t> buf)>;
 // Streams a source of unknown length (standard input) into dst, which
 // grows as data arrives; its final virtual size is the length read,
 // rounded up to 512 bytes. progress gets (bytes read, 0). flush_interval
-// as in CopyOptions.
+// and compress as in CopyOptions.
 Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress = {},
-                  uint64_t flush_interval = 0);
+                  uint64_t flush_interval = 0, bool compress = false);
 
 // Writes src's guest view to dst as a raw file. kZero: dst reads zero (new,
 // empty, or --target-is-zero); zero runs become holes. kAnyData: dst exists

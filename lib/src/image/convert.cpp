@@ -12,6 +12,7 @@
 
 #include "dedup/hasher.h"
 #include "dedup/sha256.h"
+#include "image/chunk_compressor.h"
 
 namespace qcow2dedup {
 namespace {
@@ -22,6 +23,7 @@ struct Chunk {
   uint64_t offset = 0;
   std::vector<uint8_t> data;
   std::vector<ClusterWrite> writes;
+  std::vector<uint8_t> compressed;  // convert -c: the compressed clusters' bytes
   Status status;  // of filling it
 };
 
@@ -33,8 +35,9 @@ using FillFn = std::function<Status(Chunk&)>;
 class HashPipeline {
  public:
   // detect_zeros false: zero clusters are hashed and stored as data (-S 0).
-  explicit HashPipeline(Image& dst, bool detect_zeros = true)
-      : dst_(dst), depth_(std::max(2u, HashThreads()) + 1), detect_zeros_(detect_zeros) {}
+  // compressor (convert -c): compresses new data on the workers too.
+  explicit HashPipeline(Image& dst, bool detect_zeros = true, ChunkCompressor* compressor = nullptr)
+      : dst_(dst), depth_(std::max(2u, HashThreads()) + 1), detect_zeros_(detect_zeros), compressor_(compressor) {}
 
   // A chunk for guest bytes [offset, offset + len), len a multiple of the
   // cluster size or the end of the input (the tail is zeroed).
@@ -65,7 +68,7 @@ class HashPipeline {
       c->writes.push_back({c->offset / cs + i, std::span<const uint8_t>(&c->data[i * cs], cs), false, {}});
     Chunk* raw = c.get();
     c->status = Status::Ok();
-    auto work = [raw, fill = std::move(fill), detect_zeros = detect_zeros_] {
+    auto work = [raw, fill = std::move(fill), detect_zeros = detect_zeros_, compressor = compressor_] {
       if (fill) raw->status = fill(*raw);
       if (raw->status.ok())
         for (ClusterWrite& w : raw->writes) {
@@ -75,6 +78,7 @@ class HashPipeline {
             w.digest = Sha256(w.data);
           }
         }
+      if (raw->status.ok() && compressor) compressor->Run(raw->writes, raw->compressed);
     };
     inflight_.push_back({std::move(c), std::async(std::launch::async, std::move(work))});
     if (inflight_.size() >= depth_) return PopOne();
@@ -104,6 +108,7 @@ class HashPipeline {
   Image& dst_;
   unsigned depth_;
   bool detect_zeros_;
+  ChunkCompressor* compressor_;
   std::deque<InFlight> inflight_;
   std::vector<std::unique_ptr<Chunk>> free_;
 };
@@ -170,7 +175,8 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
   // Reads run on the workers, one at a time: a source need not be
   // thread-safe, and reading still overlaps hashing and writing.
   std::mutex src_mutex;
-  HashPipeline pipe(dst, detect_zeros);
+  auto compressor = options.compress ? MakeChunkCompressor(dst) : nullptr;
+  HashPipeline pipe(dst, detect_zeros, compressor.get());
   FlushPoints flushes(options.flush_interval);
   uint64_t pos = 0;
   while (pos < size) {
@@ -205,8 +211,10 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
   return pipe.Drain();
 }
 
-Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress, uint64_t flush_interval) {
-  HashPipeline pipe(dst);
+Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress, uint64_t flush_interval,
+                  bool compress) {
+  auto compressor = compress ? MakeChunkCompressor(dst) : nullptr;
+  HashPipeline pipe(dst, true, compressor.get());
   FlushPoints flushes(flush_interval);
   uint64_t total = 0;
   for (bool eof = false; !eof;) {

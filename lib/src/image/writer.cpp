@@ -15,7 +15,8 @@ namespace qcow2dedup {
 Writer::Writer(ImageState& s, uint64_t cache_tables)
     : s_(s),
       refcounts_(std::make_unique<Refcounts>(s.file.get(), &s.header, &s.meta, cache_tables)),
-      data_(s.file.get()) {}
+      data_(s.file.get()),
+      packer_(s.cs()) {}
 
 Writer::~Writer() = default;
 
@@ -74,6 +75,7 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
   if (left == 1) copied_fixups_.Insert(cluster);
   if (left != 0) return Status::Ok();
   ++stats_.freed_clusters;
+  packer_.Forget(cluster);  // once freed it may become anything
   if (!data) return Status::Ok();
   Digest digest;
   if (known) {
@@ -93,6 +95,7 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
 Status Writer::ReleaseEntry(uint64_t entry, uint64_t bitmap) {
   const uint32_t bits = s_.header.cluster_bits;
   if (IsCompressed(entry)) {
+    compressed_.DropReference(entry & ~kFlagCopied);
     CompressedDescriptor d = DecodeCompressed(entry, bits);
     for (uint64_t c = FirstHostCluster(d, bits); c <= LastHostCluster(d, bits); ++c)
       QD_RETURN_IF_ERROR(Release(c, false));
@@ -212,11 +215,18 @@ Status Writer::WriteOne(const ClusterWrite& w) {
       hit = index_.Find(w.digest);  // that entry is gone: another copy, if any
     }
     QD_ASSIGN_OR_RETURN(hit, FindShareable(w, hit));
+    std::optional<uint64_t> compressed;  // no uncompressed copy: a compressed one?
+    if (!hit) {
+      QD_ASSIGN_OR_RETURN(compressed, CompressedEntryFor(w, old));
+      if (compressed == old) return Status::Ok();  // the same data again
+    }
     if (hit) {
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Adjust(*hit, +1));
       if (rc == 2) copied_fixups_.Insert(*hit);
       entry = *hit * cs;
       ++stats_.dedup_hits;
+    } else if (compressed) {
+      entry = *compressed;
     } else {
       QD_ASSIGN_OR_RETURN(uint64_t host, refcounts_->Allocate());
       QD_RETURN_IF_ERROR(s_.meta.CheckDataWrite(host));

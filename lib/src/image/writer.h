@@ -16,7 +16,9 @@
 #include <span>
 #include <vector>
 
+#include "dedup/compressed_index.h"
 #include "dedup/index.h"
+#include "image/compressed_packer.h"
 #include "image/cluster_set.h"
 #include "image/data_writer.h"
 #include "image/refcounts.h"
@@ -74,6 +76,15 @@ class Writer {
   Status Prepare(const ProgressFn& progress);
   Status VetStructure();
   Status RebuildIndex(const ProgressFn& progress);
+  // The compressed clusters the active L1 references, counted and hashed
+  // (by decompressing them) into compressed_ (compressed_writer.cpp).
+  Status LoadCompressed();
+  // w's entry as a compressed cluster: a stored copy linked (old itself when
+  // old already is one), or with w.compress a new one stored; none when w
+  // is to be stored uncompressed.
+  Result<std::optional<uint64_t>> CompressedEntryFor(const ClusterWrite& w, uint64_t old);
+  Result<bool> CanShareCompressed(uint64_t descriptor, const ClusterWrite& w);
+  Result<uint64_t> StoreCompressed(std::span<const uint8_t> bytes);
 
   // Runs op; its failure ends the session (and gives back space on ENOSPC).
   Status Guarded(const std::function<Status()>& op);
@@ -105,6 +116,9 @@ class Writer {
   std::unique_ptr<Refcounts> refcounts_;
   DataWriter data_;
   DedupIndex index_;
+  CompressedIndex compressed_;
+  CompressedPacker packer_;
+  std::vector<uint8_t> compress_buf_;
   WriteStats stats_;
   Status failed_;                 // set once a write or sync failed
   bool marked_dirty_ = false;     // the header on disk says dirty, index out of sync

@@ -38,7 +38,7 @@ Status Writer::Prepare(const ProgressFn& progress) {
     // twice leaves the other reference's COPIED flag clear. Mend them all.
     fix_all_copied_ = true;
   }
-  return Status::Ok();
+  return LoadCompressed();  // compressed_writer.cpp
 }
 
 // Before the first write, the same reference count that check makes (no

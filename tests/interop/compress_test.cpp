@@ -224,3 +224,54 @@ TEST_CASE("convert -c with -O raw is refused in one line") {
   CHECK(LineCount(r.err) == 1);
   CHECK(r.err.find("-c") != std::string::npos);
 }
+
+TEST_CASE("dedup in place of an image qemu-img convert -c wrote: compressed duplicates linked to one copy") {
+  RequireCommand("qemu-img");
+  TempDir dir;
+  const std::string input = MakeInput(dir);
+  const uint64_t cs = 65536;
+  const uint64_t unique = OracleUnique(input, cs);
+  for (std::string type : {"zlib", "zstd"}) {
+    CAPTURE(type);
+    const std::string img = dir / (type + ".qcow2");
+    Sh0(fmt::format("qemu-img convert -c -O qcow2 -o cluster_size={},compression_type={} {} {}", cs, type,
+                    Sh(input), Sh(img)));
+    const Stored before = CountStored(Layout(img));
+    REQUIRE(before.total() > unique);  // qemu-img stores every cluster apart
+    RunResult r = Run(Tool() + " dedup --output=json " + Sh(img));
+    INFO(r.out << r.err);
+    REQUIRE(r.exit_code == 0);
+    const nlohmann::json j = nlohmann::json::parse(r.out);
+    const Stored after = CountStored(Layout(img));
+    CHECK(after.total() == unique);
+    CHECK(after.compressed > 0);
+    CHECK(j["stored-clusters-after"].get<uint64_t>() == unique);
+    CHECK(j["relinked-clusters"].get<uint64_t>() > 0);
+    CheckQemuIdentical(img, input);
+    BothClean(img);
+  }
+}
+
+TEST_CASE("convert -n -c into images qemu-img made: extended L2 entries, zstd") {
+  RequireCommand("qemu-img");
+  TempDir dir;
+  const std::string raw = dir / "in.raw";
+  // Text clusters, each distinct, then the same again: half of them shared.
+  Sh0(fmt::format("python3 -c \"import sys; sys.stdout.buffer.write(b''.join((b'cluster %07d\\n' % i) * 4096 "
+                  "for i in range(32)))\" >{} && cat {} {} >{}.2 && mv {}.2 {}",
+                  Sh(raw), Sh(raw), Sh(raw), Sh(raw), Sh(raw), Sh(raw)));
+  for (std::string opts : {"extended_l2=on", "compression_type=zstd"}) {
+    CAPTURE(opts);
+    const std::string img = dir / "t.qcow2";
+    Sh0(fmt::format("rm -f {} && qemu-img create -q -f qcow2 -o cluster_size=65536,{} {} {}", Sh(img), opts, Sh(img),
+                    FileSize(raw)));
+    Sh0(fmt::format("{} convert -n -c {} {}", Tool(), Sh(raw), Sh(img)));
+    CheckQemuIdentical(img, raw);
+    CheckQemuClean(img);
+    RunResult ours = Run(Tool() + " check " + Sh(img));
+    INFO(ours.out << ours.err);
+    CHECK(ours.exit_code == 0);
+    QemuCheckResult qc = QemuImgCheck(img);
+    CHECK(qc.Get("compressed-clusters") == 64);  // every guest cluster, 32 stored
+  }
+}

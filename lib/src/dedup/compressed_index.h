@@ -66,6 +66,12 @@ class CompressedIndex {
   void ForEachDescriptor(Fn&& fn) const {
     for (const auto& [d, f] : fragments_) fn(d);
   }
+  // fn(descriptor, digest) for each descriptor whose data is known.
+  template <typename Fn>
+  void ForEachHashed(Fn&& fn) const {
+    for (const auto& [d, f] : fragments_)
+      if (f.hashed) fn(d, f.digest);
+  }
   size_t size() const { return fragments_.size(); }
   void Clear() {
     fragments_.clear();
@@ -78,6 +84,8 @@ class CompressedIndex {
     bool hashed = false;
     Digest digest{};
   };
+
+ public:
   struct DigestHash {
     size_t operator()(const Digest& d) const {
       size_t h;
@@ -85,6 +93,8 @@ class CompressedIndex {
       return h;
     }
   };
+
+ private:
   std::unordered_map<uint64_t, Fragment> fragments_;
   std::unordered_map<Digest, uint64_t, DigestHash> by_digest_;
 };

@@ -57,10 +57,7 @@ Status Writer::LoadCompressed() {
   return Status::Ok();
 }
 
-// Whether the compressed copy at descriptor, which the index names for w's
-// digest, may take one more reference: still in use, every cluster it
-// touches under the share limit, and (verify) its bytes w's.
-Result<bool> Writer::CanShareCompressed(uint64_t descriptor, const ClusterWrite& w) {
+Result<bool> Writer::CompressedHasRoom(uint64_t descriptor) {
   if (compressed_.References(descriptor) == 0) return false;
   const uint32_t bits = s_.header.cluster_bits;
   const CompressedDescriptor d = DecodeCompressed(descriptor, bits);
@@ -69,8 +66,28 @@ Result<bool> Writer::CanShareCompressed(uint64_t descriptor, const ClusterWrite&
     if (rc == 0 || rc + 1 > ShareLimit(s_.header) || s_.meta.IsTable(c << bits) || s_.meta.FixedStructureAt(c << bits))
       return false;
   }
+  return true;
+}
+
+Status Writer::AddCompressedReference(uint64_t descriptor) {
+  const uint32_t bits = s_.header.cluster_bits;
+  const CompressedDescriptor d = DecodeCompressed(descriptor, bits);
+  for (uint64_t c = FirstHostCluster(d, bits); c <= LastHostCluster(d, bits); ++c)
+    QD_RETURN_IF_ERROR(refcounts_->Adjust(c, +1).status());
+  compressed_.AddReference(descriptor);
+  index_changed_ = true;
+  return Status::Ok();
+}
+
+// Whether the compressed copy at descriptor, which the index names for w's
+// digest, may take one more reference: still in use, every cluster it
+// touches under the share limit, and (verify) its bytes w's.
+Result<bool> Writer::CanShareCompressed(uint64_t descriptor, const ClusterWrite& w) {
+  QD_ASSIGN_OR_RETURN(bool room, CompressedHasRoom(descriptor));
+  if (!room) return false;
   if (s_.verify) {
     const uint64_t cs = s_.cs();
+    const CompressedDescriptor d = DecodeCompressed(descriptor, s_.header.cluster_bits);
     std::vector<uint8_t> in(std::min<uint64_t>(d.bytes, 2 * cs + 512)), out(cs);
     QD_RETURN_IF_ERROR(FlushDataOverlapping(d.offset, in.size()));
     QD_RETURN_IF_ERROR(s_.file->ReadAt(d.offset, in));
@@ -114,13 +131,8 @@ Result<std::optional<uint64_t>> Writer::CompressedEntryFor(const ClusterWrite& w
     }
     QD_ASSIGN_OR_RETURN(bool share, CanShareCompressed(*found, w));
     if (share) {
-      const uint32_t bits = s_.header.cluster_bits;
-      const CompressedDescriptor d = DecodeCompressed(*found, bits);
-      for (uint64_t c = FirstHostCluster(d, bits); c <= LastHostCluster(d, bits); ++c)
-        QD_RETURN_IF_ERROR(refcounts_->Adjust(c, +1).status());
-      compressed_.AddReference(*found);
+      QD_RETURN_IF_ERROR(AddCompressedReference(*found));
       ++stats_.dedup_hits;
-      index_changed_ = true;
       return found;
     }
   }

@@ -227,6 +227,7 @@ Status Writer::WriteOne(const ClusterWrite& w) {
       ++stats_.dedup_hits;
     } else if (compressed) {
       entry = *compressed;
+      bitmap = 0;  // a compressed cluster's subcluster bitmap must be zero
     } else {
       QD_ASSIGN_OR_RETURN(uint64_t host, refcounts_->Allocate());
       QD_RETURN_IF_ERROR(s_.meta.CheckDataWrite(host));

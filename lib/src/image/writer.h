@@ -13,6 +13,8 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
+#include <unordered_map>
 #include <span>
 #include <vector>
 
@@ -68,6 +70,8 @@ class Writer {
 
   const WriteStats& stats() const { return stats_; }
   const DedupIndex& index() const { return index_; }
+  // Stored data clusters: the index's, and the compressed ones in use.
+  uint64_t stored_clusters() const { return index_.size() + compressed_.size(); }
 
  private:
   enum class Share { kYes, kNo, kStale };
@@ -84,6 +88,12 @@ class Writer {
   // is to be stored uncompressed.
   Result<std::optional<uint64_t>> CompressedEntryFor(const ClusterWrite& w, uint64_t old);
   Result<bool> CanShareCompressed(uint64_t descriptor, const ClusterWrite& w);
+  // Whether the compressed copy is in use and every host cluster it touches
+  // can take one more reference; AddCompressedReference takes them.
+  Result<bool> CompressedHasRoom(uint64_t descriptor);
+  Status AddCompressedReference(uint64_t descriptor);
+  Status RelinkCompressed(uint64_t guest_cluster, uint64_t old, uint64_t old_bitmap,
+                          const std::unordered_map<uint64_t, std::optional<uint64_t>>& moves, DedupCounts& counts);
   Result<uint64_t> StoreCompressed(std::span<const uint8_t> bytes);
 
   // Runs op; its failure ends the session (and gives back space on ENOSPC).

@@ -22,6 +22,7 @@ struct {
   std::string out_format = "qcow2";
   std::vector<std::string> options;
   bool progress = false, quiet = false, force = false, verify = false, force_share = false;
+  bool compress = false;  // -c
   uint64_t flush_interval = 0;
   bool no_create = false, target_is_zero = false;  // -n, --target-is-zero
   std::string snapshot;                             // -l
@@ -179,10 +180,14 @@ int ToQcow2(const ImageOptions& o) {
           if (!r.ok()) src_failed = true;
           return r;
         },
-        *dst, progress.fn(), opts.flush_interval);
+        *dst, progress.fn(), opts.flush_interval, opts.compress);
   } else {
     BlamedSource blamed(*src);
-    s = CopyInto(blamed, *dst, progress.fn(), {TargetState::kZero, opts.sparse_size, opts.flush_interval});
+    s = CopyInto(blamed, *dst, progress.fn(),
+                 {.target = TargetState::kZero,
+                  .sparse_size = opts.sparse_size,
+                  .flush_interval = opts.flush_interval,
+                  .compress = opts.compress});
     src_failed = blamed.failed;
   }
   if (s.ok()) s = dst->Close();
@@ -198,8 +203,11 @@ int ToQcow2(const ImageOptions& o) {
 // -n: into an existing target, as qemu-img convert -n. Nothing is created
 // and nothing removed on failure: the target is the caller's.
 CopyOptions IntoExistingOptions() {
-  return {opts.target_is_zero ? TargetState::kZero : TargetState::kAnyData, opts.sparse_size, opts.flush_interval,
-          opts.cache};
+  return {.target = opts.target_is_zero ? TargetState::kZero : TargetState::kAnyData,
+          .sparse_size = opts.sparse_size,
+          .flush_interval = opts.flush_interval,
+          .cache = opts.cache,
+          .compress = opts.compress};
 }
 
 int IntoExistingQcow2(BlockDevice& src) {
@@ -279,7 +287,8 @@ void SetupConvert(CLI::App& app) {
       ->check(CLI::IsMember({"qcow2", "raw"}))
       ->option_text("qcow2|raw");
   app.add_option("-o", opts.options,
-                 "Output options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off, verify=on|off")
+                 "Output options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off, compression_type=zlib|zstd, "
+                 "verify=on|off")
       ->option_text("OPTIONS")
       ->allow_extra_args(false)
       ->each([](const std::string& v) {
@@ -287,6 +296,8 @@ void SetupConvert(CLI::App& app) {
         if (AsksForHelp(v) && opts.out_format == "raw") PrintRawOptionsHelp();
         if (AsksForHelp(v)) PrintImageOptionsHelp(/*allow_verify=*/true);
       });
+  app.add_flag("-c", opts.compress,
+               "Store data compressed (-o compression_type, zlib by default), each distinct cluster once");
   app.add_flag("-p,--progress", opts.progress, "Show progress on stdout (as qemu-img)");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   AddCacheOption(app, opts.cache);
@@ -326,8 +337,8 @@ int RunConvert() {
   if (opts.out_format == "raw") {
     // A raw file has no options, nothing is shared that could be verified,
     // and no tables that a flush could put on disk early.
-    if (!opts.options.empty() || opts.verify || opts.flush_interval)
-      return Fail(opts.dst, "-o, --verify and --flush-interval apply to qcow2 output only");
+    if (!opts.options.empty() || opts.verify || opts.flush_interval || opts.compress)
+      return Fail(opts.dst, "-o, -c, --verify and --flush-interval apply to qcow2 output only");
     return ToRaw();
   }
   ImageOptions o;

@@ -18,6 +18,8 @@ struct {
   std::string file;
   OutputFormat output = OutputFormat::kHuman;
   bool force_share = false, simulate = false, progress = false;
+  bool compress = false;                           // -c
+  Compression compression = Compression::kZlib;  // -o compression_type=
   ImageFormat format = ImageFormat::kAuto;
   std::vector<uint64_t> cluster_sizes = {4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20};
 } opts;
@@ -46,6 +48,11 @@ Json StatsJson(const DedupStats& s) {
   if (s.backing_clusters) j["backing-clusters"] = s.backing_clusters;  // as qemu-img: only when there are any
   j["stored-clusters"] = s.stored_clusters;
   j["dedup-ratio"] = Round(s.dedup_ratio, 4);
+  j["compressed-clusters"] = s.compressed_clusters;
+  j["stored-bytes"] = s.stored_bytes;
+  j["compress-ratio"] = Round(s.compress_ratio, 4);
+  j["copies"] = 1;
+  j["dedup-compress-ratio"] = Round(s.total_ratio, 4);
   j["saved-bytes"] = s.saved_bytes;
   j["saving-percent"] = Round(s.saving_percent, 2);
   j["reclaimable-clusters"] = s.reclaimable_clusters;
@@ -82,7 +89,16 @@ void PrintStats(const DedupStats& s) {
   if (s.backing_clusters) rows.push_back({"  from the backing file:", std::to_string(s.backing_clusters)});
   rows.insert(rows.end(), {
       {"stored clusters:", fmt::format("{} ({})", s.stored_clusters, HumanSize(s.stored_clusters * cs))},
+  });
+  if (s.compressed_clusters)
+    rows.push_back({"  compressed:", fmt::format("{}, in {}", s.compressed_clusters, HumanSize(s.stored_bytes -
+                                                  (s.stored_clusters - s.compressed_clusters) * cs))});
+  rows.insert(rows.end(), {
       {"dedup ratio:", fmt::format("{:.2f}", s.dedup_ratio)},
+      {"compress ratio:", fmt::format("{:.2f}", s.compress_ratio)},
+      // zdb -DD's summary; qcow2 keeps one copy of each cluster.
+      {"dedup * compress:", fmt::format("{:.2f} (dedup = {:.2f}, compress = {:.2f}, copies = 1.00)", s.total_ratio,
+                                        s.dedup_ratio, s.compress_ratio)},
       {"saved:", fmt::format("{}, {:.2f}% of the data", SizeWithBytes(s.saved_bytes), s.saving_percent)},
       {"dedup would reclaim:", s.reclaimable_clusters
                                    ? fmt::format("{} cluster{}, {}; run 'qcow2dedup dedup'", s.reclaimable_clusters,
@@ -118,9 +134,10 @@ void PrintStats(const DedupStats& s) {
 
 // The smallest estimated image; on a tie qemu's default 64 KiB, then the
 // larger cluster (less metadata to keep).
-const Simulation& Recommended(const std::vector<Simulation>& sims) {
-  auto key = [](const Simulation& s) {
-    return std::tuple(s.estimated_image_size, s.cluster_size != 65536, ~s.cluster_size);
+const Simulation& Recommended(const std::vector<Simulation>& sims, bool compressed) {
+  auto key = [compressed](const Simulation& s) {
+    return std::tuple(compressed ? s.estimated_compressed_image_size : s.estimated_image_size,
+                      s.cluster_size != 65536, ~s.cluster_size);
   };
   return *std::min_element(sims.begin(), sims.end(),
                            [&](const Simulation& a, const Simulation& b) { return key(a) < key(b); });
@@ -130,18 +147,27 @@ int RunSimulate() {
   auto dev = OpenBlockDevice(opts.file, opts.format, opts.force_share);
   if (!dev.ok()) return Fail(opts.file, dev.status());
   Progress progress(opts.progress);
-  auto sims = SimulateDedup(**dev, opts.cluster_sizes, progress.fn());
+  auto sims = SimulateDedup(**dev, opts.cluster_sizes, progress.fn(),
+                            opts.compress ? std::optional<Compression>(opts.compression) : std::nullopt);
   if (!sims.ok()) return Fail(opts.file, sims.status());
   progress.Finish();
   if (opts.output == OutputFormat::kJson) {
     Json list = Json::array();
-    for (const Simulation& s : *sims)
-      list.push_back({{"cluster-size", s.cluster_size},
-                      {"clusters", s.clusters},
-                      {"nonzero", s.nonzero},
-                      {"unique", s.unique},
-                      {"ratio", Round(s.ratio, 4)},
-                      {"estimated-image-size", s.estimated_image_size}});
+    for (const Simulation& s : *sims) {
+      Json j = {{"cluster-size", s.cluster_size},
+                {"clusters", s.clusters},
+                {"nonzero", s.nonzero},
+                {"unique", s.unique},
+                {"ratio", Round(s.ratio, 4)},
+                {"estimated-image-size", s.estimated_image_size}};
+      if (opts.compress) {
+        j["compression-type"] = opts.compression == Compression::kZstd ? "zstd" : "zlib";
+        j["compressible"] = s.compressible;
+        j["compressed-bytes"] = s.compressed_bytes;
+        j["estimated-compressed-image-size"] = s.estimated_compressed_image_size;
+      }
+      list.push_back(j);
+    }
     PrintJson(Json{{"filename", opts.file}, {"simulations", list}});
     return 0;
   }
@@ -149,13 +175,16 @@ int RunSimulate() {
              SizeWithBytes((*dev)->virtual_size()));
   std::vector<std::vector<std::string>> rows = {
       {"cluster size", "clusters", "non-zero", "unique", "ratio", "estimated image size"}};
-  for (const Simulation& s : *sims)
+  if (opts.compress) rows[0].push_back(opts.compression == Compression::kZstd ? "with -c (zstd)" : "with -c (zlib)");
+  for (const Simulation& s : *sims) {
     rows.push_back({HumanSize(s.cluster_size), std::to_string(s.clusters), std::to_string(s.nonzero),
                     std::to_string(s.unique), fmt::format("{:.2f}", s.ratio), HumanSize(s.estimated_image_size)});
-  PrintTable(rows, 0b111111);
+    if (opts.compress) rows.back().push_back(HumanSize(s.estimated_compressed_image_size));
+  }
+  PrintTable(rows, opts.compress ? 0b1111111 : 0b111111);
   if (!sims->empty())
-    fmt::print("\nRecommended cluster size: {} (smallest estimated image)\n",
-               HumanSize(Recommended(*sims).cluster_size));
+    fmt::print("\nRecommended cluster size: {} (smallest estimated image{})\n",
+               HumanSize(Recommended(*sims, opts.compress).cluster_size), opts.compress ? " with -c" : "");
   return 0;
 }
 
@@ -192,8 +221,21 @@ void SetupDedupStats(CLI::App& app) {
   auto* progress = app.add_flag("-p,--progress", opts.progress,
                                 "Show progress on stderr (hashing an image without an in-sync index, or --simulate)");
   auto* format = AddFormatOption(app, opts.format, "With --simulate: image format (default: probe)");
+  auto* compress = app.add_flag("-c", opts.compress,
+                                "With --simulate: also estimate the image convert -c would write (compressing each "
+                                "unique cluster)");
+  auto* options = app.add_option_function<std::string>(
+                         "-o",
+                         [](const std::string& v) {
+                           if (v == "compression_type=zlib") opts.compression = Compression::kZlib;
+                           else if (v == "compression_type=zstd") opts.compression = Compression::kZstd;
+                           else throw CLI::ValidationError("-o", "only compression_type=zlib|zstd is taken here");
+                         },
+                         "With -c: compression_type=zlib (default) or compression_type=zstd")
+                      ->option_text("compression_type=TYPE");
   (void)progress;
-  for (CLI::Option* o : {sizes, format}) o->needs(simulate);
+  for (CLI::Option* o : {sizes, format, compress}) o->needs(simulate);
+  options->needs(compress);
   app.add_option("FILE", opts.file, "The image")->required();
 }
 

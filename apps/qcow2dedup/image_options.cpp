@@ -51,7 +51,13 @@ Status Apply(const std::string& key, const std::string& value, bool allow_verify
   } else if (key == "extended_l2") {
     return RequireValue(key, value, {"off"});
   } else if (key == "compression_type") {
-    return RequireValue(key, value, {"zlib"});
+    if (value == "zlib") {
+      out.create.compression_type = Compression::kZlib;
+    } else if (value == "zstd") {
+      out.create.compression_type = Compression::kZstd;
+    } else {
+      return Status::InvalidArgument(fmt::format("parameter 'compression_type' expects zlib or zstd, not '{}'", value));
+    }
   } else {
     return Status::InvalidArgument(fmt::format("invalid parameter '{}'", key));
   }
@@ -99,7 +105,7 @@ void PrintImageOptionsHelp(bool allow_verify) {
   static const Line kLines[] = {
       {"cluster_size=<size>", "qcow2 cluster size"},
       {"compat=<str>", "Compatibility level (v3 [1.1] only)"},
-      {"compression_type=<str>", "Compression method used for image cluster compression (zlib only)"},
+      {"compression_type=<str>", "Compression method used for image cluster compression"},
       {"extended_l2=<bool (on/off)>", "Extended L2 tables (off only)"},
       {"lazy_refcounts=<bool (on/off)>", "Postpone refcount updates"},
       {"refcount_bits=<num>", "Width of a reference count entry in bits"},
@@ -124,9 +130,9 @@ void PrintRawOptionsHelp() {
 
 std::string FormattingLine(const std::string& path, const CreateOptions& o) {
   return fmt::format(
-      "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={} "
+      "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2=off compression_type={} size={} "
       "lazy_refcounts={} refcount_bits={}",
-      path, o.cluster_size, o.virtual_size, o.lazy_refcounts ? "on" : "off", o.refcount_bits);
+      path, o.cluster_size, o.compression_type == Compression::kZstd ? "zstd" : "zlib", o.virtual_size, o.lazy_refcounts ? "on" : "off", o.refcount_bits);
 }
 
 void WarnIfNoSharing(const std::string& path, const CreateOptions& o) {

@@ -145,6 +145,9 @@ std::string WriteRatio(const WriteStats& s, std::string_view suffix) {
 void PrintWriteSummary(const WriteStats& s) {
   fmt::print(stderr, "dedup: {} clusters written, {} stored, {} shared (ratio {})\n", s.clusters_written,
              s.new_clusters, s.dedup_hits, WriteRatio(s, ""));
+  if (s.compressed_clusters)
+    fmt::print(stderr, "compressed: {} of the stored clusters, into {} bytes\n", s.compressed_clusters,
+               s.compressed_bytes);
 }
 
 }  // namespace qcow2dedup::cli

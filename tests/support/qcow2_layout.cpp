@@ -99,7 +99,9 @@ Qcow2Layout Parse(const std::string& path) {
   if (refcount_order > 6) throw std::runtime_error("refcount_order out of range");
   l.refcount_bits = 1u << refcount_order;
   const uint32_t header_length = uint32_t(Be(&h[100], 4));
-  if (l.incompatible & ~1ull) throw std::runtime_error("incompatible features other than dirty are not understood");
+  // Bit 3 (compression type) changes how compressed data reads, not the layout.
+  if (l.incompatible & ~(1ull | 8ull))
+    throw std::runtime_error("incompatible features other than dirty and compression type are not understood");
   const uint64_t cs = l.cluster_size;
 
   // Header extensions, from the end of the header to the end marker.

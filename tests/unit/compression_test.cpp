@@ -8,7 +8,9 @@
 #include <zlib.h>
 #include <zstd.h>
 
+#include <atomic>
 #include <fstream>
+#include <thread>
 #include <random>
 
 #include "format/entries.h"
@@ -237,4 +239,72 @@ TEST_CASE("clusters compressed by qemu-img") {
       CHECK(compressed > 32);
     }
   }
+}
+
+TEST_CASE("Compress: QEMU's streams, read back by zlib's and zstd's own decoders") {
+  for (size_t cs : {size_t(4096), size_t(65536)}) {
+    CAPTURE(cs);
+    const Bytes plain = Text(cs, uint32_t(cs) + 5);
+    Bytes c(cs - 512);
+    // zlib: raw deflate with a 4 KiB window, as QEMU writes it; zlib's inflate
+    // with windowBits -12 reads it exactly.
+    size_t n = Compress(CompressionType::kDeflate, plain, c);
+    REQUIRE(n > 0);
+    REQUIRE(WorthCompressing(n, cs));
+    z_stream z = {};
+    REQUIRE(inflateInit2(&z, -12) == Z_OK);
+    Bytes out(cs);
+    z.next_in = c.data();
+    z.avail_in = uInt(n);
+    z.next_out = out.data();
+    z.avail_out = uInt(out.size());
+    CHECK(inflate(&z, Z_FINISH) == Z_STREAM_END);
+    inflateEnd(&z);
+    CHECK(out == plain);
+    CHECK(Deflate(plain) == Bytes(c.begin(), c.begin() + ptrdiff_t(n)));  // QEMU's parameters, byte for byte
+    // zstd: one frame, which ZSTD_decompress reads whole.
+    n = Compress(CompressionType::kZstd, plain, c);
+    REQUIRE(n > 0);
+    std::fill(out.begin(), out.end(), 0);
+    CHECK(ZSTD_decompress(out.data(), out.size(), c.data(), n) == cs);
+    CHECK(out == plain);
+    // Ours, with padding after it as in an image.
+    Bytes padded = Padded(Bytes(c.begin(), c.begin() + ptrdiff_t(n)), 100, 0x5a);
+    std::fill(out.begin(), out.end(), 0);
+    REQUIRE(Decompress(CompressionType::kZstd, padded, out).ok());
+    CHECK(out == plain);
+  }
+}
+
+TEST_CASE("Compress: what does not fit, and what saves less than a sector") {
+  const Bytes noise = Noise(65536, 9);
+  Bytes c(65536 - 512);
+  CHECK(Compress(CompressionType::kDeflate, noise, c) == 0);
+  CHECK(Compress(CompressionType::kZstd, noise, c) == 0);
+  CHECK_FALSE(WorthCompressing(0, 65536));
+  CHECK(WorthCompressing(65536 - 512, 65536));
+  CHECK_FALSE(WorthCompressing(65536 - 511, 65536));
+  // Zeros compress to next to nothing with both.
+  const Bytes zeros(65536, 0);
+  const size_t z = Compress(CompressionType::kDeflate, zeros, c);
+  CHECK(z > 0);
+  CHECK(z < 200);
+  CHECK(Compress(CompressionType::kZstd, zeros, c) > 0);
+}
+
+TEST_CASE("Compress from many threads at once gives each thread's data") {
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([t, &bad] {
+      for (int i = 0; i < 50; ++i) {
+        const Bytes plain = Text(4096, uint32_t(t * 1000 + i));
+        Bytes c(4096 - 512), out(4096);
+        const CompressionType type = i % 2 ? CompressionType::kZstd : CompressionType::kDeflate;
+        const size_t n = Compress(type, plain, c);
+        if (n == 0 || !Decompress(type, std::span<const uint8_t>(c).first(n), out).ok() || out != plain) ++bad;
+      }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(bad == 0);
 }

@@ -31,6 +31,10 @@ struct CopyOptions {
   // ExportRaw: kWriteback syncs dst at the end, kUnsafe does not. (A qcow2
   // dst has its own, from OpenOptions.)
   CacheMode cache = CacheMode::kWriteback;
+  // qemu-img convert -c: data stored anew is stored compressed (dst's
+  // compression type) where that saves a sector; only distinct data is
+  // compressed, on the worker threads.
+  bool compress = false;
 };
 
 // Copies the guest view of src into dst (dst.virtual_size() >= src's).
@@ -44,9 +48,9 @@ using StreamReader = std::function<Result<size_t>(std::span<uint8_t> buf)>;
 // Streams a source of unknown length (standard input) into dst, which
 // grows as data arrives; its final virtual size is the length read,
 // rounded up to 512 bytes. progress gets (bytes read, 0). flush_interval
-// as in CopyOptions.
+// and compress as in CopyOptions.
 Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress = {},
-                  uint64_t flush_interval = 0);
+                  uint64_t flush_interval = 0, bool compress = false);
 
 // Writes src's guest view to dst as a raw file. kZero: dst reads zero (new,
 // empty, or --target-is-zero); zero runs become holes. kAnyData: dst exists

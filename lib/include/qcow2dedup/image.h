@@ -49,8 +49,12 @@ enum class ImageFormat { kAuto, kRaw, kQcow2 };
 Result<std::unique_ptr<BlockDevice>> OpenBlockDevice(const std::string& path, ImageFormat format,
                                                      bool force_share = false);
 
+// How compressed clusters are compressed (qemu-img's compression_type).
+enum class Compression { kZlib, kZstd };
+
 struct CreateOptions {
   uint64_t virtual_size = 0;
+  Compression compression_type = Compression::kZlib;
   uint32_t cluster_size = 65536;
   uint32_t refcount_bits = 16;
   bool lazy_refcounts = false;
@@ -128,6 +132,8 @@ struct WriteStats {
   uint64_t zero_clusters = 0;     // of them, all zero
   uint64_t dedup_hits = 0;        // linked to a cluster already stored
   uint64_t new_clusters = 0;      // stored anew
+  uint64_t compressed_clusters = 0;  // of them, stored compressed
+  uint64_t compressed_bytes = 0;     // the compressed bytes those take
   uint64_t freed_clusters = 0;    // host clusters whose last reference went
 };
 
@@ -138,6 +144,12 @@ struct ClusterWrite {
   std::span<const uint8_t> data;  // exactly one cluster
   bool zero;
   std::array<uint8_t, 32> digest;  // SHA-256 of data (unused when zero)
+  // Stored anew, store it compressed with the image's compression type
+  // (convert -c), unless that saves less than a 512-byte sector.
+  bool compress = false;
+  // With compress: data already compressed by the caller (empty: the write
+  // path compresses it if it must store it).
+  std::span<const uint8_t> compressed = {};
 };
 
 // Hashes a cluster the way the write path expects (fills zero and digest).

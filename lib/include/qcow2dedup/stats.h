@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,15 @@ struct DedupStats {
   // counts once per distinct compressed descriptor).
   uint64_t stored_clusters = 0;
   double dedup_ratio = 1.0;      // data / stored (1 without data)
+  // Compression (convert -c), apart from dedup and with it, as zdb -DD's
+  // "dedup = X, compress = Y, copies = 1" (qcow2 keeps one copy).
+  uint64_t compressed_clusters = 0;  // of the stored clusters, compressed
+  // What the stored data takes in the file: a host cluster for each stored
+  // uncompressed one, and the host clusters compressed bytes touch (several
+  // compressed clusters share one).
+  uint64_t stored_bytes = 0;
+  double compress_ratio = 1.0;   // stored clusters * cluster size / stored bytes
+  double total_ratio = 1.0;      // data bytes / stored bytes = dedup * compress
   uint64_t saved_bytes = 0;      // (data - stored) * cluster size
   double saving_percent = 0;     // saved bytes / data bytes * 100 (0 without data)
   // Stored clusters that `dedup` would free: copies of data stored elsewhere
@@ -80,6 +90,14 @@ struct Simulation {
   // tables that map a non-zero cluster, the unique clusters, and 32 bytes of
   // dedup index per unique cluster.
   uint64_t estimated_image_size = 0;
+  // With compression asked for (convert -c): of the unique clusters, those
+  // that compress by a sector or more; their compressed bytes, packed as
+  // convert -c packs them; and the image that would take (as above, with
+  // the unique clusters' share being the uncompressed ones plus the
+  // compressed bytes in whole clusters). 0 without compression.
+  uint64_t compressible = 0;
+  uint64_t compressed_bytes = 0;
+  uint64_t estimated_compressed_image_size = 0;
 };
 
 // One sequential pass over the device, every cluster size at once; zero
@@ -88,8 +106,11 @@ struct Simulation {
 // order asked. Memory: 18 to 23 bytes per distinct cluster, summed over the
 // sizes (a 1 TiB disk of distinct 4K clusters: about 5.5 GiB), and 16 MiB
 // of buffers. progress gets (bytes scanned, device size).
+// compression: also compress each unique cluster (on every core), as
+// convert -c would, to estimate the compressed image.
 Result<std::vector<Simulation>> SimulateDedup(BlockDevice& device, const std::vector<uint64_t>& cluster_sizes,
-                                              ProgressFn progress = {});
+                                              ProgressFn progress = {},
+                                              std::optional<Compression> compression = std::nullopt);
 
 }  // namespace qcow2dedup
 

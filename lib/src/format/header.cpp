@@ -85,6 +85,7 @@ Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t l
         d.index_entries = raw.index_entries;
         d.index_buckets = raw.index_buckets;
         d.free_hint = raw.free_hint;
+        d.compressed = raw.compressed;
         d.version = raw.version;
         h.dedup = d;
         break;
@@ -277,6 +278,7 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
       raw.index_entries = h.dedup->index_entries;
       raw.index_buckets = h.dedup->index_buckets;
       raw.free_hint = h.dedup->free_hint;
+      raw.compressed = h.dedup->compressed;
       std::memset(raw.reserved, 0, sizeof raw.reserved);
       put_ext(kExtDedup, {reinterpret_cast<const uint8_t*>(&raw), sizeof raw});
     }

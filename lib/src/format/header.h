@@ -84,7 +84,8 @@ struct RawDedupExtension {
   be64 index_entries;
   be64 index_buckets;   // a power of two
   be64 free_hint;       // no free cluster lies below this one (a hint)
-  uint8_t reserved[16];
+  be64 compressed;      // compressed clusters in use (0: the writer need not look for any)
+  uint8_t reserved[8];
 };
 #pragma pack(pop)
 static_assert(sizeof(RawHeader) == 112);
@@ -99,6 +100,7 @@ struct DedupExtension {
   uint64_t index_entries = 0;
   uint64_t index_buckets = 0;
   uint64_t free_hint = 0;
+  uint64_t compressed = 0;
   uint32_t version = kDedupExtensionVersion;
 };
 

@@ -13,6 +13,7 @@
 
 #include "dedup/hasher.h"
 #include "dedup/sha256.h"
+#include "image/chunk_compressor.h"
 
 namespace qcow2dedup {
 namespace {
@@ -23,6 +24,7 @@ struct Chunk {
   uint64_t offset = 0;
   std::vector<uint8_t> data;
   std::vector<ClusterWrite> writes;
+  std::vector<uint8_t> compressed;  // convert -c: the compressed clusters' bytes
   Status status;  // of filling it
 };
 
@@ -37,8 +39,9 @@ using FillFn = std::function<Status(Chunk&)>;
 class HashPipeline {
  public:
   // detect_zeros false: zero clusters are hashed and stored as data (-S 0).
-  explicit HashPipeline(Image& dst, bool detect_zeros = true)
-      : dst_(dst), depth_(HashThreads() + 3), detect_zeros_(detect_zeros) {
+  // compressor (convert -c): compresses new data on the workers too.
+  explicit HashPipeline(Image& dst, bool detect_zeros = true, ChunkCompressor* compressor = nullptr)
+      : dst_(dst), depth_(HashThreads() + 3), detect_zeros_(detect_zeros), compressor_(compressor) {
     for (unsigned i = 0; i < HashThreads(); ++i) workers_.emplace_back([this] { Work(); });
   }
 
@@ -119,6 +122,7 @@ class HashPipeline {
             w.digest = Sha256(w.data);
           }
         }
+      if (c.status.ok() && compressor_) compressor_->Run(c.writes, c.compressed);
       {
         std::lock_guard lock(mutex_);
         f->done = true;
@@ -145,6 +149,7 @@ class HashPipeline {
   Image& dst_;
   const unsigned depth_;
   const bool detect_zeros_;
+  ChunkCompressor* const compressor_;
   std::mutex mutex_;  // guards todo_, stop_, the done flags and inflight_'s shape
   std::condition_variable work_ready_, chunk_done_;
   std::deque<InFlight> inflight_;  // in push order, the oldest first
@@ -216,7 +221,8 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
   // Reads run on the workers, one at a time: a source need not be
   // thread-safe, and reading still overlaps hashing and writing.
   std::mutex src_mutex;
-  HashPipeline pipe(dst, detect_zeros);
+  auto compressor = options.compress ? MakeChunkCompressor(dst) : nullptr;
+  HashPipeline pipe(dst, detect_zeros, compressor.get());
   FlushPoints flushes(options.flush_interval);
   uint64_t pos = 0;
   while (pos < size) {
@@ -251,8 +257,10 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
   return pipe.Drain();
 }
 
-Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress, uint64_t flush_interval) {
-  HashPipeline pipe(dst);
+Status StreamInto(const StreamReader& read, Image& dst, const ProgressFn& progress, uint64_t flush_interval,
+                  bool compress) {
+  auto compressor = compress ? MakeChunkCompressor(dst) : nullptr;
+  HashPipeline pipe(dst, true, compressor.get());
   FlushPoints flushes(flush_interval);
   uint64_t total = 0;
   for (bool eof = false; !eof;) {

@@ -30,6 +30,12 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
   h.virtual_size = (o.virtual_size + 511) & ~511ull;
   if (o.virtual_size > kMaxVirtualSize) return Status::InvalidArgument("image size is too large");
   if (o.lazy_refcounts) h.compatible |= kCompatLazyRefcounts;
+  if (o.compression_type == Compression::kZstd) {
+    // As qemu-img create -o compression_type=zstd: the type in header byte
+    // 104, and the incompatible bit that keeps zstd-less readers out.
+    h.compression = CompressionType::kZstd;
+    h.incompatible |= kIncompatCompression;
+  }
   h.dedup = DedupExtension{};
   h.autoclear |= kAutoclearDedupInSync;
   h.feature_names[{2, 48}] = "dedup index in sync";

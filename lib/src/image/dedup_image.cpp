@@ -38,7 +38,7 @@ Result<DedupResult> DeduplicateImage(const std::string& path, DedupOptions o) {
   r.zeroed = counts.zeroed;
   QD_RETURN_IF_ERROR(image->Close());
   r.freed_clusters = w.stats().freed_clusters;
-  r.stored_after = w.index().size();
+  r.stored_after = w.stored_clusters();
   const FileUse after = Use(path);
   r.file_size_before = before.size;
   r.disk_usage_before = before.allocated;

@@ -18,7 +18,8 @@ Writer::Writer(ImageState& s, uint64_t cache_tables)
     : s_(s),
       refcounts_(std::make_unique<Refcounts>(s.file.get(), &s.header, &s.meta, cache_tables)),
       data_(s.file.get()),
-      v2_(s.header.version == 2) {
+      v2_(s.header.version == 2),
+      packer_(s.cs()) {
   refcounts_->set_hold_decrements(v2_);
 }
 
@@ -91,6 +92,7 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
   if (left != 0) return Status::Ok();
   ++stats_.freed_clusters;
   checked_.erase(cluster);  // it may hold other data when it is handed out again
+  packer_.Forget(cluster);  // once freed it may become anything
   if (!data) return Status::Ok();
   Digest digest;
   if (known) {
@@ -115,6 +117,7 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
 Status Writer::ReleaseEntry(uint64_t entry, uint64_t bitmap) {
   const uint32_t bits = s_.header.cluster_bits;
   if (IsCompressed(entry)) {
+    compressed_.DropReference(entry & ~kFlagCopied);
     CompressedDescriptor d = DecodeCompressed(entry, bits);
     for (uint64_t c = FirstHostCluster(d, bits); c <= LastHostCluster(d, bits); ++c)
       QD_RETURN_IF_ERROR(Release(c, false));
@@ -135,7 +138,7 @@ Result<bool> Writer::Believe(uint64_t c, const Digest& digest) {
   if (it == checked_.end()) {
     QD_RETURN_IF_ERROR(ReadCluster(c));
     const Digest actual = Sha256(scratch_);
-    it = checked_.emplace(c, Key{}).first;
+    it = checked_.emplace(c, DigestKey{}).first;
     std::memcpy(it->second.data(), actual.data(), it->second.size());
   }
   if (std::memcmp(it->second.data(), digest.data(), DedupIndex::kKeyBytes) == 0) return true;
@@ -260,12 +263,20 @@ Status Writer::WriteOne(const ClusterWrite& in) {
       }
     }
     QD_ASSIGN_OR_RETURN(std::optional<uint64_t> hit, FindShareable(w));
+    std::optional<uint64_t> compressed;  // no uncompressed copy: a compressed one?
+    if (!hit) {
+      QD_ASSIGN_OR_RETURN(compressed, CompressedEntryFor(w, old));
+      if (compressed == old) return Status::Ok();  // the same data again
+    }
     if (hit) {
       QD_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Adjust(*hit, +1));
       if (rc == 2) copied_fixups_.Insert(*hit);
       entry = *hit * cs;
       NoteLink(w.guest_cluster, old);
       ++stats_.dedup_hits;
+    } else if (compressed) {
+      entry = *compressed;
+      bitmap = 0;  // a compressed cluster's subcluster bitmap must be zero
     } else {
       QD_ASSIGN_OR_RETURN(uint64_t host, refcounts_->Allocate());
       QD_RETURN_IF_ERROR(s_.meta.CheckDataWrite(host));
@@ -516,6 +527,7 @@ Status Writer::StoreIndex() {
   if (ext) {
     s_.header.dedup = *ext;
     s_.header.dedup->free_hint = refcounts_->LowestFree();
+    s_.header.dedup->compressed = compressed_.size();
     s_.header.autoclear |= kAutoclearDedupInSync;
   } else {
     s_.header.dedup = DedupExtension{};  // rebuilt from the data on the next write

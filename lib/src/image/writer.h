@@ -15,11 +15,15 @@
 #include <functional>
 #include <unordered_map>
 #include <memory>
+#include <optional>
+#include <unordered_map>
 #include <span>
 #include <unordered_map>
 #include <vector>
 
+#include "dedup/compressed_index.h"
 #include "dedup/session_index.h"
+#include "image/compressed_packer.h"
 #include "image/cluster_set.h"
 #include "image/data_writer.h"
 #include "image/refcounts.h"
@@ -76,6 +80,8 @@ class Writer {
 
   const WriteStats& stats() const { return stats_; }
   const SessionIndex& index() const { return index_; }
+  // Stored data clusters: the index's, and the compressed ones in use.
+  uint64_t stored_clusters() const { return index_.size() + compressed_.size(); }
 
  private:
   enum class Share { kYes, kNo, kStale };
@@ -84,6 +90,21 @@ class Writer {
   Status Prepare(const ProgressFn& progress);
   Status VetStructure();
   Status RebuildIndex(const ProgressFn& progress);
+  // The compressed clusters the active L1 references, counted and hashed
+  // (by decompressing them) into compressed_ (compressed_writer.cpp).
+  Status LoadCompressed();
+  // w's entry as a compressed cluster: a stored copy linked (old itself when
+  // old already is one), or with w.compress a new one stored; none when w
+  // is to be stored uncompressed.
+  Result<std::optional<uint64_t>> CompressedEntryFor(const ClusterWrite& w, uint64_t old);
+  Result<bool> CanShareCompressed(uint64_t descriptor, const ClusterWrite& w);
+  // Whether the compressed copy is in use and every host cluster it touches
+  // can take one more reference; AddCompressedReference takes them.
+  Result<bool> CompressedHasRoom(uint64_t descriptor);
+  Status AddCompressedReference(uint64_t descriptor);
+  Status RelinkCompressed(uint64_t guest_cluster, uint64_t old, uint64_t old_bitmap,
+                          const std::unordered_map<uint64_t, std::optional<uint64_t>>& moves, DedupCounts& counts);
+  Result<uint64_t> StoreCompressed(std::span<const uint8_t> bytes);
 
   // Runs op; its failure ends the session (and gives back space on ENOSPC).
   Status Guarded(const std::function<Status()>& op);
@@ -127,6 +148,9 @@ class Writer {
   std::unique_ptr<Refcounts> refcounts_;
   DataWriter data_;
   SessionIndex index_;
+  CompressedIndex compressed_;
+  CompressedPacker packer_;
+  std::vector<uint8_t> compress_buf_;
   WriteStats stats_;
   Status failed_;                 // set once a write or sync failed
   bool marked_dirty_ = false;     // the header on disk says dirty, index out of sync
@@ -136,8 +160,8 @@ class Writer {
   bool fix_all_copied_ = false;   // recheck COPIED on every L2 entry at the next flush
   bool fix_l1_copied_ = false;    // an L2 table was copied: recheck the L1 entries' COPIED
   // Stored-table clusters whose data this session hashed: what they hold.
-  using Key = std::array<uint8_t, DedupIndex::kKeyBytes>;
-  std::unordered_map<uint64_t, Key> checked_;
+  using DigestKey = std::array<uint8_t, DedupIndex::kKeyBytes>;
+  std::unordered_map<uint64_t, DigestKey> checked_;
   bool index_hashed_ = false;     // the index was built from the data by this session
   std::pair<uint64_t, uint64_t> reserved_index_;  // the stored table found at the start: offset, bytes
   // Stores the index, in place or fresh, and sets the header's extension.

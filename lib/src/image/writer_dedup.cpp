@@ -2,6 +2,7 @@
 // is an ordinary write-path change (an L2 entry now points at an identical
 // copy), so the crash safety is the write path's: frees wait for the flush
 // that puts the relinked L2 tables on disk.
+#include <optional>
 #include <unordered_map>
 
 #include "image/image_state.h"
@@ -36,9 +37,25 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
       moves.emplace(c, Move{keep, d});
     }
   });
+  // Compressed copies (qemu-img convert -c compresses every cluster apart):
+  // each goes to the lowest compressed copy of the same data, zeros nowhere.
+  std::unordered_map<uint64_t, std::optional<uint64_t>> compressed_moves;
+  {
+    const uint32_t bits = s_.header.cluster_bits;
+    auto offset = [bits](uint64_t d) { return DecodeCompressed(d, bits).offset; };
+    std::unordered_map<Digest, uint64_t, CompressedIndex::DigestHash> lowest;
+    compressed_.ForEachHashed([&](uint64_t d, const Digest& digest) {
+      auto [it, fresh] = lowest.emplace(digest, d);
+      if (!fresh && offset(d) < offset(it->second)) it->second = d;
+    });
+    compressed_.ForEachHashed([&](uint64_t d, const Digest& digest) {
+      if (digest == zero) compressed_moves.emplace(d, std::nullopt);
+      else if (lowest[digest] != d) compressed_moves.emplace(d, lowest[digest]);
+    });
+  }
   DedupCounts counts;
-  counts.stored = index_.size();
-  if (moves.empty()) return counts;
+  counts.stored = stored_clusters();
+  if (moves.empty() && compressed_moves.empty()) return counts;
   Status st = Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
     const uint64_t guest_clusters = (s_.header.virtual_size + cs - 1) / cs;
@@ -48,7 +65,11 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
       for (uint64_t g = i * s_.header.l2_entries(); g < std::min(guest_clusters, (i + 1) * s_.header.l2_entries()); ++g) {
         QD_ASSIGN_OR_RETURN(uint64_t old, s_.map->GetEntry(g));
         QD_ASSIGN_OR_RETURN(uint64_t bitmap, s_.map->GetBitmap(g));
-        if (IsCompressed(old) || (old & kFlagZero) || L2Offset(old) == 0) continue;
+        if (IsCompressed(old)) {
+          QD_RETURN_IF_ERROR(RelinkCompressed(g, old, bitmap, compressed_moves, counts));
+          continue;
+        }
+        if ((old & kFlagZero) || L2Offset(old) == 0) continue;
         // A partly allocated cluster reads other bytes than its host cluster holds.
         if (s_.header.extended_l2() && bitmap != kAllSubclustersAllocated) continue;
         auto it = moves.find(L2Offset(old) / cs);
@@ -86,6 +107,31 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
   });
   QD_RETURN_IF_ERROR(st);
   return counts;
+}
+
+// Guest cluster g, whose entry old is compressed: linked to the copy kept
+// for its data, or unmapped for zeros.
+Status Writer::RelinkCompressed(uint64_t g, uint64_t old, uint64_t old_bitmap,
+                                const std::unordered_map<uint64_t, std::optional<uint64_t>>& moves,
+                                DedupCounts& counts) {
+  auto it = moves.find(old & ~kFlagCopied);
+  if (it == moves.end()) return Status::Ok();
+  uint64_t entry, bitmap = 0;
+  if (!it->second) {
+    entry = s_.backing && !s_.header.extended_l2() ? kFlagZero : 0;
+    bitmap = s_.backing && s_.header.extended_l2() ? kAllSubclustersZero : 0;
+    ++counts.zeroed;
+  } else {
+    QD_ASSIGN_OR_RETURN(bool room, CompressedHasRoom(*it->second));
+    if (!room) return Status::Ok();  // stays a second copy
+    QD_RETURN_IF_ERROR(AddCompressedReference(*it->second));
+    entry = *it->second;
+    ++counts.relinked;
+  }
+  QD_RETURN_IF_ERROR(PrepareL2(g));
+  QD_RETURN_IF_ERROR(s_.map->SetEntry(g, entry, bitmap));
+  QD_RETURN_IF_ERROR(ReleaseEntry(old, old_bitmap));
+  return FlushIfCachesFull();
 }
 
 }  // namespace qcow2dedup

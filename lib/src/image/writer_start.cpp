@@ -36,7 +36,9 @@ Status Writer::Prepare(const ProgressFn& progress) {
       reserved_index_ = {h.dedup->index_offset, IndexTableBytes(h.dedup->index_buckets)};
       refcounts_->Reserve(h.dedup->index_offset / s_.cs(), (reserved_index_.second + s_.cs() - 1) / s_.cs());
     }
-    return Status::Ok();
+    // Compressed copies are found through an index built by reading every
+    // L2 table; an image we know holds none is spared that.
+    return h.dedup->compressed ? LoadCompressed() : Status::Ok();
   }
   QD_RETURN_IF_ERROR(VetStructure());
   QD_RETURN_IF_ERROR(RebuildIndex(progress));
@@ -45,7 +47,7 @@ Status Writer::Prepare(const ProgressFn& progress) {
   // Someone else wrote the image: QEMU's copy-on-write of a cluster shared
   // twice leaves the other reference's COPIED flag clear. Mend them all.
   fix_all_copied_ = true;
-  return Status::Ok();
+  return LoadCompressed();  // compressed_writer.cpp
 }
 
 // Before the first write, the same reference count that check makes (no

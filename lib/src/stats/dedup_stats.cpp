@@ -124,7 +124,8 @@ Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, 
       s.backing ? std::min(st.guest_clusters, (s.backing->virtual_size() + cs - 1) / cs) : 0;
 
   HostReferences refs;
-  std::map<uint64_t, uint64_t> compressed;  // rare in dedup images
+  std::map<uint64_t, uint64_t> compressed;  // offset -> references
+  std::vector<uint64_t> compressed_hosts;   // host clusters compressed bytes touch (repeats)
   uint64_t zero_flagged = 0, mapped_past_backing = 0;
   std::vector<GuestCluster> table;
   const uint64_t tables = (st.guest_clusters + h.l2_entries() - 1) / h.l2_entries();
@@ -135,7 +136,14 @@ Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, 
         case ClusterKind::kUnallocated: continue;
         case ClusterKind::kZero: ++zero_flagged; break;
         case ClusterKind::kData: ++st.data_clusters; refs.Add(g.host / cs); break;
-        case ClusterKind::kCompressed: ++st.data_clusters; ++compressed[g.host]; break;
+        case ClusterKind::kCompressed: {
+          ++st.data_clusters;
+          if (++compressed[g.host] > 1) break;
+          const CompressedDescriptor d = DecodeCompressed(g.entry, h.cluster_bits);
+          for (uint64_t c = FirstHostCluster(d, h.cluster_bits); c <= LastHostCluster(d, h.cluster_bits); ++c)
+            compressed_hosts.push_back(c);
+          break;
+        }
       }
       if (g.index >= backing_end) ++mapped_past_backing;
     }
@@ -157,6 +165,15 @@ Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, 
   st.histogram = histogram.Take();
 
   if (st.stored_clusters) st.dedup_ratio = double(st.data_clusters) / double(st.stored_clusters);
+  std::sort(compressed_hosts.begin(), compressed_hosts.end());
+  const uint64_t compressed_host_clusters =
+      std::unique(compressed_hosts.begin(), compressed_hosts.end()) - compressed_hosts.begin();
+  st.compressed_clusters = compressed.size();
+  st.stored_bytes = (st.stored_clusters - st.compressed_clusters + compressed_host_clusters) * cs;
+  if (st.stored_bytes) {
+    st.compress_ratio = double(st.stored_clusters * cs) / double(st.stored_bytes);
+    st.total_ratio = double(st.data_clusters * cs) / double(st.stored_bytes);
+  }
   st.saved_bytes = (st.data_clusters - st.stored_clusters) * cs;
   if (st.data_clusters) st.saving_percent = 100.0 * double(st.data_clusters - st.stored_clusters) / double(st.data_clusters);
 

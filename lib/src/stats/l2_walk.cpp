@@ -17,7 +17,7 @@ Status DecodeL2Table(ImageState& s, uint64_t l1_index, uint64_t guest_clusters, 
   out.reserve(n);
   for (uint64_t j = 0; j < n; ++j) {
     QD_ASSIGN_OR_RETURN(L2Entry e, s.map->Decode(first + j, &table[j * h.l2_entry_bytes()]));
-    out.push_back(GuestCluster{first + j, e.kind, e.host});
+    out.push_back(GuestCluster{first + j, e.kind, e.host, e.raw});
   }
   return Status::Ok();
 }

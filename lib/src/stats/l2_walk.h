@@ -14,6 +14,7 @@ struct GuestCluster {
   ClusterKind kind;
   // kData: the host cluster's offset; kCompressed: the compressed bytes' offset.
   uint64_t host;
+  uint64_t entry;  // the raw L2 entry (kCompressed: its descriptor)
 };
 
 // Decodes the L2 table of L1 entry l1_index into one GuestCluster for each

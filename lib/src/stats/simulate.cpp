@@ -17,6 +17,7 @@
 
 #include "dedup/hasher.h"
 #include "dedup/sha256.h"
+#include "format/compression.h"
 #include "qcow2dedup/stats.h"
 #include "stats/digest_set.h"
 #include "stats/size_estimate.h"
@@ -37,6 +38,8 @@ struct SizeScan {
   uint64_t l2_tables = 0;  // L2 tables that map a non-zero cluster
   uint64_t last_table = UINT64_MAX;
   DigestSet unique;
+  uint64_t compressible = 0, compressed_bytes = 0;
+  std::vector<uint32_t> fresh;  // this chunk's clusters seen for the first time
   // This chunk's clusters.
   std::vector<uint8_t> nonzero_flags;
   std::vector<Digest> digests;
@@ -102,6 +105,7 @@ void HashFromLeaves(const Chunk& c, const SizeScan& leaf, SizeScan& big) {
 
 void Count(const Chunk& c, SizeScan& s) {
   const uint64_t first = c.offset / s.cs, per_table = s.cs / 8;
+  s.fresh.clear();
   for (size_t j = 0; j < s.nonzero_flags.size(); ++j) {
     if (!s.nonzero_flags[j]) continue;
     ++s.nonzero;
@@ -110,8 +114,26 @@ void Count(const Chunk& c, SizeScan& s) {
       ++s.l2_tables;
       s.last_table = table;
     }
-    s.unique.Insert(s.digests[j].data());
+    if (s.unique.Insert(s.digests[j].data())) s.fresh.push_back(uint32_t(j));
   }
+}
+
+// Compresses the chunk's new unique clusters (convert -c compresses only
+// those), on every core.
+void CompressFresh(const Chunk& c, SizeScan& s, CompressionType type) {
+  std::vector<uint32_t> sizes(s.fresh.size());
+  ParallelFor(s.fresh.size(), std::max<uint64_t>(1, kMinBytesPerThread / s.cs), [&](size_t i) {
+    thread_local std::vector<uint8_t> out;
+    out.resize(s.cs);
+    const size_t n = Compress(type, std::span<const uint8_t>(&c.data[s.fresh[i] * s.cs], s.cs),
+                              std::span<uint8_t>(out).first(s.cs - 512));
+    sizes[i] = WorthCompressing(n, s.cs) ? uint32_t(n) : 0;
+  });
+  for (uint32_t n : sizes)
+    if (n) {
+      ++s.compressible;
+      s.compressed_bytes += n;
+    }
 }
 
 Status Validate(const std::vector<uint64_t>& sizes) {
@@ -125,7 +147,7 @@ Status Validate(const std::vector<uint64_t>& sizes) {
 }  // namespace
 
 Result<std::vector<Simulation>> SimulateDedup(BlockDevice& device, const std::vector<uint64_t>& cluster_sizes,
-                                              ProgressFn progress) {
+                                              ProgressFn progress, std::optional<Compression> compression) {
   QD_RETURN_IF_ERROR(Validate(cluster_sizes));
   std::vector<uint64_t> distinct = cluster_sizes;
   std::sort(distinct.begin(), distinct.end());
@@ -145,7 +167,11 @@ Result<std::vector<Simulation>> SimulateDedup(BlockDevice& device, const std::ve
     });
     HashLeaves(c, scans[0]);
     for (size_t k = 1; k < scans.size(); ++k) HashFromLeaves(c, scans[0], scans[k]);
-    for (SizeScan& s : scans) Count(c, s);
+    for (SizeScan& s : scans) {
+      Count(c, s);
+      if (compression)
+        CompressFresh(c, s, *compression == Compression::kZstd ? CompressionType::kZstd : CompressionType::kDeflate);
+    }
     QD_RETURN_IF_ERROR(fetched.get());
     if (progress) progress(next.length ? next.offset : size, size);
     cur = 1 - cur;
@@ -164,6 +190,12 @@ Result<std::vector<Simulation>> SimulateDedup(BlockDevice& device, const std::ve
     sim.unique = s.unique.size();
     sim.ratio = sim.unique ? double(sim.nonzero) / double(sim.unique) : 1.0;
     sim.estimated_image_size = EstimateImageSize(size, cs, s.l2_tables, sim.unique);
+    if (compression) {
+      sim.compressible = s.compressible;
+      sim.compressed_bytes = s.compressed_bytes;
+      const uint64_t stored = sim.unique - s.compressible + (s.compressed_bytes + cs - 1) / cs;
+      sim.estimated_compressed_image_size = EstimateImageSize(size, cs, s.l2_tables, stored);
+    }
     out.push_back(sim);
   }
   return out;

@@ -203,3 +203,28 @@ TEST_CASE("convert --bitmaps carries the bitmaps as qemu-img convert --bitmaps d
   CHECK_MESSAGE(covered, Show(early));
   CheckQemuClean(ours);
 }
+
+TEST_CASE("serve: a client's writes and trims are marked in the bitmap") {
+  REQUIRE_MESSAGE(HaveCommand("qemu-nbd"), "qemu-nbd is missing: install qemu-utils");
+  REQUIRE_MESSAGE(HaveCommand("nbdinfo"), "nbdinfo is missing: install libnbd-bin");
+  REQUIRE_MESSAGE(HaveCommand("nbdkit"), "nbdkit is missing: install nbdkit");
+  TempDir dir;
+  const std::string img = dir / "s.qcow2";
+  Must("qemu-img create -q -f qcow2 " + Sh(img) + " 8M");
+  Must("qemu-io -c 'write -P 0x11 0 8M' " + Sh(img));
+  Must("qemu-img bitmap --add -g 4096 " + Sh(img) + " b");
+  Must(Tool() + " serve --run " +
+       Sh("qemu-io -f raw -c 'write -P 0x22 1M 12k' -c 'discard 6M 64k' -c 'write -z 7M 8k' \"$uri\"") + " " + Sh(img));
+  CheckBitmaps(img, {{"b", "auto "}});
+  const Ranges want = {{1 << 20, 12 << 10}, {6 << 20, 64 << 10}, {7 << 20, 8 << 10}};
+  const Ranges got = DirtyMap(img, "b", dir);
+  // Whole clusters for what the plugin writes as clusters: at least these.
+  for (auto [off, len] : want) {
+    bool covered = false;
+    for (auto [o, l] : got) covered |= o <= off && off + len <= o + l;
+    CHECK_MESSAGE(covered, "[", off, "+", len, "] is not dirty: ", Show(got));
+  }
+  uint64_t dirty = 0;
+  for (auto [o, l] : got) dirty += l;
+  CHECK(dirty <= 3 * 65536);  // nothing beyond the clusters written
+}

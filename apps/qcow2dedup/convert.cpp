@@ -25,6 +25,7 @@ struct {
   bool compress = false;  // -c
   uint64_t flush_interval = 0;
   bool no_create = false, target_is_zero = false;  // -n, --target-is-zero
+  bool bitmaps = false;                             // --bitmaps
   std::string snapshot;                             // -l
   std::string sparse = "4k";                        // -S
   uint64_t sparse_size = 4096;
@@ -155,6 +156,15 @@ int ToQcow2(const ImageOptions& o) {
     if (!dev.ok()) return Fail(SourceWhat(), dev.status());
     src = std::move(dev).value();
   }
+  // --bitmaps: read before anything is created, so a bad one stops it all.
+  std::vector<PersistentBitmap> bitmaps;
+  if (opts.bitmaps) {
+    auto* image = dynamic_cast<Image*>(src.get());
+    if (!image) return Fail("", "Source lacks bitmap support");
+    auto read = image->ReadBitmaps();
+    if (!read.ok()) return Fail(SourceWhat(), read.status());
+    bitmaps = std::move(read).value();
+  }
   CreateOptions create = o.create;
   create.virtual_size = src ? (src->virtual_size() + 511) / 512 * 512 : 0;
   create.force = opts.force;
@@ -190,6 +200,7 @@ int ToQcow2(const ImageOptions& o) {
                   .compress = opts.compress});
     src_failed = blamed.failed;
   }
+  if (s.ok()) s = dst->AddBitmaps(bitmaps);
   if (s.ok()) s = dst->Close();
   if (!s.ok()) {
     dst.reset();  // release the image (and its lock) before removing it
@@ -306,6 +317,7 @@ void SetupConvert(CLI::App& app) {
   app.add_flag("-n", opts.no_create,
                "Convert into the existing DST (an image, a block device, a preallocated file) without creating it");
   app.add_flag("--target-is-zero", opts.target_is_zero, "With -n: DST reads as zeros already; write no zeros");
+  app.add_flag("--bitmaps", opts.bitmaps, "Copy SRC's persistent dirty bitmaps (names, granularity, flags, bits)");
   app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
   AddForceShareOption(app, opts.force_share);
   app.add_option("-l", opts.snapshot, "Convert this internal snapshot of SRC (ID or NAME, or snapshot.id=ID,snapshot.name=NAME)")
@@ -333,6 +345,9 @@ int RunConvert() {
   opts.sparse_size = *sparse;
   if (opts.target_is_zero && !opts.no_create) return Fail("", "--target-is-zero requires use of -n flag");
   if (opts.no_create && !opts.options.empty()) return Fail("", "-o has no effect when skipping image creation");
+  if (opts.bitmaps && opts.out_format == "raw") return Fail("", "Format driver 'raw' does not support bitmaps");
+  if (opts.bitmaps && opts.src == "-") return Fail("", "Source lacks bitmap support");
+  if (opts.bitmaps && opts.no_create) return Fail("", "--bitmaps with -n is not supported");
   if (opts.no_create) return IntoExisting();
   if (opts.out_format == "raw") {
     // A raw file has no options, nothing is shared that could be verified,

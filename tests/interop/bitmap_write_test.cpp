@@ -165,3 +165,66 @@ TEST_CASE("a write that fails part way leaves the bitmap in-use, never stale") {
   RunResult r = Run("qemu-img check -r all " + Sh(img));
   CHECK_MESSAGE(r.exit_code == 0, r.out, r.err);
 }
+
+TEST_CASE("convert --bitmaps carries the bitmaps as qemu-img convert --bitmaps does") {
+  REQUIRE_MESSAGE(HaveCommand("qemu-nbd"), "qemu-nbd is missing: install qemu-utils");
+  REQUIRE_MESSAGE(HaveCommand("nbdinfo"), "nbdinfo is missing: install libnbd-bin");
+  TempDir dir;
+  const std::string src = dir / "src.qcow2", ours = dir / "ours.qcow2", theirs = dir / "theirs.qcow2";
+  Must("qemu-img create -q -f qcow2 -o cluster_size=4096 " + Sh(src) + " 24M");
+  Must("qemu-img bitmap --add " + Sh(src) + " early");
+  Must("qemu-io -c 'write -P 0x11 0 3M' -c 'write -P 0x11 8M 1M' " + Sh(src));
+  Must("qemu-img bitmap --add -g 512k " + Sh(src) + " coarse");
+  Must("qemu-img bitmap --add --disable -g 4k " + Sh(src) + " frozen");
+  Must("qemu-io -c 'write -P 0x22 5M 12k' -c 'write -z 20M 1M' " + Sh(src));
+  Must("qemu-img bitmap --disable " + Sh(src) + " frozen");
+  // Fully dirty: every table entry QEMU stores as data.
+  Must("qemu-img bitmap --add -g 64k " + Sh(src) + " all");
+  Must("qemu-io -c 'write -P 0x33 0 24M' " + Sh(dir / "src.qcow2"));
+  Must(Tool() + " convert --bitmaps -o cluster_size=65536 " + Sh(src) + " " + Sh(ours));
+  Must("qemu-img convert --bitmaps -O qcow2 " + Sh(src) + " " + Sh(theirs));
+  CheckQemuClean(ours);
+  RunResult check = Run(Tool() + " check " + Sh(ours));
+  CHECK_MESSAGE(check.exit_code == 0, check.out, check.err);
+  CHECK(QemuImgInfo(ours)["format-specific"]["data"]["bitmaps"] ==
+        QemuImgInfo(theirs)["format-specific"]["data"]["bitmaps"]);
+  for (const char* name : {"early", "coarse", "frozen", "all"}) {
+    CAPTURE(name);
+    const Ranges want = DirtyMap(theirs, name, dir);
+    CHECK(DirtyMap(src, name, dir) == want);
+    CHECK(DirtyMap(ours, name, dir) == want);
+  }
+  CHECK(!DirtyMap(ours, "early", dir).empty());
+  // Writes after the convert mark the copied bitmaps.
+  Must(Tool() + " write --pattern 0x44 --length 4K " + Sh(ours) + " 16M");
+  const Ranges early = DirtyMap(ours, "early", dir);
+  bool covered = false;
+  for (auto [o, l] : early) covered |= o <= (16u << 20) && (16u << 20) + 4096 <= o + l;
+  CHECK_MESSAGE(covered, Show(early));
+  CheckQemuClean(ours);
+}
+
+TEST_CASE("serve: a client's writes and trims are marked in the bitmap") {
+  REQUIRE_MESSAGE(HaveCommand("qemu-nbd"), "qemu-nbd is missing: install qemu-utils");
+  REQUIRE_MESSAGE(HaveCommand("nbdinfo"), "nbdinfo is missing: install libnbd-bin");
+  REQUIRE_MESSAGE(HaveCommand("nbdkit"), "nbdkit is missing: install nbdkit");
+  TempDir dir;
+  const std::string img = dir / "s.qcow2";
+  Must("qemu-img create -q -f qcow2 " + Sh(img) + " 8M");
+  Must("qemu-io -c 'write -P 0x11 0 8M' " + Sh(img));
+  Must("qemu-img bitmap --add -g 4096 " + Sh(img) + " b");
+  Must(Tool() + " serve --run " +
+       Sh("qemu-io -f raw -c 'write -P 0x22 1M 12k' -c 'discard 6M 64k' -c 'write -z 7M 8k' \"$uri\"") + " " + Sh(img));
+  CheckBitmaps(img, {{"b", "auto "}});
+  const Ranges want = {{1 << 20, 12 << 10}, {6 << 20, 64 << 10}, {7 << 20, 8 << 10}};
+  const Ranges got = DirtyMap(img, "b", dir);
+  // Whole clusters for what the plugin writes as clusters: at least these.
+  for (auto [off, len] : want) {
+    bool covered = false;
+    for (auto [o, l] : got) covered |= o <= off && off + len <= o + l;
+    CHECK_MESSAGE(covered, "[", off, "+", len, "] is not dirty: ", Show(got));
+  }
+  uint64_t dirty = 0;
+  for (auto [o, l] : got) dirty += l;
+  CHECK(dirty <= 3 * 65536);  // nothing beyond the clusters written
+}

@@ -141,12 +141,6 @@ uint64_t CheckOldOrNew(const Bytes& got, const Bytes& old, const Bytes& new_, ui
   return became_new;
 }
 
-uint64_t Be(const Bytes& b, uint64_t at, int n) {
-  uint64_t v = 0;
-  for (int i = 0; i < n; ++i) v = v << 8 | uint8_t(b[at + i]);
-  return v;
-}
-
 // What a kill may leave in a version 2 image, which no dirty bit makes
 // anyone repair before QEMU writes into it again: leaks (a refcount above
 // the references) and COPIED flags out of date only where that is harmless.
@@ -158,26 +152,7 @@ void CheckV2CrashSafe(const std::string& img, const std::string& what) {
   for (std::string line; std::getline(err, line);)
     CHECK_MESSAGE((line.rfind("Leaked cluster", 0) == 0 || line.rfind("ERROR OFLAG_COPIED data cluster", 0) == 0),
                   what, ": qemu-img check before any repair: ", line);
-  const Bytes f = Slurp(img);
-  REQUIRE(f.size() >= 72);
-  REQUIRE(Be(f, 4, 4) == 2);
-  const uint64_t bits = Be(f, 20, 4), cs = uint64_t(1) << bits, l1_size = Be(f, 36, 4), l1 = Be(f, 40, 8);
-  constexpr uint64_t kOffset = 0x00fffffffffffe00ull;
-  std::map<uint64_t, int> refs;
-  std::vector<uint64_t> copied;
-  for (uint64_t i = 0; i < l1_size; ++i) {
-    const uint64_t table = Be(f, l1 + 8 * i, 8) & kOffset;
-    if (!table) continue;
-    REQUIRE(table + cs <= f.size());
-    for (uint64_t j = 0; j < cs / 8; ++j) {
-      const uint64_t e = Be(f, table + 8 * j, 8);
-      if ((e >> 62) & 1 || !(e & kOffset)) continue;  // compressed, or unallocated
-      ++refs[e & kOffset];
-      if (e >> 63) copied.push_back(e & kOffset);
-    }
-  }
-  uint64_t unsafe = 0;
-  for (uint64_t c : copied) unsafe += refs[c] != 1;
+  const uint64_t unsafe = testing::UnsafeCopiedEntries(img);
   CHECK_MESSAGE(unsafe == 0, what, ": ", unsafe, " L2 entries carry COPIED on a cluster other entries use too");
 }
 

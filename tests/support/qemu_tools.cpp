@@ -8,6 +8,8 @@
 #include <doctest/doctest.h>
 
 #include <fstream>
+#include <iterator>
+#include <map>
 #include <sstream>
 
 namespace testing {
@@ -114,6 +116,40 @@ bool HoldsQemuLock(const std::string& image) {
   for (std::string line; std::getline(locks, line);)
     if (line.find(inode) != std::string::npos && line.find(" 201 201") != std::string::npos) return true;
   return false;
+}
+
+}  // namespace testing
+
+namespace testing {
+
+uint64_t UnsafeCopiedEntries(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  const std::string f((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto be = [&](uint64_t at, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n && at + i < f.size(); ++i) v = v << 8 | uint8_t(f[at + i]);
+    return v;
+  };
+  REQUIRE(f.size() >= 72);
+  REQUIRE(be(4, 4) == 2);
+  const uint64_t cs = uint64_t(1) << be(20, 4), l1_size = be(36, 4), l1 = be(40, 8);
+  constexpr uint64_t kOffset = 0x00fffffffffffe00ull;
+  std::map<uint64_t, int> refs;
+  std::vector<uint64_t> copied;
+  for (uint64_t i = 0; i < l1_size; ++i) {
+    const uint64_t table = be(l1 + 8 * i, 8) & kOffset;
+    if (!table) continue;
+    REQUIRE(table + cs <= f.size());
+    for (uint64_t j = 0; j < cs / 8; ++j) {
+      const uint64_t e = be(table + 8 * j, 8);
+      if ((e >> 62) & 1 || !(e & kOffset)) continue;  // compressed, or unallocated
+      ++refs[e & kOffset];
+      if (e >> 63) copied.push_back(e & kOffset);
+    }
+  }
+  uint64_t unsafe = 0;
+  for (uint64_t c : copied) unsafe += refs[c] != 1;
+  return unsafe;
 }
 
 }  // namespace testing

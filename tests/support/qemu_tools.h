@@ -28,6 +28,11 @@ RunResult QemuImgCompare(const std::string& image, const std::string& raw);
 // Asserts (doctest CHECK) that qemu-img check exits 0 with no leaks,
 // corruptions or check errors, and that qemu-img info accepts the image.
 void CheckQemuClean(const std::string& path, const std::string& compat = "1.1");
+
+// L2 entries of the active L1 of a version 2 image (read straight from the
+// file) that carry COPIED on a cluster other entries reference too: QEMU
+// would write into such a cluster in place, under the other entry.
+uint64_t UnsafeCopiedEntries(const std::string& path);
 // Asserts that qemu-img compare says image and raw are identical.
 void CheckQemuIdentical(const std::string& image, const std::string& raw);
 

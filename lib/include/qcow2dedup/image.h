@@ -126,6 +126,14 @@ struct BitmapInfo {
   bool auto_enabled = false; // QEMU tracks writes in it ("auto")
 };
 
+// A persistent bitmap with its dirty bits (convert --bitmaps): bit i,
+// bit i % 8 of bits[i / 8], stands for guest bytes [i * granularity,
+// (i + 1) * granularity).
+struct PersistentBitmap {
+  BitmapInfo info;
+  std::vector<uint8_t> bits;
+};
+
 // Counters of one write session (or one convert).
 struct WriteStats {
   uint64_t clusters_written = 0;  // guest clusters the caller wrote
@@ -192,6 +200,12 @@ class Image : public BlockDevice {
   // The persistent dirty bitmaps, in the directory's order (none unless
   // QEMU's bitmaps autoclear bit vouches for the directory).
   Result<std::vector<BitmapInfo>> Bitmaps() const;
+  // Them with their dirty bits; an in-use one (inconsistent) is an error,
+  // as qemu-img convert --bitmaps refuses it.
+  Result<std::vector<PersistentBitmap>> ReadBitmaps() const;
+  // Adds bitmaps to a writable image that has none, bits as given (and
+  // from then on not marked by this session's writes: call it after them).
+  Status AddBitmaps(const std::vector<PersistentBitmap>& bitmaps);
   const WriteStats& write_stats() const;
   // Bytes of heap the in-memory dedup index holds.
   size_t index_memory() const;

@@ -58,6 +58,8 @@ class Writer {
   // bitmaps; false when the caller noted the exact bytes (NoteGuestWrite).
   Status WriteClusters(std::span<const ClusterWrite> clusters, bool mark = true);
   Status NoteGuestWrite(uint64_t offset, uint64_t len);
+  // Image::AddBitmaps (bitmap_copy.cpp).
+  Status AddBitmaps(const std::vector<PersistentBitmap>& bitmaps);
   // In-place dedup: every stored data cluster hashed anew, every guest
   // cluster whose data is stored more than once linked to one copy (the
   // lowest), all-zero data unmapped; the other copies freed.

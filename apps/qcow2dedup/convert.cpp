@@ -232,8 +232,28 @@ int IntoExistingQcow2(BlockDevice& src) {
   if (!opened.ok()) return Fail(opts.dst, opened.status());
   dst = std::move(opened).value();
   if (dst->virtual_size() < src.virtual_size()) return Fail("", "output file is smaller than input file");
+  // --bitmaps: the source's, checked against the target's before a byte is
+  // copied (qemu-img refuses a name the target has, in these words).
+  std::vector<PersistentBitmap> bitmaps;
+  if (opts.bitmaps) {
+    auto* image = dynamic_cast<Image*>(&src);
+    if (!image) return Fail("", "Source lacks bitmap support");
+    auto read = image->ReadBitmaps();
+    if (!read.ok()) return Fail(SourceWhat(), read.status());
+    bitmaps = std::move(read).value();
+    auto present = dst->ReadBitmaps();
+    if (!present.ok()) return Fail(opts.dst, present.status());
+    // qemu-img meets them last first (QEMU lists loaded bitmaps that way).
+    for (auto b = bitmaps.rbegin(); b != bitmaps.rend(); ++b)
+      for (const PersistentBitmap& t : *present)
+        if (b->info.name == t.info.name)
+          return Fail("", fmt::format("Failed to create bitmap {}: Bitmap already exists: {}", b->info.name, b->info.name));
+    if (!bitmaps.empty() && !present->empty())
+      return Fail(opts.dst, "has persistent bitmaps already (--bitmaps with -n needs a target without any)");
+  }
   BlamedSource blamed(src);
   Status s = CopyInto(blamed, *dst, progress.fn(), IntoExistingOptions());
+  if (s.ok()) s = dst->AddBitmaps(bitmaps);
   if (s.ok()) s = dst->Close();
   if (!s.ok()) return Fail(blamed.failed ? opts.src : opts.dst, s);
   progress.Finish();
@@ -347,7 +367,6 @@ int RunConvert() {
   if (opts.no_create && !opts.options.empty()) return Fail("", "-o has no effect when skipping image creation");
   if (opts.bitmaps && opts.out_format == "raw") return Fail("", "Format driver 'raw' does not support bitmaps");
   if (opts.bitmaps && opts.src == "-") return Fail("", "Source lacks bitmap support");
-  if (opts.bitmaps && opts.no_create) return Fail("", "--bitmaps with -n is not supported");
   if (opts.no_create) return IntoExisting();
   if (opts.out_format == "raw") {
     // A raw file has no options, nothing is shared that could be verified,

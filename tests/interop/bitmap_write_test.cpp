@@ -204,6 +204,36 @@ TEST_CASE("convert --bitmaps carries the bitmaps as qemu-img convert --bitmaps d
   CheckQemuClean(ours);
 }
 
+TEST_CASE("convert -n --bitmaps adds the bitmaps to the target as qemu-img convert -n --bitmaps does") {
+  REQUIRE_MESSAGE(HaveCommand("qemu-nbd"), "qemu-nbd is missing: install qemu-utils");
+  REQUIRE_MESSAGE(HaveCommand("nbdinfo"), "nbdinfo is missing: install libnbd-bin");
+  TempDir dir;
+  const std::string src = dir / "src.qcow2", ours = dir / "ours.qcow2", theirs = dir / "theirs.qcow2";
+  Must("qemu-img create -q -f qcow2 -o cluster_size=4096 " + Sh(src) + " 8M");
+  Must("qemu-img bitmap --add " + Sh(src) + " b1");
+  Must("qemu-io -c 'write -P 0x11 1M 64k' -c 'write -P 0x12 5M 4k' " + Sh(src));
+  Must("qemu-img bitmap --add --disable -g 128k " + Sh(src) + " b2");
+  Must(Tool() + " create -q " + Sh(ours) + " 8M");
+  Must("qemu-img create -q -f qcow2 " + Sh(theirs) + " 8M");
+  Must(Tool() + " convert -n --bitmaps " + Sh(src) + " " + Sh(ours));
+  Must("qemu-img convert -n --bitmaps -O qcow2 " + Sh(src) + " " + Sh(theirs));
+  CheckQemuClean(ours);
+  CHECK(Run("qemu-img compare " + Sh(src) + " " + Sh(ours)).exit_code == 0);
+  CHECK(QemuImgInfo(ours)["format-specific"]["data"]["bitmaps"] ==
+        QemuImgInfo(theirs)["format-specific"]["data"]["bitmaps"]);
+  for (const char* name : {"b1", "b2"}) {
+    CAPTURE(name);
+    CHECK(DirtyMap(ours, name, dir) == DirtyMap(theirs, name, dir));
+  }
+  // Again: the names are taken now, and both tools say so.
+  RunResult again = Run(Tool() + " convert -n --bitmaps " + Sh(src) + " " + Sh(ours));
+  RunResult q = Run("qemu-img convert -n --bitmaps -O qcow2 " + Sh(src) + " " + Sh(theirs));
+  CHECK(again.exit_code == 1);
+  CHECK(q.exit_code == 1);
+  CHECK(q.err == "qemu-img: Failed to create bitmap b2: Bitmap already exists: b2\n");
+  CHECK(again.err == "qcow2dedup: Failed to create bitmap b2: Bitmap already exists: b2\n");
+}
+
 TEST_CASE("serve: a client's writes and trims are marked in the bitmap") {
   REQUIRE_MESSAGE(HaveCommand("qemu-nbd"), "qemu-nbd is missing: install qemu-utils");
   REQUIRE_MESSAGE(HaveCommand("nbdinfo"), "nbdinfo is missing: install libnbd-bin");

@@ -10,6 +10,7 @@
 
 #include "dedup/sha256.h"
 #include "format/endian.h"
+#include "support/numbered_digest.h"
 #include "support/memory_file.h"
 
 using namespace qcow2dedup;
@@ -18,11 +19,7 @@ namespace {
 
 constexpr uint64_t kCs = 65536;
 
-Digest D(uint64_t n) {
-  uint8_t b[8];
-  StoreBe64(b, n);
-  return Sha256(b);
-}
+Digest D(uint64_t n) { return testing::NumberedDigest(n); }
 
 std::multimap<std::vector<uint8_t>, uint64_t> Contents(const DedupIndex& idx) {
   std::multimap<std::vector<uint8_t>, uint64_t> out;

@@ -10,16 +10,13 @@
 
 #include "dedup/sha256.h"
 #include "format/endian.h"
+#include "support/numbered_digest.h"
 
 using namespace qcow2dedup;
 
 namespace {
 
-Digest D(uint64_t n) {
-  uint8_t b[8];
-  StoreBe64(b, n);
-  return Sha256(b);
-}
+Digest D(uint64_t n) { return testing::NumberedDigest(n); }
 
 std::map<std::vector<uint8_t>, uint64_t> Contents(const DedupIndex& idx) {
   std::map<std::vector<uint8_t>, uint64_t> out;

@@ -8,6 +8,7 @@
 
 #include "dedup/sha256.h"
 #include "format/endian.h"
+#include "support/numbered_digest.h"
 #include "support/memory_file.h"
 
 using namespace qcow2dedup;
@@ -16,11 +17,7 @@ namespace {
 
 constexpr uint64_t kCs = 65536;
 
-Digest D(uint64_t n) {
-  uint8_t b[8];
-  StoreBe64(b, n);
-  return Sha256(b);
-}
+Digest D(uint64_t n) { return testing::NumberedDigest(n); }
 
 Status AnyPlace(uint64_t, uint64_t) { return Status::Ok(); }
 

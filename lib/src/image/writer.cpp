@@ -435,6 +435,13 @@ Status Writer::FlushState() {
 // discard=unmap. Those at the end go when Close cuts the file.
 Status Writer::PunchFreed(std::vector<uint64_t> clusters) {
   const uint64_t cs = s_.cs();
+  if (closing_) {
+    // Past the last allocated cluster and the stored table, Close cuts the
+    // file (or a fresh table covers it): no hole needed.
+    QD_ASSIGN_OR_RETURN(uint64_t end, refcounts_->EndCluster());
+    end = std::max(end, (reserved_index_.first + reserved_index_.second + cs - 1) / cs);
+    std::erase_if(clusters, [&](uint64_t c) { return c >= end; });
+  }
   std::sort(clusters.begin(), clusters.end());
   for (size_t i = 0; i < clusters.size();) {
     size_t j = i + 1;
@@ -458,8 +465,15 @@ Status Writer::Close() {
     QD_RETURN_IF_ERROR(BeginChange());
     if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
     if (bitmaps_) QD_RETURN_IF_ERROR(bitmaps_->WriteMarks(*refcounts_));
-    if (!v2_) QD_RETURN_IF_ERROR(StoreIndex());
+    // Frees first, so that a fresh index table goes right after the data
+    // and what was freed at the end is cut off, not punched.
+    closing_ = true;
     QD_RETURN_IF_ERROR(FlushState());
+    if (!v2_) {
+      bool placed = false;
+      QD_RETURN_IF_ERROR(StoreIndex(placed));
+      if (placed) QD_RETURN_IF_ERROR(FlushState());  // the refcount blocks covering the table
+    }
     if (bitmaps_) {
       // Marks and their clusters' refcounts are on disk: consistent again.
       QD_RETURN_IF_ERROR(bitmaps_->ClearInUse());
@@ -496,7 +510,7 @@ Status Writer::Close() {
 // The index's changes go into the stored table in place when it takes
 // them; otherwise a fresh table goes past everything allocated, where QEMU
 // sees only free space. The header, written last, says which.
-Status Writer::StoreIndex() {
+Status Writer::StoreIndex(bool& placed) {
   const uint64_t cs = s_.cs();
   // A refcount block that had to go where the stored table lies has
   // overwritten some of it, unseen.
@@ -518,6 +532,7 @@ Status Writer::StoreIndex() {
   // covering them exists (placed after them) and none is ever put inside
   // the table later; then they are given back: the table has refcount 0.
   auto place = [&](uint64_t bytes) -> Result<uint64_t> {
+    placed = true;
     const uint64_t n = (bytes + cs - 1) / cs;
     QD_ASSIGN_OR_RETURN(uint64_t at, refcounts_->AllocateRange(n));
     for (uint64_t c = at / cs; c < at / cs + n; ++c) QD_RETURN_IF_ERROR(refcounts_->Set(c, 0));

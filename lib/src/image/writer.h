@@ -166,8 +166,10 @@ class Writer {
   std::unordered_map<uint64_t, DigestKey> checked_;
   bool index_hashed_ = false;     // the index was built from the data by this session
   std::pair<uint64_t, uint64_t> reserved_index_;  // the stored table found at the start: offset, bytes
-  // Stores the index, in place or fresh, and sets the header's extension.
-  Status StoreIndex();
+  // Stores the index, in place or fresh (placed: clusters were allocated
+  // for it), and sets the header's extension.
+  Status StoreIndex(bool& placed);
+  bool closing_ = false;  // in Close: frees past the end are cut, not punched
   std::vector<uint8_t> scratch_;  // one cluster
   std::unique_ptr<BitmapMarks> bitmaps_;  // loaded at the first change
   const bool v2_;                 // a version 2 image: no dirty bit, no autoclear bits, no zero flag

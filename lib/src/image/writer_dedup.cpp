@@ -60,9 +60,20 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
     QD_RETURN_IF_ERROR(BeginChange());
     const uint64_t guest_clusters = (s_.header.virtual_size + cs - 1) / cs;
     const uint64_t tables = s_.map->l1().size();
+    const uint64_t per = s_.header.l2_entries(), entry_bytes = s_.header.l2_entry_bytes();
     for (uint64_t i = 0; i < tables; ++i) {
       if (!L1Offset(s_.map->l1()[i])) continue;
-      for (uint64_t g = i * s_.header.l2_entries(); g < std::min(guest_clusters, (i + 1) * s_.header.l2_entries()); ++g) {
+      // Most entries have nothing to move: they are passed over in the
+      // table itself, fetched again only after a change (which may move it).
+      TableCache::Table* table = nullptr;
+      for (uint64_t g = i * per; g < std::min(guest_clusters, (i + 1) * per); ++g) {
+        if (!table) {
+          QD_ASSIGN_OR_RETURN(table, s_.map->cache().Get(L1Offset(s_.map->l1()[i])));
+        }
+        const uint64_t raw = LoadBe64(table->data() + (g - i * per) * entry_bytes);
+        if (!IsCompressed(raw) && ((raw & kFlagZero) || L2Offset(raw) == 0 || !moves.count(L2Offset(raw) / cs)))
+          continue;
+        table = nullptr;
         QD_ASSIGN_OR_RETURN(uint64_t old, s_.map->GetEntry(g));
         QD_ASSIGN_OR_RETURN(uint64_t bitmap, s_.map->GetBitmap(g));
         if (IsCompressed(old)) {

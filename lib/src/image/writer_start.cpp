@@ -26,10 +26,16 @@ Status Writer::Prepare(const ProgressFn& progress) {
   if (h.incompatible & kIncompatDirty)
     return Status::Corruption("the image was not closed cleanly; repair it with 'check -r all' first");
   QD_RETURN_IF_ERROR(refcounts_->Load(s_.file_size));
+  // The in-sync bit says who wrote the image last, not that its structure
+  // is sound: a hostile or damaged image carries it as easily. Overlap
+  // checks alone (QEMU's safety) would let a write through two L1 entries
+  // sharing one L2 table, or onto a cluster whose refcount is too low,
+  // change data the write never named. So every writable open still runs
+  // the metadata pass; its cost grows with the image (issue 13 is open).
+  QD_RETURN_IF_ERROR(VetStructure());
   if (h.dedup_in_sync() && CheckIndexPlacement(*h.dedup, s_.cs(), s_.file_size).ok()) {
-    // We closed it cleanly last, and nobody wrote it since: no pass over
-    // the image, whose cost would grow with it. Overlap checks guard each
-    // metadata write, as in QEMU.
+    // We closed it cleanly last, and nobody wrote it since: the stored
+    // index is searched where it lies, never loaded whole.
     if (h.dedup->free_hint <= s_.file_size / s_.cs()) refcounts_->set_free_hint(h.dedup->free_hint);
     if (h.dedup->index_offset) {
       index_.Attach(std::make_unique<IndexTable>(s_.file.get(), *h.dedup));
@@ -40,7 +46,6 @@ Status Writer::Prepare(const ProgressFn& progress) {
     // L2 table; an image we know holds none is spared that.
     return h.dedup->compressed ? LoadCompressed() : Status::Ok();
   }
-  QD_RETURN_IF_ERROR(VetStructure());
   QD_RETURN_IF_ERROR(RebuildIndex(progress));
   index_changed_ = true;
   index_hashed_ = true;

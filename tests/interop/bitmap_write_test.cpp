@@ -6,6 +6,7 @@
 // qemu-img check stays clean and qemu-img info shows the same bitmaps with
 // the same flags (not in-use). A run that fails part way leaves the bitmap
 // in-use (inconsistent, as QEMU leaves it), never stale.
+#include <initializer_list>
 #include <doctest/doctest.h>
 
 #include <filesystem>
@@ -78,6 +79,19 @@ void CheckBitmaps(const std::string& img, const std::vector<std::pair<std::strin
     std::string flags;
     for (const auto& f : got[i]["flags"]) flags += f.get<std::string>() + " ";
     CHECK_MESSAGE(flags == want[i].second, "bitmap ", want[i].first, " flags: ", flags);
+  }
+}
+
+// Ours and qemu-img's copy of the same source: the same bitmaps in
+// qemu-img info, each with the same dirty map.
+void CheckSameBitmaps(const std::string& ours, const std::string& theirs, std::initializer_list<const char*> names,
+                      const TempDir& dir) {
+  CheckQemuClean(ours);
+  CHECK(QemuImgInfo(ours)["format-specific"]["data"]["bitmaps"] ==
+        QemuImgInfo(theirs)["format-specific"]["data"]["bitmaps"]);
+  for (const char* name : names) {
+    CAPTURE(name);
+    CHECK(DirtyMap(ours, name, dir) == DirtyMap(theirs, name, dir));
   }
 }
 
@@ -187,16 +201,12 @@ TEST_CASE("convert --bitmaps carries the bitmaps as qemu-img convert --bitmaps d
   Must("qemu-io -c 'write -P 0x33 0 24M' " + Sh(dir / "src.qcow2"));
   Must(Tool() + " convert --bitmaps -o cluster_size=65536 " + Sh(src) + " " + Sh(ours));
   Must("qemu-img convert --bitmaps -O qcow2 " + Sh(src) + " " + Sh(theirs));
-  CheckQemuClean(ours);
+  CheckSameBitmaps(ours, theirs, {"early", "coarse", "frozen", "all"}, dir);
   RunResult check = Run(Tool() + " check " + Sh(ours));
   CHECK_MESSAGE(check.exit_code == 0, check.out, check.err);
-  CHECK(QemuImgInfo(ours)["format-specific"]["data"]["bitmaps"] ==
-        QemuImgInfo(theirs)["format-specific"]["data"]["bitmaps"]);
   for (const char* name : {"early", "coarse", "frozen", "all"}) {
     CAPTURE(name);
-    const Ranges want = DirtyMap(theirs, name, dir);
-    CHECK(DirtyMap(src, name, dir) == want);
-    CHECK(DirtyMap(ours, name, dir) == want);
+    CHECK(DirtyMap(src, name, dir) == DirtyMap(theirs, name, dir));
   }
   CHECK(!DirtyMap(ours, "early", dir).empty());
   // Writes after the convert mark the copied bitmaps.
@@ -221,14 +231,8 @@ TEST_CASE("convert -n --bitmaps adds the bitmaps to the target as qemu-img conve
   Must("qemu-img create -q -f qcow2 " + Sh(theirs) + " 8M");
   Must(Tool() + " convert -n --bitmaps " + Sh(src) + " " + Sh(ours));
   Must("qemu-img convert -n --bitmaps -O qcow2 " + Sh(src) + " " + Sh(theirs));
-  CheckQemuClean(ours);
+  CheckSameBitmaps(ours, theirs, {"b1", "b2"}, dir);
   CHECK(Run("qemu-img compare " + Sh(src) + " " + Sh(ours)).exit_code == 0);
-  CHECK(QemuImgInfo(ours)["format-specific"]["data"]["bitmaps"] ==
-        QemuImgInfo(theirs)["format-specific"]["data"]["bitmaps"]);
-  for (const char* name : {"b1", "b2"}) {
-    CAPTURE(name);
-    CHECK(DirtyMap(ours, name, dir) == DirtyMap(theirs, name, dir));
-  }
   // Again: the names are taken now, and both tools say so.
   RunResult again = Run(Tool() + " convert -n --bitmaps " + Sh(src) + " " + Sh(ours));
   RunResult q = Run("qemu-img convert -n --bitmaps -O qcow2 " + Sh(src) + " " + Sh(theirs));

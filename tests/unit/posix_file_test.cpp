@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -138,6 +139,55 @@ TEST_CASE("reads past the end of the file read zeros") {
   CHECK(big[100] == 0);
   CHECK(big.back() == 0);
   CHECK(*f->Size() == 100);  // reading does not grow the file
+}
+
+// Whether this process holds a descriptor of path opened with O_DIRECT.
+bool HasDirectDescriptor(const std::string& path) {
+  for (int fd = 0; fd < 1024; ++fd) {
+    char link[4096];
+    const std::string self = "/proc/self/fd/" + std::to_string(fd);
+    ssize_t n = ::readlink(self.c_str(), link, sizeof link - 1);
+    if (n <= 0 || std::string(link, size_t(n)) != path) continue;
+    std::ifstream info("/proc/self/fdinfo/" + std::to_string(fd));
+    std::string key, flags;
+    while (info >> key >> flags)
+      if (key == "flags:" && (std::stoul(flags, nullptr, 8) & O_DIRECT)) return true;
+  }
+  return false;
+}
+
+TEST_CASE("ReadUncached reads what ReadAt reads: unsynced writes, the end of the file, unaligned asks") {
+  TempDir dir;
+  auto f = Open(dir / "f", OpenMode::kCreate);
+  Bytes data(3 * 4096 + 100);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = uint8_t(i * 7 + 1);
+  REQUIRE(f->WriteAt(0, data).ok());  // still only in the page cache
+  struct Aligned {
+    uint8_t* p = static_cast<uint8_t*>(std::aligned_alloc(4096, 1 << 20));
+    ~Aligned() { std::free(p); }
+  } mem;
+  // Aligned: direct where the file system allows it; past the end reads zero.
+  std::span<uint8_t> whole(mem.p, 4 * 4096);
+  std::fill(whole.begin(), whole.end(), 0xee);
+  REQUIRE(f->ReadUncached(0, whole).ok());
+  CHECK(Bytes(whole.begin(), whole.begin() + data.size()) == data);
+  CHECK(Bytes(whole.begin() + data.size(), whole.end()) == Bytes(whole.size() - data.size(), 0));
+  std::span<uint8_t> second(mem.p, 4096);
+  REQUIRE(f->ReadUncached(4096, second).ok());
+  CHECK(Bytes(second.begin(), second.end()) == Bytes(data.begin() + 4096, data.begin() + 8192));
+  if (!HasDirectDescriptor(dir / "f")) MESSAGE("no O_DIRECT on this file system: cached reads were used");
+  // Unaligned offset, size or buffer: through the cache, the same bytes.
+  Bytes odd(5000, 0xee);
+  REQUIRE(f->ReadUncached(3, odd).ok());
+  CHECK(odd == Bytes(data.begin() + 3, data.begin() + 5003));
+  std::span<uint8_t> shifted(mem.p + 1, 4096);
+  REQUIRE(f->ReadUncached(0, shifted).ok());
+  CHECK(Bytes(shifted.begin(), shifted.end()) == Bytes(data.begin(), data.begin() + 4096));
+  // Writes after a direct read are seen by the next one.
+  Bytes later(4096, 0x5a);
+  REQUIRE(f->WriteAt(4096, later).ok());
+  REQUIRE(f->ReadUncached(4096, second).ok());
+  CHECK(Bytes(second.begin(), second.end()) == later);
 }
 
 TEST_CASE("write, read, size, truncate, sync") {

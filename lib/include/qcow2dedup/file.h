@@ -38,6 +38,11 @@ class File {
   virtual Result<uint64_t> NextData(uint64_t offset) { return offset; }
   // A hint that [offset, offset + len) will be read soon (readahead).
   virtual void Prefetch(uint64_t offset, uint64_t len) { (void)offset, (void)len; }
+  // ReadAt for data read once in a pass over the whole file (dedup's
+  // hashing): past the page cache where the system allows, so that the pass
+  // neither pays for filling the cache nor evicts what others use. Callers
+  // align buf, offset and size to 4 KiB to make that possible.
+  virtual Status ReadUncached(uint64_t offset, std::span<uint8_t> buf) { return ReadAt(offset, buf); }
   virtual const std::string& name() const = 0;
 };
 

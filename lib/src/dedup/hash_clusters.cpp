@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -17,19 +19,39 @@ struct Piece {
   size_t count;
 };
 
+// Asks for clusters to be read in, a run of adjacent ones at a time.
+void Prefetch(File& file, uint64_t cs, std::span<const uint64_t> clusters) {
+  for (size_t k = 0; k < clusters.size();) {
+    size_t run = 1;
+    while (k + run < clusters.size() && clusters[k + run] == clusters[k] + run) ++run;
+    file.Prefetch(clusters[k] * cs, run * cs);
+    k += run;
+  }
+}
+
 }  // namespace
 
 Status HashClusters(File& file, uint64_t cs, std::span<const uint64_t> clusters, const ProgressFn& progress,
-                    const std::function<void(uint64_t, const Digest&)>& done) {
+                    const std::function<void(uint64_t, const Digest&)>& done, Caching caching) {
   // Batches of 64 MiB: a batch ends with a wait for its slowest piece, so
   // it must be long beside one piece's time.
   const size_t batch = std::max<size_t>(64, (64u << 20) / cs);
   const size_t per_piece = std::max<size_t>(1, (1u << 20) / cs);
-  const unsigned threads = HashThreads();
-  std::vector<std::vector<uint8_t>> bufs(threads);  // one piece each
+  const bool uncached = caching == Caching::kBypass;
+  // A direct read leaves its core idle while the disk works: twice as many
+  // threads as cores keep both busy.
+  const unsigned threads = HashThreads() * (uncached ? 2 : 1);
+  // One piece each, aligned for direct reads.
+  const size_t buf_bytes = per_piece * cs;
+  std::vector<std::unique_ptr<uint8_t[], decltype(&std::free)>> bufs;
+  for (unsigned t = 0; t < threads; ++t) {
+    bufs.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(4096, (buf_bytes + 4095) / 4096 * 4096)), &std::free);
+    if (!bufs.back()) return Status::IOError("out of memory for hashing buffers");
+  }
   std::vector<Digest> digests(std::min(batch, clusters.size()));
   std::vector<Piece> pieces;
   std::vector<Status> errors;
+  if (!uncached) Prefetch(file, cs, clusters.first(std::min(batch, clusters.size())));
   for (size_t start = 0; start < clusters.size(); start += batch) {
     const size_t n = std::min(batch, clusters.size() - start);
     pieces.clear();
@@ -44,16 +66,19 @@ Status HashClusters(File& file, uint64_t cs, std::span<const uint64_t> clusters,
       pieces.push_back({k, 1});
     }
     errors.assign(pieces.size(), Status::Ok());
+    // The next batch is read ahead while this one is hashed: on a cold cache
+    // the barrier at a batch's end would otherwise leave the disk idle.
+    if (!uncached) Prefetch(file, cs, clusters.subspan(start + n, std::min(batch, clusters.size() - start - n)));
     // Each thread takes the next piece when done with one: pieces differ in
     // size (a run of 1 MiB, a lone cluster), so a fixed split would leave a
     // core idle.
     std::atomic<size_t> next{0};
     auto work = [&](unsigned t) {
-      std::vector<uint8_t>& buf = bufs[t];
       for (size_t i; (i = next.fetch_add(1)) < pieces.size();) {
         const Piece& p = pieces[i];
-        buf.resize(p.count * cs);
-        errors[i] = file.ReadAt(clusters[start + p.first] * cs, buf);
+        const std::span<uint8_t> buf(bufs[t].get(), p.count * cs);
+        const uint64_t at = clusters[start + p.first] * cs;
+        errors[i] = uncached ? file.ReadUncached(at, buf) : file.ReadAt(at, buf);
         if (!errors[i].ok()) continue;
         for (size_t k = 0; k < p.count; ++k) digests[p.first + k] = Sha256(std::span(&buf[k * cs], cs));
       }

@@ -13,9 +13,14 @@
 
 namespace qcow2dedup {
 
+// kBypass: a pass that reads each cluster once and never again (dedup in
+// place) reads past the page cache (File::ReadUncached).
+enum class Caching { kCached, kBypass };
+
 // Calls done(cluster, digest) for each of clusters, in order; progress
 // counts clusters.
 Status HashClusters(File& file, uint64_t cluster_size, std::span<const uint64_t> clusters,
-                    const ProgressFn& progress, const std::function<void(uint64_t, const Digest&)>& done);
+                    const ProgressFn& progress, const std::function<void(uint64_t, const Digest&)>& done,
+                    Caching caching = Caching::kCached);
 
 }  // namespace qcow2dedup

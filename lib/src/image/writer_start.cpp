@@ -95,8 +95,10 @@ Status Writer::RebuildIndex(const ProgressFn& progress) {
   }
   std::sort(clusters.begin(), clusters.end());
   clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
-  return HashClusters(*s_.file, cs, clusters, progress,
-                      [&](uint64_t c, const Digest& d) { index_.memory().Insert(d, c); });
+  // Nothing here reads these clusters again soon: past the page cache.
+  return HashClusters(
+      *s_.file, cs, clusters, progress, [&](uint64_t c, const Digest& d) { index_.memory().Insert(d, c); },
+      Caching::kBypass);
 }
 
 }  // namespace qcow2dedup

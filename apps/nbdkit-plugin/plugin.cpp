@@ -122,6 +122,7 @@ int ConfigComplete() {
 // reported on stderr, and nbdkit exits non-zero before serving anything.
 int GetReady() {
   return Guarded("open", [] {
+    qcow2dedup::SetVettedStampsPath(qcow2dedup::DefaultVettedStampsPath());
     qcow2dedup::OpenOptions o;
     o.writable = !config.readonly;
     o.cache = config.unsafe ? qcow2dedup::CacheMode::kUnsafe : qcow2dedup::CacheMode::kWriteback;

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <exception>
 
+#include "qcow2dedup/image.h"
 #include "size.h"
 #include "commands.h"
 
@@ -48,6 +49,9 @@ void KeepStandardDescriptorsOpen() {
 
 int Main(int argc, char** argv) {
   KeepStandardDescriptorsOpen();
+  // Images our sessions closed cleanly, and unchanged since, are opened
+  // for writing without the full metadata pass (qcow2dedup/image.h).
+  SetVettedStampsPath(DefaultVettedStampsPath());
   CLI::App app{"qcow2dedup: write deduplicated qcow2 images", "qcow2dedup"};
   app.require_subcommand(1, 1);
   // One line, like every other failure (scripts and tests count on it).

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -18,6 +19,14 @@ enum class OpenMode { kReadOnly, kReadWrite, kCreate /* fails if it exists */, k
 
 // Which of QEMU's image permissions we take (see qcow2-facts.md, locking).
 enum class LockMode { kNone, kShared /* read, forbid writers */, kExclusive /* write */ };
+
+// Which file this is, and its size and change time (fstat): any write to
+// the file, by anyone, changes the change time.
+struct FileStamp {
+  uint64_t device = 0, inode = 0, size = 0;
+  int64_t ctime_sec = 0, ctime_nsec = 0;
+  friend bool operator==(const FileStamp&, const FileStamp&) = default;
+};
 
 class File {
  public:
@@ -43,6 +52,8 @@ class File {
   // neither pays for filling the cache nor evicts what others use. Callers
   // align buf, offset and size to 4 KiB to make that possible.
   virtual Status ReadUncached(uint64_t offset, std::span<uint8_t> buf) { return ReadAt(offset, buf); }
+  // None where the file is not one of the operating system's (a test's).
+  virtual std::optional<FileStamp> Stamp() { return std::nullopt; }
   virtual const std::string& name() const = 0;
 };
 

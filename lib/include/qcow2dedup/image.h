@@ -84,6 +84,16 @@ struct OpenOptions {
   uint64_t metadata_cache_bytes = 0;
 };
 
+// Where this process remembers the images its write sessions closed
+// cleanly, so that a later writable open of one unchanged since (same
+// inode, size and change time) skips the full metadata pass. Empty, the
+// default: nothing is remembered and every writable open runs the pass.
+// Set once, before opening images; the file never grows past 256 KiB.
+void SetVettedStampsPath(std::string path);
+// $XDG_CACHE_HOME/qcow2dedup/vetted, or ~/.cache/qcow2dedup/vetted; empty
+// if neither is known.
+std::string DefaultVettedStampsPath();
+
 struct SnapshotInfo {
   std::string id;
   std::string name;

@@ -10,6 +10,7 @@
 #include "format/bitmap_directory.h"
 #include "image/bitmap_marks.h"
 #include "image/image_state.h"
+#include "io/vetted_stamps.h"
 #include "qcow2dedup/check.h"
 
 namespace qcow2dedup {
@@ -460,7 +461,12 @@ Status Writer::Flush() {
 }
 
 Status Writer::Close() {
-  if (!marked_dirty_ && !index_changed_ && failed_.ok()) return Status::Ok();
+  if (!marked_dirty_ && !index_changed_ && failed_.ok()) {
+    // Nothing written: the file is as the start vetted it, if nobody else
+    // wrote it meanwhile.
+    if (open_stamp_ && s_.file->Stamp() == open_stamp_) RememberConsistent();
+    return Status::Ok();
+  }
   return Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());
     if (!v2_) QD_RETURN_IF_ERROR(FixCopiedFlags());
@@ -490,6 +496,7 @@ Status Writer::Close() {
       QD_RETURN_IF_ERROR(s_.file->Sync());
       marked_dirty_ = false;
       index_changed_ = false;
+      RememberConsistent();
       return Status::Ok();
     }
     QD_ASSIGN_OR_RETURN(uint64_t end, refcounts_->EndCluster());
@@ -503,8 +510,16 @@ Status Writer::Close() {
     QD_RETURN_IF_ERROR(s_.file->Sync());
     marked_dirty_ = false;
     index_changed_ = false;
+    RememberConsistent();
     return Status::Ok();
   });
+}
+
+void Writer::RememberConsistent() {
+  if (!failed_.ok()) return;
+  const std::optional<VettedStamps> stamps = ProcessVettedStamps();
+  if (!stamps) return;
+  if (std::optional<FileStamp> now = s_.file->Stamp()) stamps->Record(*now);
 }
 
 // The index's changes go into the stored table in place when it takes

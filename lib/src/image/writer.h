@@ -91,6 +91,8 @@ class Writer {
   Writer(ImageState& s, uint64_t cache_tables);
   Status Prepare(const ProgressFn& progress);
   Status VetStructure();
+  // After a clean close: this file, as it is now, is consistent.
+  void RememberConsistent();
   Status RebuildIndex(const ProgressFn& progress);
   // The compressed clusters the active L1 references, counted and hashed
   // (by decompressing them) into compressed_ (compressed_writer.cpp).
@@ -173,6 +175,7 @@ class Writer {
   std::vector<uint8_t> scratch_;  // one cluster
   std::unique_ptr<BitmapMarks> bitmaps_;  // loaded at the first change
   const bool v2_;                 // a version 2 image: no dirty bit, no autoclear bits, no zero flag
+  std::optional<FileStamp> open_stamp_;  // the file's when the session began
   std::unordered_map<uint64_t, uint64_t> held_links_;  // v2: guest cluster -> entry on disk before its link
 };
 

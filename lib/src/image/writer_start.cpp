@@ -9,6 +9,7 @@
 #include "dedup/index_table.h"
 #include "image/image_state.h"
 #include "image/writer.h"
+#include "io/vetted_stamps.h"
 
 namespace qcow2dedup {
 
@@ -30,9 +31,13 @@ Status Writer::Prepare(const ProgressFn& progress) {
   // is sound: a hostile or damaged image carries it as easily. Overlap
   // checks alone (QEMU's safety) would let a write through two L1 entries
   // sharing one L2 table, or onto a cluster whose refcount is too low,
-  // change data the write never named. So every writable open still runs
-  // the metadata pass; its cost grows with the image (issue 13 is open).
-  QD_RETURN_IF_ERROR(VetStructure());
+  // change data the write never named. So the metadata pass runs, unless
+  // the file is byte for byte what a session of ours left consistent (its
+  // stamp says so, io/vetted_stamps.h): the pass's cost grows with the
+  // image, and would only find what we left.
+  open_stamp_ = s_.file->Stamp();
+  const std::optional<VettedStamps> stamps = ProcessVettedStamps();
+  if (!(stamps && open_stamp_ && stamps->Vouches(*open_stamp_))) QD_RETURN_IF_ERROR(VetStructure());
   if (h.dedup_in_sync() && CheckIndexPlacement(*h.dedup, s_.cs(), s_.file_size).ok()) {
     // We closed it cleanly last, and nobody wrote it since: the stored
     // index is searched where it lies, never loaded whole.

@@ -103,6 +103,13 @@ class PosixFile final : public File {
     return uint64_t(st.st_size);
   }
 
+  std::optional<FileStamp> Stamp() override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
+    return FileStamp{uint64_t(st.st_dev), uint64_t(st.st_ino), uint64_t(st.st_size), int64_t(st.st_ctim.tv_sec),
+                     int64_t(st.st_ctim.tv_nsec)};
+  }
+
   Status Truncate(uint64_t size) override {
     if (::ftruncate(fd_, off_t(size)) != 0) return ErrnoStatus("truncate failed", errno);
     return Status::Ok();

@@ -19,24 +19,36 @@ struct {
 // qemu-img check's exit code for a format without checks (raw).
 constexpr int kNoChecks = 63;
 
+// The hash pass over the data, beside what the index says: stored clusters
+// are the plain copies (the only ones the index holds); compressed copies,
+// when there are any, are named apart; duplicates count both kinds.
 std::string DedupLine(const DedupFindings& d) {
-  if (!d.present) return "Dedup index: none";
+  const std::string stored =
+      d.compressed_clusters ? fmt::format("{} stored clusters and {} compressed ones", d.stored_clusters,
+                                          d.compressed_clusters)
+                            : fmt::format("{} stored clusters", d.stored_clusters);
+  if (!d.present) return fmt::format("Dedup index: none; {}, {} duplicate clusters", stored, d.duplicates);
   const std::string rebuilt = d.rebuilt ? "; rebuilt from the data" : "";
   // An index out of sync is not consulted, so only the data's side counts.
   if (!d.in_sync)
-    return fmt::format(
-        "Dedup index: not in sync (the next write rebuilds it); {} stored clusters, {} duplicate clusters{}",
-        d.stored_clusters, d.duplicates, rebuilt);
+    return fmt::format("Dedup index: not in sync (the next write rebuilds it); {}, {} duplicate clusters{}", stored,
+                       d.duplicates, rebuilt);
+  // The entries are for the plain copies only.
+  const std::string aside =
+      d.compressed_clusters ? fmt::format(" ({} compressed ones are not indexed)", d.compressed_clusters) : "";
   return fmt::format(
-      "Dedup index: {}; {} entries for {} stored clusters; {} mismatched, {} stale, {} missing, "
-      "{} duplicate clusters{}",
-      d.index_loaded ? "in sync" : "in sync but unreadable", d.indexed, d.stored_clusters, d.mismatched, d.stale,
-      d.missing, d.duplicates, rebuilt);
+      "Dedup index: {}; {} entries for {} stored clusters{}; {} mismatched, {} stale, {} missing, {} duplicate "
+      "clusters{}",
+      d.index_loaded ? "in sync" : "in sync but unreadable", d.indexed, d.stored_clusters, aside, d.mismatched,
+      d.stale, d.missing, d.duplicates, rebuilt);
 }
 
-// Findings qemu-img does not make: overlaps it cannot see, and anything
-// about the dedup index.
-bool IsOurs(const Finding& f) { return f.area == FindingArea::kOverlaps || f.area == FindingArea::kDedupIndex; }
+// Findings qemu-img does not make: overlaps it cannot see, compressed data
+// it does not read, and anything about the dedup index.
+bool IsOurs(const Finding& f) {
+  return f.area == FindingArea::kOverlaps || f.area == FindingArea::kDedupIndex ||
+         f.area == FindingArea::kCompressedData;
+}
 
 // Every finding on stderr, as qemu-img check prints them (with -q and
 // --output=json too): first qemu-img's lines, in qemu-img's order, then ours.
@@ -48,7 +60,8 @@ void PrintFindings(const CheckReport& r) {
 
 // Two parts on stdout. First qemu-img's dump_human_image_check line for
 // line, except that "No errors were found on the image." is not said of
-// an image with overlaps qemu-img does not count or a wrong dedup index.
+// an image with overlaps qemu-img does not count, compressed data that does
+// not decompress or a wrong dedup index.
 // Then ours: the dedup index's state, and counts of what is wrong.
 void PrintHuman(const CheckReport& r) {
   if (r.leaks_fixed || r.corruptions_fixed)
@@ -59,7 +72,7 @@ void PrintHuman(const CheckReport& r) {
   const uint64_t index_errors = r.dedup.errors();
   if (!r.corruptions && !r.leaks && !r.check_errors) {
     fmt::print("{}\n", r.overlaps       ? "No errors that qemu-img counts were found on the image."
-                       : index_errors ? "No errors were found in the qcow2 structure."
+                       : index_errors || r.bad_compressed ? "No errors were found in the qcow2 structure."
                                       : "No errors were found on the image.");
   } else {
     if (r.corruptions)
@@ -84,6 +97,10 @@ void PrintHuman(const CheckReport& r) {
     fmt::print("\n{} metadata overlaps were found that qemu-img does not count.\n"
                "Data may be corrupted, or further writes to the image may corrupt it.\n",
                r.overlaps);
+  if (r.bad_compressed)
+    fmt::print("\n{} compressed clusters do not decompress.\n"
+               "The guest data in them is lost: reading it fails in QEMU too. No repair can mend it.\n",
+               r.bad_compressed);
   if (index_errors)
     fmt::print("\n{} corruptions were found in the dedup metadata.\n"
                "This costs dedup, not data (a write checks an index entry against its cluster before\n"
@@ -113,9 +130,11 @@ Json CheckJson(const CheckReport& r) {
   const DedupFindings& d = r.dedup;
   j["dedup"] = {{"present", d.present},       {"in-sync", d.in_sync},   {"index-loaded", d.index_loaded},
                 {"indexed", d.indexed},       {"stored-clusters", d.stored_clusters},
+                {"compressed-clusters", d.compressed_clusters},
                 {"mismatched", d.mismatched}, {"stale", d.stale},       {"missing", d.missing},
                 {"duplicates", d.duplicates}, {"rebuilt", d.rebuilt}};
   if (r.overlaps) j["metadata-overlaps"] = r.overlaps;
+  if (r.bad_compressed) j["bad-compressed-clusters"] = r.bad_compressed;
   return j;
 }
 

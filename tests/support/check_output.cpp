@@ -25,6 +25,7 @@ bool StartsWith(const std::string& s, const char* p) { return s.rfind(p, 0) == 0
 bool OursOnly(const std::string& line) {
   static const std::regex overlap("^ERROR cluster [0-9]+: .* shares its cluster with other .*");
   return StartsWith(line, "ERROR dedup index") || StartsWith(line, "Repairing dedup index") ||
+         StartsWith(line, "ERROR compressed cluster at host offset") ||
          StartsWith(line, "Dedup index not checked") || std::regex_match(line, overlap);
 }
 
@@ -41,14 +42,16 @@ QcowPart QcowPartOf(const std::string& out, const std::string& err, bool json) {
                             (d.value("mismatched", 0) + d.value("stale", 0) + d.value("missing", 0) > 0 ||
                              (d.value("present", false) && !d.value("index-loaded", false)));
       }
-      p.ours_found_more |= j.value("metadata-overlaps", 0) > 0;
+      p.ours_found_more |= j.value("metadata-overlaps", 0) > 0 || j.value("bad-compressed-clusters", 0) > 0;
       j.erase("dedup");
       j.erase("metadata-overlaps");
+      j.erase("bad-compressed-clusters");
     }
     p.out = j.is_discarded() ? out : j.dump(4) + "\n";
   } else {
     p.ours_found_more = out.find("corruptions were found in the dedup metadata.") != std::string::npos ||
-                        out.find("metadata overlaps were found that qemu-img does not count.") != std::string::npos;
+                        out.find("metadata overlaps were found that qemu-img does not count.") != std::string::npos ||
+                        out.find("compressed clusters do not decompress.") != std::string::npos;
     for (const std::string& line : SplitLines(out)) {
       if (StartsWith(line, "Dedup")) break;
       const bool ours_clean = line == "No errors were found in the qcow2 structure." ||

@@ -19,10 +19,11 @@ struct QcowPart {
 //    ("No errors were found in the qcow2 structure.", "No errors that
 //    qemu-img counts were found on the image.") reads as qemu-img's "No
 //    errors were found on the image.". JSON: the object without our keys
-//    ("dedup", "metadata-overlaps").
+//    ("dedup", "metadata-overlaps", "bad-compressed-clusters").
 //  - stderr: the findings, without ours (the dedup index's, and overlaps
 //    qemu-img does not report: "ERROR cluster N: ... shares its cluster
-//    with other ..."), up to the tool's own failure line, which is kept
+//    with other ..."; compressed data that does not decompress, "ERROR
+//    compressed cluster at host offset ..."), up to the tool's own failure line, which is kept
 //    only as the fact that there is one ("qemu-img: Could not open ...",
 //    and any hint after it, against "qcow2dedup: FILE: ...").
 QcowPart QcowPartOf(const std::string& out, const std::string& err, bool json);

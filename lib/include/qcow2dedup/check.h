@@ -24,8 +24,9 @@ struct CheckOptions {
   std::unique_ptr<File> file;  // instead of opening the path (tests)
 };
 
-// Which part of the image a finding is about. All but kDedupIndex are the
-// qcow2 structure, whose findings qemu-img check prints too.
+// Which part of the image a finding is about. All but kDedupIndex and
+// kCompressedData are the qcow2 structure, whose findings qemu-img check
+// prints too.
 enum class FindingArea {
   kRefcounts,    // the refcount table, its blocks, and the counts in them
   kL1Table,
@@ -35,6 +36,7 @@ enum class FindingArea {
   kBitmaps,
   kOverlaps,     // metadata sharing its cluster (QEMU only sees a low refcount)
   kDedupIndex,   // ours: qemu-img knows nothing of it
+  kCompressedData,  // ours: compressed guest data that does not decompress (qemu-img check does not read data)
 };
 
 // What a finding says: the first word of qemu-img's line.
@@ -58,10 +60,15 @@ struct DedupFindings {
   bool index_loaded = false;    // the stored index was readable and whole
   uint64_t indexed = 0;         // entries in the stored index
   uint64_t stored_clusters = 0; // uncompressed data clusters hashed
+  // Compressed copies hashed (each distinct descriptor decompressed once).
+  // The index holds none of them: the writer finds them by decompressing.
+  uint64_t compressed_clusters = 0;
   uint64_t mismatched = 0;      // entries whose hash is not their cluster's
   uint64_t stale = 0;           // entries for clusters that hold no data
   uint64_t missing = 0;         // stored clusters the index lacks
-  uint64_t duplicates = 0;      // clusters stored more than once (missed dedup)
+  // Copies of data stored before them, plain or compressed (missed dedup):
+  // stored_clusters + compressed_clusters - duplicates distinct clusters.
+  uint64_t duplicates = 0;
   bool unreadable = false;      // in sync, but not whole: its place or its digest is wrong
   bool rebuilt = false;         // repair rewrote the index from the data
   // An unreadable index is wrong even when there is nothing stored to miss.
@@ -84,6 +91,11 @@ struct CheckReport {
   // Ours: metadata sharing its cluster with other metadata or data where
   // the refcount does not show it, so that qemu-img counts nothing there.
   uint64_t overlaps = 0;
+  // Ours: compressed copies (distinct descriptors, the active L2 tables' and
+  // the snapshots') whose bytes do not decompress to one cluster: corrupted
+  // guest data, which QEMU fails to read. Not in corruptions (qemu-img
+  // check reads no data), but the exit code is 2; no repair can mend it.
+  uint64_t bad_compressed = 0;
   uint64_t leaks_fixed = 0;
   uint64_t corruptions_fixed = 0;
   // The check gave up half way (QEMU's check returns an error there):
@@ -99,8 +111,9 @@ Result<CheckReport> CheckImage(const std::string& path, CheckOptions options);
 // name goes into the report.
 Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode repair, const ProgressFn& progress);
 
-// qemu-img check's exit code for a finished check: 0 clean, 2 corruptions,
-// 3 leaks only. (1, could not check, is for a failed CheckImage.)
+// qemu-img check's exit code for a finished check: 0 clean, 2 corruptions
+// (ours too: overlaps, a wrong in-sync index, bad compressed data), 3 leaks
+// only. (1, could not check, is for a failed CheckImage.)
 int CheckExitCode(const CheckReport& r);
 
 }  // namespace qcow2dedup

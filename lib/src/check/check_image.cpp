@@ -4,7 +4,9 @@
 //
 // The dedup index is judged apart from the qcow2 structure: its findings do
 // not enter `corruptions` (which therefore matches qemu-img's count for the
-// same file), but an in-sync index that is wrong makes the exit code 2.
+// same file), but an in-sync index that is wrong makes the exit code 2. So
+// does compressed guest data that does not decompress, which qemu-img check
+// never reads: nothing can repair it, and it is reported after any repair.
 #include <fmt/format.h>
 
 #include "check/index_audit.h"
@@ -18,19 +20,35 @@ namespace {
 struct Examination {
   PassResult pass;
   std::vector<HashedCluster> hashed;
+  HashedCompressed compressed;
   CheckReport index_notes;
+  CheckReport data_notes;  // compressed data that does not decompress
 };
 
 Result<Examination> Examine(Context& ctx, const ProgressFn& progress) {
   QD_ASSIGN_OR_RETURN(PassResult pass, RunPass(ctx, RepairMode::kNone));
-  Examination e{std::move(pass), {}, {}};
-  QD_ASSIGN_OR_RETURN(e.hashed, HashDataClusters(ctx, e.pass.refs, progress));
-  QD_RETURN_IF_ERROR(AuditIndex(ctx, e.hashed, e.pass.report.dedup, e.index_notes));
+  Examination e{std::move(pass), {}, {}, {}, {}};
+  const References& refs = e.pass.refs;
+  // One progress over both kinds of data: the plain clusters, then the
+  // compressed copies.
+  const uint64_t compressed = refs.active_compressed.size() + refs.snapshot_compressed.size();
+  uint64_t plain = 0;
+  ProgressFn plain_progress, compressed_progress;
+  if (progress) {
+    plain_progress = [&](uint64_t done, uint64_t total) { progress(done, total + compressed); };
+    compressed_progress = [&](uint64_t done, uint64_t total) { progress(plain + done, plain + total); };
+  }
+  QD_ASSIGN_OR_RETURN(e.hashed, HashDataClusters(ctx, refs, plain_progress));
+  plain = e.hashed.size();
+  QD_ASSIGN_OR_RETURN(e.compressed, HashCompressedData(ctx, refs, compressed_progress, e.data_notes));
+  e.pass.report.bad_compressed = e.compressed.bad;
+  QD_RETURN_IF_ERROR(AuditIndex(ctx, e.hashed, e.compressed, e.pass.report.dedup, e.index_notes));
   return e;
 }
 
 CheckReport Report(Examination& e) {
   CheckReport r = std::move(e.pass.report);
+  NoteAll(r, e.data_notes);
   NoteAll(r, e.index_notes);
   return r;
 }
@@ -113,7 +131,7 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
     QD_RETURN_IF_ERROR(stored.Load());
     QD_RETURN_IF_ERROR(SaveRebuiltIndex(ctx, last.hashed, stored));
     last.index_notes = CheckReport{};
-    QD_RETURN_IF_ERROR(AuditIndex(ctx, last.hashed, last.pass.report.dedup, last.index_notes));
+    QD_RETURN_IF_ERROR(AuditIndex(ctx, last.hashed, last.compressed, last.pass.report.dedup, last.index_notes));
     rebuilt = true;
   }
 
@@ -129,7 +147,9 @@ Result<CheckReport> Repair(Context& ctx, Examination& first, RepairMode mode, co
   // examination's.
   const bool fixed_any = f.leaks_fixed || f.corruptions_fixed || moved.corruptions_fixed;
   for (const Finding& m : final_report.findings)
-    if (fixed_any || m.area == FindingArea::kDedupIndex || m.area == FindingArea::kOverlaps) Note(r, m);
+    if (fixed_any || m.area == FindingArea::kDedupIndex || m.area == FindingArea::kOverlaps ||
+        m.area == FindingArea::kCompressedData)
+      Note(r, m);
   final_report.findings = std::move(r.findings);
   final_report.leaks_fixed = f.leaks_fixed;
   final_report.corruptions_fixed = f.corruptions_fixed + moved.corruptions_fixed;
@@ -176,7 +196,7 @@ Result<CheckReport> CheckFile(File& file, const std::string& name, RepairMode re
 
 int CheckExitCode(const CheckReport& r) {
   if (r.check_errors) return 1;  // qemu-img: the check could not complete
-  if (r.corruptions || r.overlaps || r.dedup.errors()) return 2;
+  if (r.corruptions || r.overlaps || r.bad_compressed || r.dedup.errors()) return 2;
   if (r.leaks) return 3;
   return 0;
 }

@@ -58,7 +58,9 @@ class OuterWalk {
         if (l2 >= ctx_.file_size) continue;  // reads as zeros: nothing to walk
         rc_.MarkMeta(l2, cs, kMetaL2Table, n);
       }
+      const bool first_use = !refs_.l2_tables.count(l2);
       L2Use& use = refs_.l2_tables[l2];
+      if (first_use) use.guest_base = i / 8 * ctx_.header.l2_span();
       (active ? use.active : use.inactive) += n;
       // The table's findings go here, where QEMU prints them.
       const size_t at = r_.findings.size();

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "dedup/hash_clusters.h"
+#include "dedup/hash_compressed.h"
 #include "dedup/index.h"
 #include "dedup/index_table.h"
 #include "dedup/sha256.h"
@@ -78,7 +79,53 @@ Result<std::vector<HashedCluster>> HashDataClusters(Context& ctx, const Referenc
   return hashed;
 }
 
-Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupFindings& d, CheckReport& notes) {
+Result<HashedCompressed> HashCompressedData(Context& ctx, const References& refs, const ProgressFn& progress,
+                                            CheckReport& notes) {
+  HashedCompressed out;
+  std::vector<uint64_t> descriptors;
+  descriptors.reserve(refs.active_compressed.size() + refs.snapshot_compressed.size());
+  for (const auto* v : {&refs.active_compressed, &refs.snapshot_compressed})
+    for (const References::Compressed& c : *v) descriptors.push_back(c.descriptor);
+  // Both lists are sorted by descriptor: where a copy is, and who reads it.
+  auto find = [&](uint64_t d, bool& active) -> const References::Compressed* {
+    auto by = [](const References::Compressed& a, uint64_t b) { return a.descriptor < b; };
+    for (const auto* v : {&refs.active_compressed, &refs.snapshot_compressed}) {
+      auto it = std::lower_bound(v->begin(), v->end(), d, by);
+      if (it != v->end() && it->descriptor == d) {
+        active = v == &refs.active_compressed;
+        return &*it;
+      }
+    }
+    return nullptr;
+  };
+  Status failed = Status::Ok();
+  QD_RETURN_IF_ERROR(HashCompressedClusters(
+      *ctx.file, ctx.file_size, ctx.header, descriptors, progress, [&](uint64_t d, const Result<Digest>& digest) {
+        bool active = false;
+        const References::Compressed* c = find(d, active);
+        if (digest.ok()) {
+          if (active) out.active.push_back(KeyOf(digest.value().data()));
+          return;
+        }
+        // Only bytes that are there but wrong are the image's fault.
+        if (digest.status().kind() != ErrorKind::kCorruption) {
+          if (failed.ok()) failed = digest.status();
+          return;
+        }
+        ++out.bad;
+        const CompressedDescriptor where = DecodeCompressed(d, ctx.bits());
+        Note(notes, FindingArea::kCompressedData, FindingKind::kError,
+             fmt::format("{} compressed cluster at host offset {:#x} (guest offset {:#x}{}): {}",
+                         Word(FindingKind::kError), where.offset, c ? c->guest_offset : 0,
+                         active ? "" : " in a snapshot", digest.status().message()),
+             where.offset / ctx.cs());
+      }));
+  QD_RETURN_IF_ERROR(failed);
+  return out;
+}
+
+Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, const HashedCompressed& compressed,
+                  DedupFindings& d, CheckReport& notes) {
   const Header& h = ctx.header;
   const uint64_t cs = ctx.cs();
   d = DedupFindings{};
@@ -86,10 +133,12 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupF
   d.in_sync = h.dedup_in_sync();
   // Data stored more than once: missed dedup, not an error.
   std::vector<Key> keys;
-  keys.reserve(hashed.size());
+  keys.reserve(hashed.size() + compressed.active.size());
   for (const HashedCluster& hc : hashed)
     if (hc.active) keys.push_back(hc.key);
   d.stored_clusters = keys.size();
+  d.compressed_clusters = compressed.active.size();
+  keys.insert(keys.end(), compressed.active.begin(), compressed.active.end());
   std::sort(keys.begin(), keys.end());
   for (size_t i = 1; i < keys.size(); ++i) d.duplicates += keys[i] == keys[i - 1];
   if (!d.in_sync) return Status::Ok();

@@ -31,8 +31,22 @@ struct HashedCluster {
 Result<std::vector<HashedCluster>> HashDataClusters(Context& ctx, const References& refs,
                                                     const ProgressFn& progress);
 
+// The compressed guest data: each distinct descriptor of the L2 tables
+// (active and the snapshots') decompressed and hashed once, on every core.
+struct HashedCompressed {
+  std::vector<std::array<uint8_t, 20>> active;  // the active L2 tables' copies that decompress
+  uint64_t bad = 0;                             // copies that do not (any L2 table's)
+};
+
+// A copy that does not decompress is an error finding in notes, naming its
+// host and guest offsets. Past the end of the file it reads zeros, as QEMU.
+Result<HashedCompressed> HashCompressedData(Context& ctx, const References& refs, const ProgressFn& progress,
+                                            CheckReport& notes);
+
 // Fills d; what is wrong with an in-sync index goes to notes' findings.
-Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, DedupFindings& d, CheckReport& notes);
+// Duplicates are counted over both kinds of copies.
+Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, const HashedCompressed& compressed,
+                  DedupFindings& d, CheckReport& notes);
 
 // An error of AuditIndex's, worded as qemu-img words a mended one
 // ("Repairing ..."), for when the index has been rebuilt; other findings

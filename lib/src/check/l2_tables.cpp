@@ -22,6 +22,23 @@ Status Recount::CountL2Tables(std::vector<L2Fix>* fixes) {
   std::vector<uint64_t> only_old;
   std::set_difference(old.begin(), old.end(), data.begin(), data.end(), std::back_inserter(only_old));
   old = std::move(only_old);
+
+  // The same for compressed data, by descriptor; each keeps its lowest
+  // guest offset.
+  using C = References::Compressed;
+  auto by_descriptor = [](const C& a, const C& b) {
+    return a.descriptor != b.descriptor ? a.descriptor < b.descriptor : a.guest_offset < b.guest_offset;
+  };
+  auto same = [](const C& a, const C& b) { return a.descriptor == b.descriptor; };
+  for (auto* v : {&refs_.active_compressed, &refs_.snapshot_compressed}) {
+    std::sort(v->begin(), v->end(), by_descriptor);
+    v->erase(std::unique(v->begin(), v->end(), same), v->end());
+  }
+  const auto& live = refs_.active_compressed;
+  std::erase_if(refs_.snapshot_compressed, [&](const C& c) {
+    return std::binary_search(live.begin(), live.end(), C{c.descriptor, 0},
+                              [](const C& a, const C& b) { return a.descriptor < b.descriptor; });
+  });
   return Status::Ok();
 }
 
@@ -70,6 +87,8 @@ Status Recount::CountL2Table(uint64_t l2, const L2Use& use, std::vector<L2Fix>* 
         continue;
       }
       Inc(d.offset, d.bytes, n);
+      (a ? refs_.active_compressed : refs_.snapshot_compressed)
+          .push_back({e & ~kFlagCopied, use.guest_base + i * cs});
       // Compressed clusters are fragmented by nature (QEMU's words).
       r_.allocated_clusters += a;
       r_.compressed_clusters += a;

@@ -50,6 +50,10 @@ struct MetaCluster {
 // count towards the allocation statistics, the snapshots' do not.
 struct L2Use {
   uint64_t active = 0, inactive = 0;
+  // The guest offset of the table's first entry in the first L1 table that
+  // names it (the active one's, walked first, if it does): where a finding
+  // about guest data points the reader.
+  uint64_t guest_base = 0;
 };
 
 // Where QEMU would walk an L2 table (right after the L1 entry that names
@@ -71,6 +75,13 @@ struct References {
   std::vector<uint64_t> active_data;
   // ... and those only the snapshots' L2 tables reference.
   std::vector<uint64_t> snapshot_data;
+  // Compressed guest data, one per distinct descriptor (the L2 entry without
+  // COPIED), with the first guest offset that reads it; in the active L2
+  // tables, and in the snapshots' only.
+  struct Compressed {
+    uint64_t descriptor, guest_offset;
+  };
+  std::vector<Compressed> active_compressed, snapshot_compressed;
 };
 
 // Whether repair may rewrite the L2 table at offset: nothing else lives in

@@ -9,7 +9,7 @@
 
 #include <cstring>
 
-#include "dedup/hasher.h"
+#include "dedup/hash_compressed.h"
 #include "format/compression.h"
 #include "image/image_state.h"
 #include "image/writer.h"
@@ -37,24 +37,16 @@ Status Writer::LoadCompressed() {
   }
   if (compressed_.size() == 0) return Status::Ok();
   // Each descriptor decompressed and hashed once, on every core. One that
-  // does not decompress stays unhashed: never found, never linked to.
+  // does not decompress (or cannot be read) stays unhashed: never found,
+  // never linked to.
   std::vector<uint64_t> descriptors;
   compressed_.ForEachDescriptor([&](uint64_t d) { descriptors.push_back(d); });
   QD_RETURN_IF_ERROR(data_.Flush());
-  std::vector<Digest> digests(descriptors.size());
-  std::vector<uint8_t> ok(descriptors.size(), 0);
-  const uint64_t cs = s_.cs();
-  ParallelFor(descriptors.size(), 64, [&](size_t i) {
-    const CompressedDescriptor d = DecodeCompressed(descriptors[i], s_.header.cluster_bits);
-    std::vector<uint8_t> in(std::min<uint64_t>(d.bytes, 2 * cs + 512)), out(cs);
-    if (!s_.file->ReadAt(d.offset, in).ok()) return;
-    if (!Decompress(s_.header.compression, in, out).ok()) return;
-    digests[i] = Sha256(out);
-    ok[i] = 1;
-  });
-  for (size_t i = 0; i < descriptors.size(); ++i)
-    if (ok[i]) compressed_.SetDigest(descriptors[i], digests[i]);
-  return Status::Ok();
+  QD_ASSIGN_OR_RETURN(uint64_t file_size, s_.file->Size());
+  return HashCompressedClusters(*s_.file, file_size, s_.header, descriptors, nullptr,
+                                [&](uint64_t d, const Result<Digest>& digest) {
+                                  if (digest.ok()) compressed_.SetDigest(d, digest.value());
+                                });
 }
 
 Result<bool> Writer::CompressedHasRoom(uint64_t descriptor) {

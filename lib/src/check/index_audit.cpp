@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
 
 #include "dedup/hash_clusters.h"
 #include "dedup/hash_compressed.h"
@@ -23,10 +24,26 @@ Key KeyOf(const uint8_t* p) {
   return k;
 }
 
-const HashedCluster* FindCluster(const std::vector<HashedCluster>& hashed, uint64_t cluster) {
-  auto it = std::lower_bound(hashed.begin(), hashed.end(), cluster,
-                             [](const HashedCluster& h, uint64_t c) { return h.cluster < c; });
-  return it != hashed.end() && it->cluster == cluster ? &*it : nullptr;
+// Equal keys side by side, in some order: integer compares, not memcmp
+// calls (a sort of every stored cluster's key is most of the audit's time).
+bool KeyBefore(const Key& a, const Key& b) {
+  uint64_t x[3] = {}, y[3] = {};
+  std::memcpy(x, a.data(), a.size());
+  std::memcpy(y, b.data(), b.size());
+  return x[0] != y[0] ? x[0] < y[0] : x[1] != y[1] ? x[1] < y[1] : x[2] < y[2];
+}
+
+// Data stored more than once: missed dedup, not an error.
+uint64_t CountDuplicates(const std::vector<HashedCluster>& hashed, const HashedCompressed& compressed) {
+  std::vector<Key> keys;
+  keys.reserve(hashed.size() + compressed.active.size());
+  for (const HashedCluster& hc : hashed)
+    if (hc.active) keys.push_back(hc.key);
+  keys.insert(keys.end(), compressed.active.begin(), compressed.active.end());
+  std::sort(keys.begin(), keys.end(), KeyBefore);
+  uint64_t duplicates = 0;
+  for (size_t i = 1; i < keys.size(); ++i) duplicates += keys[i] == keys[i - 1];
+  return duplicates;
 }
 
 struct StoredEntry {
@@ -131,16 +148,10 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, const 
   d = DedupFindings{};
   d.present = h.dedup.has_value();
   d.in_sync = h.dedup_in_sync();
-  // Data stored more than once: missed dedup, not an error.
-  std::vector<Key> keys;
-  keys.reserve(hashed.size() + compressed.active.size());
-  for (const HashedCluster& hc : hashed)
-    if (hc.active) keys.push_back(hc.key);
-  d.stored_clusters = keys.size();
+  d.stored_clusters = uint64_t(std::count_if(hashed.begin(), hashed.end(), [](const auto& hc) { return hc.active; }));
   d.compressed_clusters = compressed.active.size();
-  keys.insert(keys.end(), compressed.active.begin(), compressed.active.end());
-  std::sort(keys.begin(), keys.end());
-  for (size_t i = 1; i < keys.size(); ++i) d.duplicates += keys[i] == keys[i - 1];
+  // Counted on another core while this one reads and matches the index.
+  std::jthread duplicates([&] { d.duplicates = CountDuplicates(hashed, compressed); });
   if (!d.in_sync) return Status::Ok();
 
   std::vector<StoredEntry> entries;
@@ -167,12 +178,17 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, const 
   // findable), so each stored cluster needs an entry of its own.
   const uint64_t table_first = h.dedup->index_offset / cs;
   const uint64_t table_end = (h.dedup->index_offset + IndexTableBytes(h.dedup->index_buckets) + cs - 1) / cs;
-  std::vector<uint64_t> good;
+  // Both in cluster order, walked side by side: hashed is, entries are made so.
+  std::sort(entries.begin(), entries.end(),
+            [](const StoredEntry& a, const StoredEntry& b) { return a.cluster < b.cluster; });
+  std::vector<bool> has_entry(hashed.size());
+  size_t at = 0;
   for (const StoredEntry& e : entries) {
     const uint64_t offset = e.cluster * cs;
     const Key& key = e.key;
     const bool placed = e.cluster > 0 && (e.cluster < table_first || e.cluster >= table_end);
-    const HashedCluster* hc = placed ? FindCluster(hashed, e.cluster) : nullptr;
+    while (at < hashed.size() && hashed[at].cluster < e.cluster) ++at;
+    const HashedCluster* hc = placed && at < hashed.size() && hashed[at].cluster == e.cluster ? &hashed[at] : nullptr;
     if (!hc) {
       ++d.stale;
       IndexError(notes, fmt::format("dedup index entry for offset {:#x}: the cluster holds no guest data", offset));
@@ -182,13 +198,12 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, const 
                  fmt::format("dedup index entry for cluster {}: the data there does not match the hash", offset / cs),
                  offset / cs);
     } else {
-      good.push_back(hc->cluster);
+      has_entry[at] = true;
     }
   }
-  std::sort(good.begin(), good.end());
-  for (const HashedCluster& hc : hashed) {
-    if (!hc.active || hc.cluster > DedupIndex::kMaxCluster || std::binary_search(good.begin(), good.end(), hc.cluster))
-      continue;
+  for (size_t i = 0; i < hashed.size(); ++i) {
+    const HashedCluster& hc = hashed[i];
+    if (!hc.active || hc.cluster > DedupIndex::kMaxCluster || has_entry[i]) continue;
     ++d.missing;
     IndexError(notes, fmt::format("dedup index: no entry for the data stored in cluster {}", hc.cluster), hc.cluster);
   }

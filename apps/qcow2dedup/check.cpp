@@ -21,7 +21,11 @@ constexpr int kNoChecks = 63;
 
 std::string DedupLine(const DedupFindings& d) {
   if (!d.present) return "Dedup index: none";
-  const std::string rebuilt = d.rebuilt ? "; rebuilt from the data" : "";
+  std::string rebuilt = d.rebuilt ? "; rebuilt from the data" : "";
+  // Only when a cap was reached: most images never have one.
+  if (d.memory_misses)
+    rebuilt += fmt::format("; {} index memory misses (duplicates stored for lack of index memory, at most)",
+                           d.memory_misses);
   // An index out of sync is not consulted, so only the data's side counts.
   if (!d.in_sync)
     return fmt::format(
@@ -114,7 +118,8 @@ Json CheckJson(const CheckReport& r) {
   j["dedup"] = {{"present", d.present},       {"in-sync", d.in_sync},   {"index-loaded", d.index_loaded},
                 {"indexed", d.indexed},       {"stored-clusters", d.stored_clusters},
                 {"mismatched", d.mismatched}, {"stale", d.stale},       {"missing", d.missing},
-                {"duplicates", d.duplicates}, {"rebuilt", d.rebuilt}};
+                {"duplicates", d.duplicates}, {"memory-misses", d.memory_misses},
+                {"rebuilt", d.rebuilt}};
   if (r.overlaps) j["metadata-overlaps"] = r.overlaps;
   return j;
 }

@@ -62,6 +62,9 @@ struct DedupFindings {
   uint64_t stale = 0;           // entries for clusters that hold no data
   uint64_t missing = 0;         // stored clusters the index lacks
   uint64_t duplicates = 0;      // clusters stored more than once (missed dedup)
+  // The header's bound on duplicates stored for lack of index memory
+  // (OpenOptions::index_memory); 0 when no cap was reached.
+  uint64_t memory_misses = 0;
   bool unreadable = false;      // in sync, but not whole: its place or its digest is wrong
   bool rebuilt = false;         // repair rewrote the index from the data
   // An unreadable index is wrong even when there is nothing stored to miss.

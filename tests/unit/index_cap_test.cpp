@@ -157,7 +157,7 @@ TEST_CASE("writes under index_memory: the cap holds, data reads back, the misses
   REQUIRE_MESSAGE(HaveCommand("qemu-img"), "qemu-img is missing: install qemu-utils");
   CheckQemuClean(path);
   {
-    auto img = Image::Open(path);
+    auto img = Image::Open(path, OpenOptions{});
     REQUIRE(img.ok());
     std::vector<uint8_t> got(want.size());
     REQUIRE((*img)->Read(0, got).ok());

@@ -552,7 +552,9 @@ Status Writer::StoreIndex(bool& placed) {
   } else {
     s_.header.dedup = DedupExtension{};  // rebuilt from the data on the next write
   }
-  s_.header.dedup->memory_misses = prior_misses_ + stats_.unindexed_clusters;
+  // Saturating: a hostile header's count must not wrap to a small one.
+  s_.header.dedup->memory_misses = std::min(prior_misses_, UINT64_MAX - stats_.unindexed_clusters) +
+                                   stats_.unindexed_clusters;
   // A table left behind gives its space back (what lies past the end goes
   // when the file is cut).
   const auto [old_at, old_bytes] = reserved_index_;

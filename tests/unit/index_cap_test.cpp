@@ -66,7 +66,7 @@ TEST_CASE("MemoryBytesAfterInsert is what MemoryBytes becomes; a removal never t
     REQUIRE(idx.MemoryBytes() == predicted);
   }
   CHECK(idx.size() == held.size());
-  for (const auto& [n, c] : held) REQUIRE(idx.Contains(D(n), c));
+  for (const auto& kv : held) REQUIRE(idx.Contains(D(kv.first), kv.second));
 }
 
 TEST_CASE("a capped session index never holds more than its cap, and counts what it left out") {

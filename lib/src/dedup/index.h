@@ -4,9 +4,10 @@
 // copy must leave the others findable.
 // Kept compact because it grows with the stored data: a key of the first
 // 160 bits of the SHA-256, a 32-bit host cluster number and a chain link,
-// 28 bytes an entry plus 2 to 4 bytes of buckets.
-// MemoryBytes is exact, so a session can cap it (-o index_memory). Entries live in fixed-size
+// 28 bytes an entry plus 2 to 4 bytes of buckets. Entries live in fixed-size
 // blocks, so growing never holds an old and a new copy of them at once.
+// MemoryBytes is exact and an insert's growth known in advance, so that a
+// session can cap it (-o index_memory, session_index.h).
 #pragma once
 
 #include <algorithm>

@@ -43,7 +43,6 @@ class SessionIndex {
   // and the next session rebuilds it from the data): a lookup then misses,
   // which costs a duplicate, never data.
   void set_memory_cap(uint64_t bytes) { cap_ = bytes; }
-  uint64_t memory_cap() const { return cap_; }
   // Inserts the cap refused since the last Reset.
   uint64_t refused() const { return refused_; }
 

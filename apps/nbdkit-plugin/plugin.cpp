@@ -39,6 +39,7 @@ struct Config {
   bool readonly = false;
   bool unsafe = false;   // -t unsafe: never sync
   bool progress = false; // show an index rebuild's progress
+  uint64_t index_memory = 0;  // bytes the dedup index may take (0: no cap)
 } config;
 
 // Set in .get_ready, reset in .cleanup; used only with image_mutex held.
@@ -99,13 +100,23 @@ int Config(const char* key, const char* value) {
     config.uri = value;
     return 0;
   }
+  if (k == "index_memory") {
+    // serve parses and checks the size; a bare nbdkit gets nbdkit's sizes.
+    const int64_t n = nbdkit_parse_size(value);
+    if (n <= 0) {
+      nbdkit_error("index_memory must be a size of at least 1 byte, not '%s'", value);
+      return -1;
+    }
+    config.index_memory = uint64_t(n);
+    return 0;
+  }
   if (k == "readonly" || k == "unsafe" || k == "progress") {
     const int b = nbdkit_parse_bool(value);
     if (b < 0) return -1;
     (k == "readonly" ? config.readonly : k == "unsafe" ? config.unsafe : config.progress) = b;
     return 0;
   }
-  nbdkit_error("unknown parameter '%s' (qcow2dedup takes file, name, readonly, unsafe, progress, uri)", key);
+  nbdkit_error("unknown parameter '%s' (qcow2dedup takes file, name, readonly, unsafe, progress, index_memory, uri)", key);
   return -1;
 }
 
@@ -126,6 +137,7 @@ int GetReady() {
     qcow2dedup::OpenOptions o;
     o.writable = !config.readonly;
     o.cache = config.unsafe ? qcow2dedup::CacheMode::kUnsafe : qcow2dedup::CacheMode::kWriteback;
+    o.index_memory = config.index_memory;
     if (config.progress)
       o.progress = [](uint64_t done, uint64_t total) {
         if (total) std::fprintf(stderr, "\rqcow2dedup: rebuilding the dedup index: %3u%%", unsigned(done * 100 / total));
@@ -166,6 +178,9 @@ void Cleanup() {
                  config.name.c_str(), (unsigned long long)w.clusters_written, (unsigned long long)w.zero_clusters,
                  (unsigned long long)w.new_clusters, (unsigned long long)w.dedup_hits,
                  (unsigned long long)w.freed_clusters);
+  if (s.ok() && w.unindexed_clusters)
+    std::fprintf(stderr, "qcow2dedup: %s: %llu of the stored clusters not indexed for lack of index memory\n",
+                 config.name.c_str(), (unsigned long long)w.unindexed_clusters);
   image.reset();
   if (!s.ok()) {
     std::fprintf(stderr, "qcow2dedup: %s: closing the image failed: %s\n", config.name.c_str(), s.message().c_str());
@@ -365,6 +380,7 @@ static struct nbdkit_plugin plugin = [] {
       "readonly=BOOL    open the image read-only (QEMU's shared lock)\n"
       "unsafe=BOOL      never sync (as qemu-img -t unsafe)\n"
       "progress=BOOL    show the progress of a dedup index rebuild\n"
+      "index_memory=SIZE  cap the dedup index's memory (past it, data is stored, not indexed)\n"
       "name=NAME        how messages name the image (default: its absolute path)\n"
       "uri=URI          print this URI on stderr once serving";
   p.magic_config_key = "file";

@@ -28,7 +28,11 @@ std::string DedupLine(const DedupFindings& d) {
                                           d.compressed_clusters)
                             : fmt::format("{} stored clusters", d.stored_clusters);
   if (!d.present) return fmt::format("Dedup index: none; {}, {} duplicate clusters", stored, d.duplicates);
-  const std::string rebuilt = d.rebuilt ? "; rebuilt from the data" : "";
+  std::string rebuilt = d.rebuilt ? "; rebuilt from the data" : "";
+  // Only when a cap was reached: most images never have one.
+  if (d.memory_misses)
+    rebuilt += fmt::format("; {} index memory misses (duplicates stored for lack of index memory, at most)",
+                           d.memory_misses);
   // An index out of sync is not consulted, so only the data's side counts.
   if (!d.in_sync)
     return fmt::format("Dedup index: not in sync (the next write rebuilds it); {}, {} duplicate clusters{}", stored,
@@ -132,7 +136,8 @@ Json CheckJson(const CheckReport& r) {
                 {"indexed", d.indexed},       {"stored-clusters", d.stored_clusters},
                 {"compressed-clusters", d.compressed_clusters},
                 {"mismatched", d.mismatched}, {"stale", d.stale},       {"missing", d.missing},
-                {"duplicates", d.duplicates}, {"rebuilt", d.rebuilt}};
+                {"duplicates", d.duplicates}, {"memory-misses", d.memory_misses},
+                {"rebuilt", d.rebuilt}};
   if (r.overlaps) j["metadata-overlaps"] = r.overlaps;
   if (r.bad_compressed) j["bad-compressed-clusters"] = r.bad_compressed;
   return j;

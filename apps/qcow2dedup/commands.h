@@ -66,6 +66,9 @@ void AddForceShareOption(CLI::App& app, bool& force_share);
 CLI::Option* AddCacheOption(CLI::App& app, CacheMode& cache);
 // --flush-interval SIZE (write, convert): flush after every SIZE bytes of data.
 CLI::Option* AddFlushIntervalOption(CLI::App& app, uint64_t& interval);
+// -o OPTIONS for write, serve and dedup (index_memory=SIZE; -o help lists
+// it): parsed by ParseSessionOptions in Run, so that a bad value names the image.
+CLI::Option* AddSessionOptions(CLI::App& app, std::vector<std::string>& options);
 // -f raw|qcow2 (the format of an image we read).
 CLI::Option* AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help);
 // A size with suffixes (64K, 10G), checked while parsing.

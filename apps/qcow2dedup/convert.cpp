@@ -171,6 +171,7 @@ int ToQcow2(const ImageOptions& o) {
   OpenOptions open;
   open.verify = opts.verify || o.verify;
   open.cache = opts.cache;
+  open.index_memory = o.index_memory;
 
   std::unique_ptr<Image> dst;
   Progress progress(opts.progress, Progress::Unit::kBytes, DedupSoFar(dst), stdout);
@@ -223,6 +224,7 @@ CopyOptions IntoExistingOptions() {
 
 int IntoExistingQcow2(BlockDevice& src) {
   OpenOptions open;
+  if (Status s = ParseSessionOptions(opts.options, open.index_memory); !s.ok()) return Fail(opts.dst, s);
   open.writable = true;
   open.verify = opts.verify;
   open.cache = opts.cache;
@@ -279,6 +281,8 @@ int IntoExistingRaw(BlockDevice& src) {
 
 int IntoExisting() {
   if (opts.src == "-") return Fail(DisplayName(opts.src), "cannot be converted with -n (its size is not known)");
+  if (opts.out_format == "raw" && !opts.options.empty())
+    return Fail("", "-o has no effect when skipping image creation");  // raw has no index
   auto src = OpenSource();
   if (!src.ok()) return Fail(SourceWhat(), src.status());
   return opts.out_format == "raw" ? IntoExistingRaw(**src) : IntoExistingQcow2(**src);
@@ -319,7 +323,7 @@ void SetupConvert(CLI::App& app) {
       ->option_text("qcow2|raw");
   app.add_option("-o", opts.options,
                  "Output options: cluster_size=SIZE, refcount_bits=N, lazy_refcounts=on|off, compression_type=zlib|zstd, "
-                 "verify=on|off")
+                 "verify=on|off, index_memory=SIZE (alone with -n)")
       ->option_text("OPTIONS")
       ->allow_extra_args(false)
       ->each([](const std::string& v) {
@@ -364,7 +368,9 @@ int RunConvert() {
                     "16777216. Select 0 to disable sparse detection (fully allocates output).");
   opts.sparse_size = *sparse;
   if (opts.target_is_zero && !opts.no_create) return Fail("", "--target-is-zero requires use of -n flag");
-  if (opts.no_create && !opts.options.empty()) return Fail("", "-o has no effect when skipping image creation");
+  // -n takes index_memory alone: the target's format options are its own.
+  if (opts.no_create && !OnlySessionOptions(opts.options))
+    return Fail("", "-o has no effect when skipping image creation");
   if (opts.bitmaps && opts.out_format == "raw") return Fail("", "Format driver 'raw' does not support bitmaps");
   if (opts.bitmaps && opts.src == "-") return Fail("", "Source lacks bitmap support");
   if (opts.no_create) return IntoExisting();

@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include "commands.h"
+#include "image_options.h"
 #include "progress.h"
 #include "qcow2dedup/dedup.h"
 
@@ -15,6 +16,7 @@ struct {
   bool progress = false;
   bool quiet = false;
   uint64_t flush_interval = 0;
+  std::vector<std::string> options;  // -o
 } opts;
 
 void PrintHuman(const DedupResult& r) {
@@ -22,6 +24,8 @@ void PrintHuman(const DedupResult& r) {
   fmt::print("image: {}\n", r.filename);
   fmt::print("stored data clusters: {} -> {} ({} freed)\n", r.stored_before, r.stored_after, r.freed_clusters);
   fmt::print("guest clusters relinked: {}, zeros no longer stored: {}\n", r.relinked, r.zeroed);
+  if (r.unindexed)
+    fmt::print("left as they are for lack of index memory (index_memory): {} stored clusters\n", r.unindexed);
   fmt::print("file size: {} -> {}\n", HumanSize(r.file_size_before), HumanSize(r.file_size_after));
   fmt::print("disk usage: {} -> {} ({} reclaimed)\n", HumanSize(r.disk_usage_before), HumanSize(r.disk_usage_after),
              HumanSize(reclaimed));
@@ -36,6 +40,7 @@ void PrintJsonResult(const DedupResult& r) {
   j["freed-clusters"] = r.freed_clusters;
   j["relinked-clusters"] = r.relinked;
   j["zero-clusters"] = r.zeroed;
+  j["memory-misses"] = r.unindexed;
   j["file-size-before"] = r.file_size_before;
   j["file-size-after"] = r.file_size_after;
   j["disk-usage-before"] = r.disk_usage_before;
@@ -49,6 +54,7 @@ void SetupDedup(CLI::App& app) {
   AddCacheOption(app, opts.cache);
   AddOutputOption(app, opts.output);
   AddFlushIntervalOption(app, opts.flush_interval);
+  AddSessionOptions(app, opts.options);
   app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing but errors (overrides -p)");
   app.add_option("IMAGE", opts.image, "The qcow2 image to deduplicate in place")->required();
@@ -58,6 +64,7 @@ int RunDedup() {
   if (opts.quiet) opts.progress = false;
   Progress progress(opts.progress, Progress::Unit::kClusters);
   DedupOptions o;
+  if (Status s = ParseSessionOptions(opts.options, o.index_memory); !s.ok()) return Fail(opts.image, s);
   o.cache = opts.cache;
   o.flush_interval = opts.flush_interval;
   bool relinking = false;

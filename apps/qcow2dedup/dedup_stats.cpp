@@ -57,6 +57,7 @@ Json StatsJson(const DedupStats& s) {
   j["saving-percent"] = Round(s.saving_percent, 2);
   j["reclaimable-clusters"] = s.reclaimable_clusters;
   j["reclaimable-bytes"] = s.reclaimable_clusters * s.cluster_size;
+  j["memory-misses"] = s.memory_misses;
   j["metadata-bytes"] = {{"l1", s.metadata.l1},
                          {"l2", s.metadata.l2},
                          {"refcount", s.metadata.refcount},
@@ -105,6 +106,9 @@ void PrintStats(const DedupStats& s) {
                                                  s.reclaimable_clusters == 1 ? "" : "s",
                                                  SizeWithBytes(s.reclaimable_clusters * cs))
                                    : std::string("nothing")},
+      {"index memory misses:",
+       s.memory_misses ? fmt::format("{} (duplicates stored for lack of index memory, at most)", s.memory_misses)
+                       : std::string("0")},
       {"metadata:", SizeWithBytes(s.metadata.total())},
       {"  L1 table:", SizeWithBytes(s.metadata.l1)},
       {"  L2 tables:", SizeWithBytes(s.metadata.l2)},

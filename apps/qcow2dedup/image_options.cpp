@@ -30,8 +30,42 @@ Status RequireValue(const std::string& key, const std::string& v, std::initializ
                                          *ok.begin()));
 }
 
+// A cap of 0 would index nothing (every cluster stored as if new): refused
+// like qemu-img refuses a size it cannot use, naming the option.
+Result<uint64_t> ParseIndexMemory(const std::string& value) {
+  auto size = ParseSize(value);
+  if (!size.ok() || *size == 0)
+    return Status::InvalidArgument(
+        fmt::format("parameter 'index_memory' expects a size of at least 1 byte (64M, 1G), not '{}'", value));
+  return *size;
+}
+
+constexpr const char* kIndexMemoryHelp = "Memory the dedup index may take; past it data is stored, not indexed (qcow2dedup)";
+
+// Calls f(key, value) for each key=value item of the -o arguments.
+template <class F>
+Status ForEachItem(const std::vector<std::string>& args, F f) {
+  for (const std::string& arg : args) {
+    size_t pos = 0;
+    while (pos <= arg.size()) {
+      size_t comma = arg.find(',', pos);
+      if (comma == std::string::npos) comma = arg.size();
+      const std::string item = arg.substr(pos, comma - pos);
+      pos = comma + 1;
+      if (item.empty()) continue;
+      const size_t eq = item.find('=');
+      if (eq == std::string::npos)
+        return Status::InvalidArgument(fmt::format("parameter '{}' expects a value ({}=...)", item, item));
+      QD_RETURN_IF_ERROR(f(item.substr(0, eq), item.substr(eq + 1)));
+    }
+  }
+  return Status::Ok();
+}
+
 Status Apply(const std::string& key, const std::string& value, bool allow_verify, ImageOptions& out) {
-  if (key == "cluster_size") {
+  if (key == "index_memory" && allow_verify) {
+    QD_ASSIGN_OR_RETURN(out.index_memory, ParseIndexMemory(value));
+  } else if (key == "cluster_size") {
     auto size = ParseSize(value);
     if (!size.ok() || *size > UINT32_MAX)
       return Status::InvalidArgument(fmt::format("parameter 'cluster_size' expects a size, not '{}'", value));
@@ -67,21 +101,30 @@ Status Apply(const std::string& key, const std::string& value, bool allow_verify
 }  // namespace
 
 Status ParseImageOptions(const std::vector<std::string>& args, bool allow_verify, ImageOptions& out) {
-  for (const std::string& arg : args) {
-    size_t pos = 0;
-    while (pos <= arg.size()) {
-      size_t comma = arg.find(',', pos);
-      if (comma == std::string::npos) comma = arg.size();
-      const std::string item = arg.substr(pos, comma - pos);
-      pos = comma + 1;
-      if (item.empty()) continue;
-      const size_t eq = item.find('=');
-      if (eq == std::string::npos)
-        return Status::InvalidArgument(fmt::format("parameter '{}' expects a value ({}=...)", item, item));
-      QD_RETURN_IF_ERROR(Apply(item.substr(0, eq), item.substr(eq + 1), allow_verify, out));
-    }
-  }
-  return Status::Ok();
+  return ForEachItem(args, [&](const std::string& key, const std::string& value) {
+    return Apply(key, value, allow_verify, out);
+  });
+}
+
+Status ParseSessionOptions(const std::vector<std::string>& args, uint64_t& index_memory) {
+  index_memory = 0;
+  return ForEachItem(args, [&](const std::string& key, const std::string& value) -> Status {
+    if (key != "index_memory") return Status::InvalidArgument(fmt::format("invalid parameter '{}'", key));
+    QD_ASSIGN_OR_RETURN(index_memory, ParseIndexMemory(value));
+    return Status::Ok();
+  });
+}
+
+bool OnlySessionOptions(const std::vector<std::string>& args) {
+  return ForEachItem(args, [](const std::string& key, const std::string&) {
+           return key == "index_memory" ? Status::Ok() : Status::InvalidArgument(key);
+         }).ok();
+}
+
+void PrintSessionOptionsHelp() {
+  fmt::print("Supported options:\n");
+  fmt::print("  {:<22} - {}\n", "index_memory=<size>", kIndexMemoryHelp);
+  throw CLI::Success();
 }
 
 bool AsksForHelp(const std::string& arg) {
@@ -112,9 +155,11 @@ void PrintImageOptionsHelp(bool allow_verify) {
   };
   fmt::print("Supported qcow2 options:\n");
   for (const Line& l : kLines) fmt::print("  {:<22} - {}\n", l.name, l.help);
-  if (allow_verify)
+  if (allow_verify) {
+    fmt::print("  {:<22} - {}\n", "index_memory=<size>", kIndexMemoryHelp);
     fmt::print("  {:<22} - {}\n", "verify=<bool (on/off)>",
                "Compare bytes before sharing a cluster, not only hashes (qcow2dedup)");
+  }
   throw CLI::Success();
 }
 

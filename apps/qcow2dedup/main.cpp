@@ -14,6 +14,7 @@
 #include "qcow2dedup/image.h"
 #include "size.h"
 #include "commands.h"
+#include "image_options.h"
 
 namespace qcow2dedup::cli {
 namespace {
@@ -122,6 +123,15 @@ CLI::Option* AddCacheOption(CLI::App& app, CacheMode& cache) {
 CLI::Option* AddFlushIntervalOption(CLI::App& app, uint64_t& interval) {
   return AddSizeOption(app, "--flush-interval", interval,
                        "Flush data and tables after every SIZE bytes written (default: only at the end)");
+}
+
+CLI::Option* AddSessionOptions(CLI::App& app, std::vector<std::string>& options) {
+  return app.add_option("-o", options, "Options: index_memory=SIZE caps the dedup index's memory (-o help lists them)")
+      ->option_text("OPTIONS")
+      ->allow_extra_args(false)
+      ->each([](const std::string& v) {
+        if (AsksForHelp(v)) PrintSessionOptionsHelp();
+      });
 }
 
 CLI::Option* AddFormatOption(CLI::App& app, ImageFormat& format, const std::string& help) {

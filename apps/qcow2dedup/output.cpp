@@ -148,6 +148,9 @@ void PrintWriteSummary(const WriteStats& s) {
   if (s.compressed_clusters)
     fmt::print(stderr, "compressed: {} of the stored clusters, into {} bytes\n", s.compressed_clusters,
                s.compressed_bytes);
+  if (s.unindexed_clusters)
+    fmt::print(stderr, "not indexed for lack of index memory (index_memory): {} of the stored clusters\n",
+               s.unindexed_clusters);
 }
 
 }  // namespace qcow2dedup::cli

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "commands.h"
+#include "image_options.h"
 
 namespace qcow2dedup::cli {
 namespace {
@@ -30,6 +31,7 @@ struct {
   CacheMode cache = CacheMode::kWriteback;
   std::string socket, bind, run;
   int port = -1;
+  std::vector<std::string> options;  // -o
 } opts;
 
 constexpr const char* kPluginName = "nbdkit-qcow2dedup-plugin.so";
@@ -131,11 +133,14 @@ void SetupServe(CLI::App& app) {
   app.add_option("--run", opts.run,
                  "Serve while this shell command runs ($uri is the export's URI), then stop and exit with its status")
       ->option_text("COMMAND");
+  AddSessionOptions(app, opts.options);
   app.add_flag("-p,--progress", opts.progress, "Show the progress of a dedup index rebuild on stderr");
   app.add_option("IMAGE", opts.image, "The image to serve")->required();
 }
 
 int RunServe() {
+  uint64_t index_memory = 0;
+  if (Status st = ParseSessionOptions(opts.options, index_memory); !st.ok()) return Fail(opts.image, st);
   const std::string plugin = FindPlugin();
   if (plugin.empty())
     return Fail("", fmt::format("cannot find {} (next to the qcow2dedup binary or in {})", kPluginName,
@@ -170,6 +175,7 @@ int RunServe() {
   if (opts.readonly) args.push_back("readonly=true");
   if (opts.cache == CacheMode::kUnsafe) args.push_back("unsafe=true");
   if (opts.progress) args.push_back("progress=true");
+  if (index_memory) args.push_back(fmt::format("index_memory={}", index_memory));
   if (opts.run.empty()) args.push_back("uri=" + uri);
 
   std::vector<char*> argv;

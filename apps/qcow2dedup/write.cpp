@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "commands.h"
+#include "image_options.h"
 #include "progress.h"
 
 namespace qcow2dedup::cli {
@@ -27,6 +28,7 @@ struct {
   bool verify = false, quiet = false, progress = false;
   uint64_t flush_interval = 0;
   CacheMode cache = CacheMode::kWriteback;
+  std::vector<std::string> options;  // -o
 } opts;
 
 std::string Errno(std::string_view what) { return fmt::format("{}: {}", what, std::strerror(errno)); }
@@ -143,6 +145,7 @@ void SetupWrite(CLI::App& app) {
   app.add_flag("--verify", opts.verify, "Compare bytes before sharing a cluster (not only hashes)");
   AddCacheOption(app, opts.cache);
   AddFlushIntervalOption(app, opts.flush_interval);
+  AddSessionOptions(app, opts.options);
   app.add_flag("-p,--progress", opts.progress, "Show progress on stderr");
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   app.add_option("IMAGE", opts.image, "The image to write into")->required();
@@ -152,6 +155,8 @@ void SetupWrite(CLI::App& app) {
 int RunWrite() {
   if (opts.input.empty() && opts.pattern < 0) throw CLI::RequiredError("--input or --pattern");
   if (opts.quiet) opts.progress = false;
+  uint64_t index_memory = 0;
+  if (Status s = ParseSessionOptions(opts.options, index_memory); !s.ok()) return Fail(opts.image, s);
   Input input;
   uint64_t length = opts.length;
   if (!opts.input.empty()) {
@@ -165,6 +170,7 @@ int RunWrite() {
   open.writable = true;
   open.verify = opts.verify;
   open.cache = opts.cache;
+  open.index_memory = index_memory;
   open.progress = progress.fn();  // an index rebuild can take a while
   auto opened = Image::Open(opts.image, std::move(open));
   if (!opened.ok()) return Fail(opts.image, opened.status());

@@ -69,6 +69,9 @@ struct DedupFindings {
   // Copies of data stored before them, plain or compressed (missed dedup):
   // stored_clusters + compressed_clusters - duplicates distinct clusters.
   uint64_t duplicates = 0;
+  // The header's bound on duplicates stored for lack of index memory
+  // (OpenOptions::index_memory); 0 when no cap was reached.
+  uint64_t memory_misses = 0;
   bool unreadable = false;      // in sync, but not whole: its place or its digest is wrong
   bool rebuilt = false;         // repair rewrote the index from the data
   // An unreadable index is wrong even when there is nothing stored to miss.

@@ -19,6 +19,7 @@ struct DedupOptions {
   ProgressFn hashing;    // over the stored clusters
   ProgressFn relinking;  // over the L2 tables
   uint64_t metadata_cache_bytes = 0;
+  uint64_t index_memory = 0;  // as OpenOptions::index_memory
   // Flush (in the crash-safe order) after relinking every this many bytes of
   // guest space, so that a crash keeps the relinking done until then; 0:
   // only when the metadata cache is full, and at the end.
@@ -34,6 +35,9 @@ struct DedupResult {
   uint64_t relinked = 0;         // guest clusters linked to another copy
   uint64_t zeroed = 0;           // guest clusters of zeros no longer stored
   uint64_t freed_clusters = 0;   // host clusters whose last reference went
+  // Stored clusters the index had no room for (index_memory): not
+  // deduplicated, and what the image's header now counts as missed.
+  uint64_t unindexed = 0;
   uint64_t file_size_before = 0, file_size_after = 0;
   uint64_t disk_usage_before = 0, disk_usage_after = 0;  // bytes allocated (du)
 };

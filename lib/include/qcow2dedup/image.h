@@ -82,6 +82,11 @@ struct OpenOptions {
   // Memory for each metadata cache (L2 tables, refcount blocks); 0: 32 MiB,
   // as QEMU's default L2 cache.
   uint64_t metadata_cache_bytes = 0;
+  // A cap on the dedup index's memory (-o index_memory); 0: none. Past it,
+  // data is still written, but not indexed: later copies of it are stored
+  // again (never linked wrongly), and WriteStats::unindexed_clusters and
+  // the image's header count them (check, dedup-stats).
+  uint64_t index_memory = 0;
 };
 
 // Where this process remembers the images its write sessions closed
@@ -150,6 +155,7 @@ struct WriteStats {
   uint64_t zero_clusters = 0;     // of them, all zero
   uint64_t dedup_hits = 0;        // linked to a cluster already stored
   uint64_t new_clusters = 0;      // stored anew
+  uint64_t unindexed_clusters = 0;  // of them, not indexed: the index had reached index_memory
   uint64_t compressed_clusters = 0;  // of them, stored compressed
   uint64_t compressed_bytes = 0;     // the compressed bytes those take
   uint64_t freed_clusters = 0;    // host clusters whose last reference went

@@ -61,6 +61,10 @@ struct DedupStats {
   // Stored clusters that `dedup` would free: copies of data stored elsewhere
   // too, and zeros (uncompressed clusters only).
   uint64_t reclaimable_clusters = 0;
+  // At most this many stored clusters are duplicates stored for lack of
+  // index memory (-o index_memory): the header's count, 0 when no cap was
+  // reached (man page, "index_memory").
+  uint64_t memory_misses = 0;
   struct Metadata {
     uint64_t l1 = 0;        // the L1 table, rounded up to whole clusters
     uint64_t l2 = 0;        // active L2 tables * cluster size

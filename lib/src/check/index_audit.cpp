@@ -148,6 +148,7 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, const 
   d = DedupFindings{};
   d.present = h.dedup.has_value();
   d.in_sync = h.dedup_in_sync();
+  d.memory_misses = h.dedup ? h.dedup->memory_misses : 0;
   d.stored_clusters = uint64_t(std::count_if(hashed.begin(), hashed.end(), [](const auto& hc) { return hc.active; }));
   d.compressed_clusters = compressed.active.size();
   // Counted on another core while this one reads and matches the index.
@@ -234,6 +235,8 @@ Status SaveRebuiltIndex(Context& ctx, const std::vector<HashedCluster>& hashed, 
   QD_RETURN_IF_ERROR(ctx.file->Truncate(std::max(size, cs)));
   QD_RETURN_IF_ERROR(ctx.RefreshFileSize().status());
   QD_RETURN_IF_ERROR(ctx.file->Sync());
+  // A rebuild links nothing: the duplicates a full index missed stay.
+  ext.memory_misses = ctx.header.dedup ? ctx.header.dedup->memory_misses : 0;
   ctx.header.dedup = ext;
   ctx.header.autoclear |= kAutoclearDedupInSync;
   QD_ASSIGN_OR_RETURN(std::vector<uint8_t> head, EncodeHeader(ctx.header));

@@ -13,12 +13,16 @@ void DedupIndex::Insert(const Digest& d, uint64_t cluster) {
   // The new entry goes first in its chain, so Find returns the newest copy.
   if (live_ + 1 > 2 * buckets_.size()) Rehash(std::max<size_t>(1024, buckets_.size() * 2));
   uint32_t slot;
-  if (!free_.empty()) {
-    slot = free_.back();
-    free_.pop_back();
+  if (free_head_ != kNil) {
+    slot = free_head_;
+    free_head_ = At(slot).next;
   } else {
     slot = used_++;
-    if ((slot >> kBlockShift) == blocks_.size()) blocks_.push_back(std::make_unique_for_overwrite<Entry[]>(kBlockEntries));
+    if ((slot >> kBlockShift) == blocks_.size()) {
+      // Grown here by a known rule, so that MemoryBytesAfterInsert is exact.
+      blocks_.reserve(BlockSlotsFor(blocks_.size() + 1, blocks_.capacity()));
+      blocks_.push_back(std::make_unique_for_overwrite<Entry[]>(kBlockEntries));
+    }
   }
   Entry& e = At(slot);
   std::memcpy(e.key, d.data(), kKeyBytes);
@@ -38,7 +42,8 @@ bool DedupIndex::Remove(const Digest& d, uint64_t cluster) {
       uint32_t slot = *link;
       *link = e.next;
       e.cluster = kNil;
-      free_.push_back(slot);
+      e.next = free_head_;
+      free_head_ = slot;
       --live_;
       return true;
     }
@@ -61,12 +66,21 @@ void DedupIndex::Clear() {
   std::vector<std::unique_ptr<Entry[]>>().swap(blocks_);
   used_ = 0;
   std::vector<uint32_t>().swap(buckets_);
-  std::vector<uint32_t>().swap(free_);
+  free_head_ = kNil;
   live_ = 0;
 }
 
+size_t DedupIndex::MemoryBytesAfterInsert() const {
+  size_t blocks = blocks_.size(), slots = blocks_.capacity();
+  if (free_head_ == kNil && (used_ >> kBlockShift) == blocks) {
+    ++blocks;
+    slots = BlockSlotsFor(blocks, slots);
+  }
+  return Bytes(blocks, slots, BucketsAfterInsert());
+}
+
 void DedupIndex::Rehash(size_t n) {
-  buckets_.assign(n, kNil);
+  std::vector<uint32_t>(n, kNil).swap(buckets_);  // exactly n: MemoryBytesAfterInsert counts on it
   for (uint32_t i = 0; i < used_; ++i) {
     Entry& e = At(i);
     if (e.cluster == kNil) continue;

@@ -6,6 +6,8 @@
 // 160 bits of the SHA-256, a 32-bit host cluster number and a chain link,
 // 28 bytes an entry plus 2 to 4 bytes of buckets. Entries live in fixed-size
 // blocks, so growing never holds an old and a new copy of them at once.
+// MemoryBytes is exact and an insert's growth known in advance, so that a
+// session can cap it (-o index_memory, session_index.h).
 #pragma once
 
 #include <algorithm>
@@ -69,11 +71,14 @@ class DedupIndex {
   void Clear();
 
   size_t size() const { return live_; }
-  // Heap bytes the index holds (for the memory benchmark).
+  // Heap bytes the index holds (for the memory benchmark, and the cap of
+  // -o index_memory).
   size_t MemoryBytes() const {
-    return blocks_.size() * kBlockEntries * sizeof(Entry) + blocks_.capacity() * sizeof(void*) +
-           buckets_.capacity() * sizeof(uint32_t) + free_.capacity() * sizeof(uint32_t);
+    return Bytes(blocks_.size(), blocks_.capacity(), buckets_.capacity());
   }
+  // What MemoryBytes would be after Insert adds a pair it does not hold
+  // yet: Insert sizes every container itself, so this is exact.
+  size_t MemoryBytesAfterInsert() const;
 
   // Visits (key prefix, cluster) for every entry.
   template <class F>
@@ -114,11 +119,22 @@ class DedupIndex {
     return h & (buckets_.size() - 1);
   }
   void Rehash(size_t buckets);
+  static size_t Bytes(size_t blocks, size_t block_slots, size_t buckets) {
+    return blocks * kBlockEntries * sizeof(Entry) + block_slots * sizeof(void*) + buckets * sizeof(uint32_t);
+  }
+  // The capacity of blocks_ once it holds n blocks (grown by Insert alone).
+  static size_t BlockSlotsFor(size_t n, size_t now) { return n <= now ? now : std::max<size_t>(4, now * 2); }
+  // Buckets after the next insert (Rehash sizes the vector exactly).
+  size_t BucketsAfterInsert() const {
+    return live_ + 1 > 2 * buckets_.size() ? std::max<size_t>(1024, buckets_.size() * 2) : buckets_.capacity();
+  }
 
   std::vector<std::unique_ptr<Entry[]>> blocks_;
   uint32_t used_ = 0;  // slots handed out so far
   std::vector<uint32_t> buckets_;
-  std::vector<uint32_t> free_;
+  // Freed slots, linked through their next fields: a removal never takes
+  // memory, so a capped index stays under its cap whatever is removed.
+  uint32_t free_head_ = kNil;
   size_t live_ = 0;
 };
 

@@ -10,6 +10,7 @@ void SessionIndex::Reset() {
   added_.Clear();
   removed_.Clear();
   inexact_ = false;
+  refused_ = 0;
 }
 
 Result<std::optional<uint64_t>> SessionIndex::Find(const Digest& d) {
@@ -49,22 +50,34 @@ Result<bool> InTable(IndexTable& table, const Digest& d, uint64_t cluster) {
 
 }  // namespace
 
-Status SessionIndex::Insert(const Digest& d, uint64_t cluster) {
-  if (removed_.Remove(d, cluster)) return Status::Ok();  // back as the table has it
+Result<bool> SessionIndex::Insert(const Digest& d, uint64_t cluster) {
+  if (removed_.Remove(d, cluster)) return true;  // back as the table has it
   if (table_) {
     QD_ASSIGN_OR_RETURN(bool stored, InTable(*table_, d, cluster));
-    if (stored) return Status::Ok();
+    if (stored) return true;
+  }
+  if (cap_ && !added_.Contains(d, cluster) && !Fits(added_)) {
+    ++refused_;
+    inexact_ = true;
+    return false;
   }
   added_.Insert(d, cluster);
-  return Status::Ok();
+  return true;
 }
 
 Result<bool> SessionIndex::Remove(const Digest& d, uint64_t cluster) {
   if (added_.Remove(d, cluster)) return true;
   if (!table_ || removed_.Contains(d, cluster)) return false;
   QD_ASSIGN_OR_RETURN(bool stored, InTable(*table_, d, cluster));
-  if (stored) removed_.Insert(d, cluster);
-  return stored;
+  if (!stored) return false;
+  if (Fits(removed_)) {
+    removed_.Insert(d, cluster);
+  } else {
+    // The table keeps naming the cluster: the writer checks every table
+    // entry against the data before it shares one, so this stays safe.
+    inexact_ = true;
+  }
+  return true;
 }
 
 Result<std::optional<DedupExtension>> SessionIndex::Store(
@@ -92,12 +105,16 @@ Result<std::optional<DedupExtension>> SessionIndex::Store(
     }
     if (st.kind() == ErrorKind::kIOError || st.kind() == ErrorKind::kNoSpace) return st;
     // Too full, or its place is taken: everything moves to a fresh table.
+    bool fits = true;
     QD_RETURN_IF_ERROR(table_->ForEach([&](const uint8_t* key, uint64_t c) {
       Digest d{};
       std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
-      if (!removed_.Contains(d, c)) added_.Insert(d, c);
+      if (removed_.Contains(d, c) || !fits) return;
+      if (Fits(added_)) added_.Insert(d, c);
+      else fits = false;
     }));
-    if (table_->damaged()) return std::optional<DedupExtension>();
+    // Past the cap the index is not stored: the next session rebuilds it.
+    if (table_->damaged() || !fits) return std::optional<DedupExtension>();
     table_.reset();
     removed_.Clear();
   }

@@ -29,12 +29,22 @@ class SessionIndex {
   Result<std::optional<uint64_t>> Find(const Digest& d);
   // Every copy known: this session's, newest first, then the table's.
   Result<std::vector<uint64_t>> FindAll(const Digest& d);
-  Status Insert(const Digest& d, uint64_t cluster);
+  // Holds the pair, unless the cap leaves no room for it: then false, and
+  // refused() counts it.
+  Result<bool> Insert(const Digest& d, uint64_t cluster);
   // Forgets the pair; false if it was not held.
   Result<bool> Remove(const Digest& d, uint64_t cluster);
   // The pair was not found where it should have been: whatever the table
   // says about that cluster may be wrong, so the index is no longer exact.
   void NoteInexact() { inexact_ = true; }
+
+  // Caps MemoryBytes (-o index_memory; 0: no cap). A pair that does not fit
+  // is not held, and the index is no longer exact (so it is not stored,
+  // and the next session rebuilds it from the data): a lookup then misses,
+  // which costs a duplicate, never data.
+  void set_memory_cap(uint64_t bytes) { cap_ = bytes; }
+  // Inserts the cap refused since the last Reset.
+  uint64_t refused() const { return refused_; }
 
   uint64_t size() const { return (table_ ? table_->entries() : 0) + added_.size() - removed_.size(); }
   size_t MemoryBytes() const { return added_.MemoryBytes() + removed_.MemoryBytes(); }
@@ -52,6 +62,14 @@ class SessionIndex {
   DedupIndex added_;    // pairs not in the table (all pairs, without one)
   DedupIndex removed_;  // pairs in the table that are gone
   bool inexact_ = false;
+  uint64_t cap_ = 0;
+  uint64_t refused_ = 0;
+  // Whether one more pair fits under the cap in to (added_ or removed_).
+  bool Fits(const DedupIndex& to) const {
+    if (!cap_) return true;
+    const DedupIndex& other = &to == &added_ ? removed_ : added_;
+    return to.MemoryBytesAfterInsert() + other.MemoryBytes() <= cap_;
+  }
 };
 
 }  // namespace qcow2dedup

@@ -2,6 +2,8 @@
 
 #include <openssl/evp.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 
@@ -26,10 +28,13 @@ void Add(EVP_MD_CTX* ctx, std::span<const uint8_t> data) {
   if (EVP_DigestUpdate(ctx, data.data(), data.size()) != 1) Fail();
 }
 
+std::atomic<size_t> digest_bytes{32};  // SetDigestBytesForTesting
+
 Digest End(EVP_MD_CTX* ctx) {
   Digest d;
   unsigned int len = 0;
   if (EVP_DigestFinal_ex(ctx, d.data(), &len) != 1 || len != d.size()) Fail();
+  if (const size_t n = digest_bytes.load(std::memory_order_relaxed); n < d.size()) std::fill(d.begin() + long(n), d.end(), 0);
   return d;
 }
 
@@ -45,6 +50,8 @@ Digest Sha256(std::span<const uint8_t> data) {
   Add(t.ctx, data);
   return End(t.ctx);
 }
+
+void SetDigestBytesForTesting(size_t n) { digest_bytes.store(std::min<size_t>(n, 32), std::memory_order_relaxed); }
 
 Sha256Stream::Sha256Stream() : ctx_(EVP_MD_CTX_new()) { Begin(ctx_); }
 Sha256Stream::~Sha256Stream() { EVP_MD_CTX_free(ctx_); }

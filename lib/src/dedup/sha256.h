@@ -27,6 +27,10 @@ class Sha256Stream {
   ::evp_md_ctx_st* ctx_;
 };
 
+// Tests only: every digest from here on keeps its first n bytes, the rest
+// zero, so that different data collide on purpose (32: SHA-256 itself).
+void SetDigestBytesForTesting(size_t n);
+
 // True if every byte is zero (fast: compares words).
 bool IsAllZero(std::span<const uint8_t> data);
 

@@ -86,6 +86,7 @@ Status ParseExtensions(std::span<const uint8_t> head, uint64_t start, uint64_t l
         d.index_buckets = raw.index_buckets;
         d.free_hint = raw.free_hint;
         d.compressed = raw.compressed;
+        d.memory_misses = raw.memory_misses;
         d.version = raw.version;
         h.dedup = d;
         break;
@@ -279,7 +280,7 @@ Result<std::vector<uint8_t>> EncodeHeader(const Header& h) {
       raw.index_buckets = h.dedup->index_buckets;
       raw.free_hint = h.dedup->free_hint;
       raw.compressed = h.dedup->compressed;
-      std::memset(raw.reserved, 0, sizeof raw.reserved);
+      raw.memory_misses = h.dedup->memory_misses;
       put_ext(kExtDedup, {reinterpret_cast<const uint8_t*>(&raw), sizeof raw});
     }
     if (!h.feature_names.empty()) {

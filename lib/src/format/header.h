@@ -85,7 +85,9 @@ struct RawDedupExtension {
   be64 index_buckets;   // a power of two
   be64 free_hint;       // no free cluster lies below this one (a hint)
   be64 compressed;      // compressed clusters in use (0: the writer need not look for any)
-  uint8_t reserved[8];
+  // Duplicates that may be stored for lack of index memory (-o index_memory;
+  // dedup/session_index.h). Zero in images written before it existed.
+  be64 memory_misses;
 };
 #pragma pack(pop)
 static_assert(sizeof(RawHeader) == 112);
@@ -101,6 +103,7 @@ struct DedupExtension {
   uint64_t index_buckets = 0;
   uint64_t free_hint = 0;
   uint64_t compressed = 0;
+  uint64_t memory_misses = 0;
   uint32_t version = kDedupExtensionVersion;
 };
 

@@ -29,6 +29,7 @@ Result<DedupResult> DeduplicateImage(const std::string& path, DedupOptions o) {
   open.file = std::move(o.file);
   open.progress = o.hashing;
   open.metadata_cache_bytes = o.metadata_cache_bytes;
+  open.index_memory = o.index_memory;
   QD_ASSIGN_OR_RETURN(auto image, Image::Open(path, std::move(open)));
   Writer& w = *StateOf(*image).writer;
   r.cluster_size = image->cluster_size();
@@ -36,9 +37,10 @@ Result<DedupResult> DeduplicateImage(const std::string& path, DedupOptions o) {
   r.stored_before = counts.stored;
   r.relinked = counts.relinked;
   r.zeroed = counts.zeroed;
+  r.unindexed = counts.unindexed;
   QD_RETURN_IF_ERROR(image->Close());
   r.freed_clusters = w.stats().freed_clusters;
-  r.stored_after = w.stored_clusters();
+  r.stored_after = w.stored_clusters() + r.unindexed;  // those are never freed here
   const FileUse after = Use(path);
   r.file_size_before = before.size;
   r.disk_usage_before = before.allocated;

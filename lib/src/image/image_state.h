@@ -38,6 +38,7 @@ class ImageState {
   std::string full_backing_path;
   SnapshotTable snapshots;
   bool verify = false;
+  uint64_t index_memory = 0;  // OpenOptions::index_memory
   std::unique_ptr<Writer> writer;  // only while open for writing
 
   // Reader: the last cluster decompressed, keyed by its L2 entry.

@@ -125,6 +125,7 @@ Result<std::unique_ptr<Image>> OpenQcow2(const std::string& path, OpenOptions& o
   auto s = std::make_unique<ImageState>(path, std::move(file), std::move(h));
   s->file_size = file_size;
   s->verify = opts.verify;
+  s->index_memory = opts.index_memory;
   if (s->header.nb_snapshots > 0) {
     QD_ASSIGN_OR_RETURN(s->snapshots, ReadSnapshotTable(*s->file, s->header, file_size));
     s->meta.set_snapshot_table_bytes(s->snapshots.bytes);

@@ -22,6 +22,8 @@ Writer::Writer(ImageState& s, uint64_t cache_tables)
       v2_(s.header.version == 2),
       packer_(s.cs()) {
   refcounts_->set_hold_decrements(v2_);
+  index_.set_memory_cap(s.index_memory);
+  if (s.header.dedup) prior_misses_ = s.header.dedup->memory_misses;
 }
 
 Writer::~Writer() = default;
@@ -105,8 +107,10 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
   }
   QD_ASSIGN_OR_RETURN(bool removed, index_.Remove(digest, cluster));
   if (!removed) {
-    // Not where its data says: the index did not match the image.
-    index_.memory().RemoveCluster(cluster);
+    // Not where its data says: the index did not match the image. Unless
+    // the cap left clusters out: then it is one of those, and the slow
+    // scan is spared (what memory holds was hashed from unchanging data).
+    if (!index_.refused()) index_.memory().RemoveCluster(cluster);
     if (index_.table()) index_.NoteInexact();
   }
   index_changed_ = true;
@@ -146,7 +150,7 @@ Result<bool> Writer::Believe(uint64_t c, const Digest& digest) {
   QD_RETURN_IF_ERROR(index_.Remove(digest, c).status());
   Digest actual{};
   std::memcpy(actual.data(), it->second.data(), it->second.size());
-  QD_RETURN_IF_ERROR(index_.Insert(actual, c));  // what c does hold is known now
+  QD_RETURN_IF_ERROR(index_.Insert(actual, c).status());  // what c does hold is known now
   return false;
 }
 
@@ -283,9 +287,10 @@ Status Writer::WriteOne(const ClusterWrite& in) {
       QD_RETURN_IF_ERROR(s_.meta.CheckDataWrite(host));
       QD_RETURN_IF_ERROR(data_.Write(host, w.data));
       s_.map->NoteFileEnd(host + cs);
-      QD_RETURN_IF_ERROR(index_.Insert(w.digest, host / cs));
+      QD_ASSIGN_OR_RETURN(bool indexed, index_.Insert(w.digest, host / cs));
       entry = host | kFlagCopied;
       ++stats_.new_clusters;
+      stats_.unindexed_clusters += !indexed;  // a later copy of it is stored again
     }
     index_changed_ = true;
   }
@@ -562,6 +567,9 @@ Status Writer::StoreIndex(bool& placed) {
   } else {
     s_.header.dedup = DedupExtension{};  // rebuilt from the data on the next write
   }
+  // Saturating: a hostile header's count must not wrap to a small one.
+  s_.header.dedup->memory_misses = std::min(prior_misses_, UINT64_MAX - stats_.unindexed_clusters) +
+                                   stats_.unindexed_clusters;
   // A table left behind gives its space back (what lies past the end goes
   // when the file is cut).
   const auto [old_at, old_bytes] = reserved_index_;

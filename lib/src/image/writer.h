@@ -67,6 +67,7 @@ class Writer {
     uint64_t stored = 0;    // data clusters stored before (the rebuilt index's entries)
     uint64_t relinked = 0;  // guest clusters now pointing at another copy
     uint64_t zeroed = 0;    // guest clusters of zeros no longer stored
+    uint64_t unindexed = 0; // stored clusters the index had no room for (index_memory): left as they are
   };
   // flush_interval: flush after every this many bytes of guest space (0: never mid-run).
   Result<DedupCounts> Deduplicate(const ProgressFn& hashing, const ProgressFn& relinking, uint64_t flush_interval = 0);
@@ -172,6 +173,9 @@ class Writer {
   // for it), and sets the header's extension.
   Status StoreIndex(bool& placed);
   bool closing_ = false;  // in Close: frees past the end are cut, not punched
+  // The header's count of duplicates that may be stored for lack of index
+  // memory, before this session's unindexed new copies are added.
+  uint64_t prior_misses_ = 0;
   std::vector<uint8_t> scratch_;  // one cluster
   std::unique_ptr<BitmapMarks> bitmaps_;  // loaded at the first change
   const bool v2_;                 // a version 2 image: no dirty bit, no autoclear bits, no zero flag

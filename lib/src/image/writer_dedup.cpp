@@ -2,6 +2,7 @@
 // is an ordinary write-path change (an L2 entry now points at an identical
 // copy), so the crash safety is the write path's: frees wait for the flush
 // that puts the relinked L2 tables on disk.
+#include <algorithm>
 #include <optional>
 #include <unordered_map>
 
@@ -54,7 +55,11 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
     });
   }
   DedupCounts counts;
-  counts.stored = stored_clusters();
+  // The clusters left out of the index are left as they are: any duplicate
+  // that stays is among them, so they are what the header counts now.
+  counts.unindexed = index_.refused();
+  counts.stored = stored_clusters() + counts.unindexed;
+  prior_misses_ = counts.unindexed - std::min(counts.unindexed, stats_.unindexed_clusters);
   if (moves.empty() && compressed_moves.empty()) return counts;
   Status st = Guarded([&] {
     QD_RETURN_IF_ERROR(BeginChange());

@@ -182,6 +182,7 @@ Result<DedupStats> ComputeDedupStats(const std::string& path, size_t top_count, 
   QD_RETURN_IF_ERROR(CollectGuestOffsets(s, st.guest_clusters, st.top, picked));
   QD_RETURN_IF_ERROR(MeasureMetadata(s, st.metadata));
   QD_ASSIGN_OR_RETURN(st.reclaimable_clusters, CountReclaimable(s, refs, progress));
+  st.memory_misses = h.dedup ? h.dedup->memory_misses : 0;
   return st;
 }
 

@@ -3,6 +3,8 @@
 // copy), so the crash safety is the write path's: frees wait for the flush
 // that puts the relinked L2 tables on disk.
 #include <algorithm>
+#include <cstring>
+#include <tuple>
 #include <optional>
 #include <unordered_map>
 
@@ -28,16 +30,39 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
     Digest digest;
   };
   std::unordered_map<uint64_t, Move> moves;
-  const DedupIndex& index = index_.memory();  // all of it: rebuilt above
-  index.ForEach([&](const uint8_t* key, uint64_t c) {
-    Digest d{};
-    std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
-    if (unmap_zeros && std::memcmp(key, zero.data(), DedupIndex::kKeyBytes) == 0) {
-      moves.emplace(c, Move{std::nullopt, d});
-    } else if (auto keep = index.FindLowest(d); keep && *keep != c) {
-      moves.emplace(c, Move{keep, d});
+  // Which host clusters have a move: most guest entries have none, and are
+  // passed over on a bit rather than a hash lookup.
+  std::vector<bool> moving(s_.file_size / s_.cs() + 1);
+  auto is_moving = [&](uint64_t c) { return c < moving.size() ? bool(moving[c]) : moves.count(c) > 0; };
+  {
+    // Every copy, sorted so that copies of one data lie together, lowest
+    // first: one sort instead of a chain walk through the index per copy.
+    struct Copy {
+      uint64_t key[3];  // the index's 20-byte key, zero padded
+      uint64_t cluster;
+    };
+    std::vector<Copy> copies;
+    copies.reserve(index_.memory().size());
+    index_.memory().ForEach([&](const uint8_t* key, uint64_t c) {
+      Copy copy{{0, 0, 0}, c};
+      std::memcpy(copy.key, key, DedupIndex::kKeyBytes);
+      copies.push_back(copy);
+    });
+    std::sort(copies.begin(), copies.end(), [](const Copy& a, const Copy& b) {
+      return std::tie(a.key[0], a.key[1], a.key[2], a.cluster) < std::tie(b.key[0], b.key[1], b.key[2], b.cluster);
+    });
+    auto same = [](const Copy& a, const Copy& b) { return std::memcmp(a.key, b.key, sizeof a.key) == 0; };
+    for (size_t i = 0, first = 0; i < copies.size(); ++i) {
+      if (!same(copies[i], copies[first])) first = i;
+      Move m{std::nullopt, Digest{}};
+      std::memcpy(m.digest.data(), copies[i].key, DedupIndex::kKeyBytes);
+      const bool zeros = unmap_zeros && std::memcmp(copies[i].key, zero.data(), DedupIndex::kKeyBytes) == 0;
+      if (!zeros && i == first) continue;  // the copy kept
+      if (!zeros) m.keep = copies[first].cluster;
+      moves.emplace(copies[i].cluster, m);
+      if (copies[i].cluster < moving.size()) moving[copies[i].cluster] = true;
     }
-  });
+  }
   // Compressed copies (qemu-img convert -c compresses every cluster apart):
   // each goes to the lowest compressed copy of the same data, zeros nowhere.
   std::unordered_map<uint64_t, std::optional<uint64_t>> compressed_moves;
@@ -76,7 +101,7 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
           QD_ASSIGN_OR_RETURN(table, s_.map->cache().Get(L1Offset(s_.map->l1()[i])));
         }
         const uint64_t raw = LoadBe64(table->data() + (g - i * per) * entry_bytes);
-        if (!IsCompressed(raw) && ((raw & kFlagZero) || L2Offset(raw) == 0 || !moves.count(L2Offset(raw) / cs)))
+        if (!IsCompressed(raw) && ((raw & kFlagZero) || L2Offset(raw) == 0 || !is_moving(L2Offset(raw) / cs)))
           continue;
         table = nullptr;
         QD_ASSIGN_OR_RETURN(uint64_t old, s_.map->GetEntry(g));

@@ -33,14 +33,15 @@ void Prefetch(File& file, uint64_t cs, std::span<const uint64_t> clusters) {
 
 Status HashClusters(File& file, uint64_t cs, std::span<const uint64_t> clusters, const ProgressFn& progress,
                     const std::function<void(uint64_t, const Digest&)>& done, Caching caching) {
-  // Batches of 64 MiB: a batch ends with a wait for its slowest piece, so
-  // it must be long beside one piece's time.
-  const size_t batch = std::max<size_t>(64, (64u << 20) / cs);
-  const size_t per_piece = std::max<size_t>(1, (1u << 20) / cs);
+  // A batch ends with a wait for its slowest piece, so it must be long
+  // beside one piece's time. Direct reads go to the disk as they are asked:
+  // larger ones, and four threads a core (most of them waiting on the disk
+  // at any time), keep it streaming and both cores hashing. Cached reads
+  // have the kernel's readahead for that.
   const bool uncached = caching == Caching::kBypass;
-  // A direct read leaves its core idle while the disk works: twice as many
-  // threads as cores keep both busy.
-  const unsigned threads = HashThreads() * (uncached ? 2 : 1);
+  const size_t batch = std::max<size_t>(64, ((uncached ? 256u : 64u) << 20) / cs);
+  const size_t per_piece = std::max<size_t>(1, ((uncached ? 2u : 1u) << 20) / cs);
+  const unsigned threads = HashThreads() * (uncached ? 4 : 1);
   // One piece each, aligned for direct reads.
   const size_t buf_bytes = per_piece * cs;
   std::vector<std::unique_ptr<uint8_t[], decltype(&std::free)>> bufs;

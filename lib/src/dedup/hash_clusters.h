@@ -1,6 +1,6 @@
-// Reading and hashing many host clusters: batches of about 64 MiB, each
-// read in runs of adjacent clusters (up to 1 MiB a read) and hashed on every
-// core, handed on in the order asked for.
+// Reading and hashing many host clusters: batches of 64 MiB (256 MiB
+// uncached), each read in runs of adjacent clusters (up to 1 MiB a read,
+// 2 MiB uncached) and hashed on every core, handed on in the order asked for.
 #pragma once
 
 #include <cstdint>

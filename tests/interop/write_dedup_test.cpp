@@ -21,6 +21,7 @@
 #include "support/process.h"
 #include "support/qcow2_layout.h"
 #include "support/qemu_tools.h"
+#include "support/image_helpers.h"
 #include "support/temp_dir.h"
 
 using namespace qcow2dedup;
@@ -31,12 +32,6 @@ namespace {
 constexpr uint64_t kCs = 65536;
 constexpr uint64_t kDedupInSyncBit = 1ull << 48;
 
-std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<uint8_t> v(n);
-  for (auto& b : v) b = uint8_t(rng());
-  return v;
-}
 
 std::string AsString(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
 
@@ -51,14 +46,6 @@ std::unique_ptr<Image> CreateImage(const std::string& path, uint64_t vsize, uint
   return std::move(img).value();
 }
 
-std::unique_ptr<Image> OpenWritable(const std::string& path, bool verify = false) {
-  OpenOptions o;
-  o.writable = true;
-  o.verify = verify;
-  auto img = Image::Open(path, std::move(o));
-  REQUIRE_MESSAGE(img.ok(), img.status().message());
-  return std::move(img).value();
-}
 
 void MustWrite(Image& img, uint64_t off, const std::vector<uint8_t>& data) {
   Status s = img.Write(off, data);

@@ -15,6 +15,7 @@
 #include "dedup/sha256.h"
 #include "qcow2dedup/image.h"
 #include "support/check_helpers.h"
+#include "support/image_helpers.h"
 #include "support/process.h"
 #include "support/qemu_tools.h"
 #include "support/temp_dir.h"
@@ -32,21 +33,7 @@ struct OneByteDigests {
   ~OneByteDigests() { SetDigestBytesForTesting(32); }
 };
 
-std::vector<uint8_t> Clusters(uint64_t seed) {
-  std::vector<uint8_t> v(kDistinct * kCs);
-  std::mt19937_64 rng(seed);
-  for (auto& b : v) b = uint8_t(rng());
-  return v;
-}
-
-std::unique_ptr<Image> Open(const std::string& path, bool verify) {
-  OpenOptions o;
-  o.writable = true;
-  o.verify = verify;
-  auto img = Image::Open(path, std::move(o));
-  REQUIRE_MESSAGE(img.ok(), img.status().message());
-  return std::move(img).value();
-}
+std::vector<uint8_t> Clusters(uint64_t seed) { return RandomBytes(kDistinct * kCs, seed); }
 
 std::vector<uint8_t> ReadAll(const std::string& path) {
   auto img = Image::Open(path, OpenOptions{});
@@ -74,7 +61,7 @@ TEST_CASE("with verify, colliding fingerprints never link different data; true d
   const std::vector<uint8_t> data = Clusters(7);
   std::vector<uint8_t> want(co.virtual_size);
   {
-    auto img = Open(path, true);
+    auto img = OpenWritable(path, true);
     REQUIRE(img->Write(0, data).ok());
     REQUIRE(img->Write(kDistinct * kCs, data).ok());
     CHECK(img->write_stats().new_clusters == kDistinct);
@@ -83,7 +70,7 @@ TEST_CASE("with verify, colliding fingerprints never link different data; true d
   }
   {
     // Reopened: the stored index is searched where it lies, entries checked against the data.
-    auto img = Open(path, true);
+    auto img = OpenWritable(path, true);
     REQUIRE(img->Write(2 * kDistinct * kCs, data).ok());
     CHECK(img->write_stats().new_clusters == 0);
     CHECK(img->write_stats().dedup_hits == kDistinct);
@@ -105,7 +92,7 @@ TEST_CASE("without verify the fingerprint is trusted: forced collisions do link 
   REQUIRE(Image::Create(path, co).ok());
   const std::vector<uint8_t> data = Clusters(7);
   {
-    auto img = Open(path, false);
+    auto img = OpenWritable(path, false);
     REQUIRE(img->Write(0, data).ok());
     CHECK(img->write_stats().new_clusters <= 256);
     REQUIRE(img->Close().ok());

@@ -15,6 +15,7 @@
 #include "image/writer.h"
 #include "qcow2dedup/dedup.h"
 #include "support/check_helpers.h"
+#include "support/image_helpers.h"
 #include "support/memory_file.h"
 #include "support/numbered_digest.h"
 #include "support/process.h"
@@ -37,12 +38,6 @@ uint64_t EntriesUnder(uint64_t cap) {
   return n;
 }
 
-std::vector<uint8_t> Cluster(uint64_t seed, size_t n) {
-  std::vector<uint8_t> v(n);
-  std::mt19937_64 rng(seed);
-  for (auto& b : v) b = uint8_t(rng());
-  return v;
-}
 
 }  // namespace
 
@@ -133,7 +128,7 @@ TEST_CASE("writes under index_memory: the cap holds, data reads back, the misses
     REQUIRE_MESSAGE(img.ok(), img.status().message());
     const Writer& w = *StateOf(**img).writer;
     for (uint64_t i = 0; i < distinct; ++i) {
-      const std::vector<uint8_t> c = Cluster(i, kCs);
+      const std::vector<uint8_t> c = RandomBytes(kCs, i);
       std::vector<uint8_t> two(c);
       two.insert(two.end(), c.begin(), c.end());
       REQUIRE((*img)->Write(2 * i * kCs, two).ok());
@@ -185,7 +180,7 @@ TEST_CASE("dedup under index_memory: only what the index holds is linked; what i
   {
     std::string bytes;
     for (uint64_t i = 0; i < distinct; ++i) {
-      const std::vector<uint8_t> c = Cluster(i, kCs);
+      const std::vector<uint8_t> c = RandomBytes(kCs, i);
       bytes.append(c.begin(), c.end());
       bytes.append(c.begin(), c.end());
     }

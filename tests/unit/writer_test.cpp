@@ -16,6 +16,7 @@
 
 #include "image/image_state.h"
 #include "support/check_helpers.h"
+#include "support/image_helpers.h"
 #include "support/process.h"
 #include "support/qemu_tools.h"
 #include "support/temp_dir.h"
@@ -35,12 +36,7 @@ OpenOptions Tiny() {
   return o;
 }
 
-std::vector<uint8_t> Pattern(uint64_t seed, size_t n) {
-  std::vector<uint8_t> v(n);
-  std::mt19937_64 rng(seed);
-  for (auto& b : v) b = uint8_t(rng());
-  return v;
-}
+std::vector<uint8_t> Pattern(uint64_t seed, size_t n) { return RandomBytes(n, seed); }
 
 // The guest view kept beside the image, to compare with what it reads.
 struct Model {

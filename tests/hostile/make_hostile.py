@@ -549,15 +549,16 @@ def dedup_cases(c):
     ext_off, ext_len = ext
     assert ext_len >= 56 and im.autoclear & AUTOCLEAR_DEDUP
     _ver, _alg, idx_off, idx_n, idx_buckets = struct.unpack_from(">IIQQQ", im.data, ext_off)
-    assert _ver == 2 and idx_off and idx_n == 5 and idx_buckets == 1, (_ver, idx_off, idx_n, idx_buckets)
+    assert _ver == 3 and idx_off and idx_n == 5 and idx_buckets == 1, (_ver, idx_off, idx_n, idx_buckets)
     # The table is one bucket: {be16 count, u8 overflowed, 5 zero, 8-byte
-    # check}, then entries {20-byte key, be32 host cluster}.
+    # check}, then entries {be40 fingerprint (the digest's first 5 bytes),
+    # be32 host cluster}.
     count = struct.unpack_from(">H", im.data, idx_off)[0]
     assert count == 5
-    entries = [(bytes(im.data[idx_off + 16 + 24 * i: idx_off + 36 + 24 * i]),
-                struct.unpack_from(">I", im.data, idx_off + 36 + 24 * i)[0]) for i in range(count)]
+    entries = [(bytes(im.data[idx_off + 16 + 9 * i: idx_off + 21 + 9 * i]),
+                struct.unpack_from(">I", im.data, idx_off + 21 + 9 * i)[0]) for i in range(count)]
     host_of = {k: im.host(layout.index(k)) for k in "ABCDE"}
-    key = {k: sha256(blocks[k])[:20] for k in "ABCDE"}
+    key = {k: sha256(blocks[k])[:5] for k in "ABCDE"}
     for k_, _c in entries:
         assert k_ in key.values()
 
@@ -580,7 +581,7 @@ def dedup_cases(c):
         patches = []
         if body is not None or es is not entries or idx_at is not None:
             patches.append((at, body if body is not None else bucket(es)))
-        fields = ext_fields or (2, 1, at, len(es) if n is None else n, buckets)
+        fields = ext_fields or (3, 1, at, len(es) if n is None else n, buckets)
         patches.append((ext_off, struct.pack(">IIQQQ", *fields)))
         patches += list(extra_patches)
         c.add(name, base, what, patches, group="index", write=wr, append=append)
@@ -589,24 +590,26 @@ def dedup_cases(c):
         return [(k_, cluster if k_ == key[k] else c_) for k_, c_ in entries]
 
     lying("idx_offset_beyond_eof.qcow2", "index offset 1 GiB past the end of the file", idx_at=1 << 30, body=b"")
-    lying("idx_offset_huge.qcow2", "index offset 0xfffffffffffff000", ext_fields=(2, 1, 0xFFFFFFFFFFFFF000, 5, 1))
-    lying("idx_offset_misaligned.qcow2", "index offset not cluster aligned", ext_fields=(2, 1, idx_off + 8, 5, 1))
-    lying("idx_offset_zero_entries.qcow2", "index offset 0 with 5 entries", ext_fields=(2, 1, 0, 5, 1))
+    lying("idx_offset_huge.qcow2", "index offset 0xfffffffffffff000", ext_fields=(3, 1, 0xFFFFFFFFFFFFF000, 5, 1))
+    lying("idx_offset_misaligned.qcow2", "index offset not cluster aligned", ext_fields=(3, 1, idx_off + 8, 5, 1))
+    lying("idx_offset_zero_entries.qcow2", "index offset 0 with 5 entries", ext_fields=(3, 1, 0, 5, 1))
     lying("idx_entries_huge.qcow2", "index_entries 2^60", n=1 << 60)
     lying("idx_buckets_overflow.qcow2", "index_buckets 2^52 (times 4096 wraps to 0)", buckets=1 << 52)
     lying("idx_buckets_not_power.qcow2", "index_buckets 3", buckets=3)
     lying("idx_buckets_zero.qcow2", "index_buckets 0 with a table", buckets=0)
     lying("idx_entries_max.qcow2", "index_entries 0xffffffffffffffff", n=0xFFFFFFFFFFFFFFFF)
     lying("idx_entries_more_than_stored.qcow2", "index_entries one more than the table holds", n=idx_n + 1)
-    lying("idx_entries_past_bucket.qcow2", "a bucket count of 171 entries",
-          body=struct.pack(">H", 171) + bucket(entries)[2:])
+    lying("idx_entries_past_bucket.qcow2", "a bucket count of 454 entries",
+          body=struct.pack(">H", 454) + bucket(entries)[2:])
     bad_check = bytearray(bucket(entries))
     bad_check[9] ^= 0x5A
     lying("idx_check_wrong.qcow2", "the bucket's check does not match", body=bytes(bad_check))
-    lying("idx_hash_algorithm_unknown.qcow2", "hash algorithm 7", ext_fields=(2, 7, idx_off, idx_n, 1))
+    lying("idx_hash_algorithm_unknown.qcow2", "hash algorithm 7", ext_fields=(3, 7, idx_off, idx_n, 1))
     lying("idx_version_unknown.qcow2", "extension version 99", ext_fields=(99, 1, idx_off, idx_n, 1))
     lying("idx_version_first.qcow2", "extension version 1 (a sorted array, no longer read)",
           ext_fields=(1, 1, idx_off, idx_n, 1))
+    lying("idx_version_second.qcow2", "extension version 2 (160-bit keys, no longer read)",
+          ext_fields=(2, 1, idx_off, idx_n, 1))
     lying("idx_points_at_l2.qcow2", "A's entry points at the L2 table (check recomputed)",
           es=remap("A", im.l2_tables[0] // CS))
     lying("idx_points_at_l1.qcow2", "A's entry points at the L1 table (check recomputed)", es=remap("A", im.l1_offset // CS))
@@ -634,7 +637,7 @@ def dedup_cases(c):
     lying("idx_stale_data.qcow2", "A's cluster holds other bytes than the index says",
           extra_patches=[(host_of["A"], bytes(rng.getrandbits(8) for _ in range(CS)))])
     # The index placed over the L2 table.
-    lying("idx_offset_at_l2.qcow2", "index offset is the L2 table", ext_fields=(2, 1, im.l2_tables[0], 5, 1))
+    lying("idx_offset_at_l2.qcow2", "index offset is the L2 table", ext_fields=(3, 1, im.l2_tables[0], 5, 1))
     lying("idx_all_point_at_c.qcow2", "every entry points at C's cluster (check recomputed)",
           es=[(k_, host_of["C"] // CS) for k_, _c in entries])
     # Our extension too short to hold its fields (the extensions after it

@@ -28,10 +28,12 @@ constexpr uint64_t kCs = 4096;
 constexpr uint64_t kCap = 120 * 1024;
 const std::string kCapOption = "index_memory=120K";
 
+// What the index holds under the cap: its memory's bound for that many
+// entries fits, whatever their fingerprints.
 uint64_t EntriesUnder(uint64_t cap) {
-  qcow2dedup::DedupIndex idx;
-  uint64_t n = 0;
-  while (idx.MemoryBytesAfterInsert() <= cap) idx.Insert(NumberedDigest(n), n), ++n;
+  const uint64_t n = qcow2dedup::DedupIndex::EntriesWithin(cap);
+  REQUIRE(qcow2dedup::DedupIndex::BoundBytes(n) <= cap);
+  REQUIRE(qcow2dedup::DedupIndex::BoundBytes(n + 1) > cap);
   return n;
 }
 

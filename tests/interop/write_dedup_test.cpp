@@ -691,11 +691,9 @@ namespace {
 // claims `data`, with the header still vouching for the lie.
 void LieInIndex(const std::string& path, uint64_t cluster, const std::vector<uint8_t>& data) {
   testing::RewriteStoredIndex(path, [&](DedupIndex& index) {
-    std::optional<Digest> truth;
-    index.ForEach([&](const uint8_t* key, uint64_t c) {
-      if (c != cluster) return;
-      truth.emplace();
-      std::memcpy(truth->data(), key, DedupIndex::kKeyBytes);
+    std::optional<Fingerprint> truth;
+    index.ForEach([&](Fingerprint key, uint64_t c) {
+      if (c == cluster) truth = key;
     });
     REQUIRE(truth);
     REQUIRE(index.Remove(*truth, cluster));

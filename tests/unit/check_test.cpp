@@ -490,10 +490,8 @@ TEST_CASE("an index entry left for a freed cluster is stale") {
 static void KeepIndexEntries(const std::string& img, const std::function<bool(uint64_t offset)>& keep) {
   testing::RewriteStoredIndex(img, [&](DedupIndex& index) {
     DedupIndex kept;
-    index.ForEach([&](const uint8_t* key, uint64_t c) {
-      Digest d{};
-      std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
-      if (keep(c * kCs)) kept.Insert(d, c);
+    index.ForEach([&](Fingerprint key, uint64_t c) {
+      if (keep(c * kCs)) kept.Insert(key, c);
     });
     REQUIRE(kept.size() < index.size());
     index = std::move(kept);

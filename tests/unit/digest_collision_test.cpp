@@ -1,18 +1,23 @@
-// Forced fingerprint collisions (SetDigestBytesForTesting keeps one byte of
-// every digest): with verify (write --verify, -o verify=on) the write path
-// compares bytes before it shares a cluster, so data that collides is
-// stored apart and reads back right, while true duplicates are still
-// linked, in the session that stored them and after a reopen. Without
-// verify the fingerprint is trusted (SHA-256's first 160 bits, where a
-// collision is not expected to happen): the second half shows that the
-// hook does force collisions, which then link different data.
+// Forced collisions. First of fingerprints (SetFingerprintBitsForTesting
+// keeps 8 bits of the index's 40): the index names candidates only, and
+// the write path shares a cluster only once the full SHA-256 digests are
+// equal, so colliding data is stored apart and reads back right, while true
+// duplicates still link: in the session that stored them, after a reopen
+// (the stored table), and in an in-place dedup. Then of whole digests
+// (SetDigestBytesForTesting keeps one byte): with verify (write --verify,
+// -o verify=on) the bytes are compared too, so even that links nothing
+// wrong; without verify equal SHA-256 digests are trusted, and the last
+// case shows that the hook does force collisions, which then link.
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <fstream>
 #include <random>
 #include <string>
 
+#include "dedup/index.h"
 #include "dedup/sha256.h"
+#include "qcow2dedup/dedup.h"
 #include "qcow2dedup/image.h"
 #include "support/check_helpers.h"
 #include "support/image_helpers.h"
@@ -27,6 +32,11 @@ namespace {
 
 constexpr uint64_t kCs = 4096;
 constexpr uint64_t kDistinct = 600;  // over 256 one-byte fingerprints: many collide
+
+struct EightBitFingerprints {
+  EightBitFingerprints() { SetFingerprintBitsForTesting(8); }
+  ~EightBitFingerprints() { SetFingerprintBitsForTesting(kFingerprintBits); }
+};
 
 struct OneByteDigests {
   OneByteDigests() { SetDigestBytesForTesting(1); }
@@ -45,7 +55,55 @@ std::vector<uint8_t> ReadAll(const std::string& path) {
 
 }  // namespace
 
-TEST_CASE("with verify, colliding fingerprints never link different data; true duplicates still link") {
+TEST_CASE("colliding fingerprints never link different data; true duplicates still link") {
+  EightBitFingerprints collide;
+  {
+    const std::vector<uint8_t> a = Clusters(1);
+    CHECK(FingerprintOf(Sha256(std::span(a.data(), kCs))) % 0x100000000ull == 0);  // the hook is on
+  }
+  TempDir dir;
+  const std::string path = dir / "f.qcow2";
+  CreateOptions co;
+  co.virtual_size = 4 * kDistinct * kCs;
+  co.cluster_size = kCs;
+  REQUIRE(Image::Create(path, co).ok());
+  const std::vector<uint8_t> data = Clusters(7);
+  std::vector<uint8_t> want(co.virtual_size);
+  {
+    auto img = OpenWritable(path, false);
+    REQUIRE(img->Write(0, data).ok());
+    REQUIRE(img->Write(kDistinct * kCs, data).ok());
+    CHECK(img->write_stats().new_clusters == kDistinct);
+    CHECK(img->write_stats().dedup_hits == kDistinct);
+    REQUIRE(img->Close().ok());
+  }
+  {
+    // Reopened: the stored table names candidates, each hashed before it is shared.
+    auto img = OpenWritable(path, false);
+    REQUIRE(img->Write(2 * kDistinct * kCs, data).ok());
+    CHECK(img->write_stats().new_clusters == 0);
+    CHECK(img->write_stats().dedup_hits == kDistinct);
+    REQUIRE(img->Close().ok());
+  }
+  for (int i = 0; i < 3; ++i) std::copy(data.begin(), data.end(), want.begin() + long(i * kDistinct * kCs));
+  CHECK(ReadAll(path) == want);
+  REQUIRE_MESSAGE(HaveCommand("qemu-img"), "qemu-img is missing: install qemu-utils");
+  CheckQemuClean(path);
+  // In place, over an image QEMU wrote: only true copies are relinked.
+  const std::string raw = dir / "twice.raw", qemu = dir / "q.qcow2";
+  {
+    std::ofstream out(raw, std::ios::binary);
+    for (int i = 0; i < 2; ++i) out.write(reinterpret_cast<const char*>(data.data()), long(data.size()));
+  }
+  REQUIRE(Run("qemu-img convert -f raw -O qcow2 -o cluster_size=4096 " + Sh(raw) + " " + Sh(qemu)).exit_code == 0);
+  auto done = DeduplicateImage(qemu, DedupOptions{});
+  REQUIRE_MESSAGE(done.ok(), done.status().message());
+  CHECK(done->stored_after == kDistinct);
+  CheckQemuClean(qemu);
+  CheckQemuIdentical(qemu, raw);
+}
+
+TEST_CASE("with verify, colliding digests never link different data; true duplicates still link") {
   OneByteDigests collide;
   {
     const std::vector<uint8_t> a = Clusters(1);
@@ -82,7 +140,7 @@ TEST_CASE("with verify, colliding fingerprints never link different data; true d
   CheckQemuClean(path);
 }
 
-TEST_CASE("without verify the fingerprint is trusted: forced collisions do link different data") {
+TEST_CASE("without verify equal digests are trusted: forced digest collisions do link different data") {
   OneByteDigests collide;
   TempDir dir;
   const std::string path = dir / "t.qcow2";

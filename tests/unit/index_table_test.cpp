@@ -21,9 +21,9 @@ constexpr uint64_t kCs = 65536;
 
 Digest D(uint64_t n) { return testing::NumberedDigest(n); }
 
-std::multimap<std::vector<uint8_t>, uint64_t> Contents(const DedupIndex& idx) {
-  std::multimap<std::vector<uint8_t>, uint64_t> out;
-  idx.ForEach([&](const uint8_t* key, uint64_t c) { out.emplace(std::vector<uint8_t>(key, key + 20), c); });
+std::multimap<Fingerprint, uint64_t> Contents(const DedupIndex& idx) {
+  std::multimap<Fingerprint, uint64_t> out;
+  idx.ForEach([&](Fingerprint key, uint64_t c) { out.emplace(key, c); });
   return out;
 }
 
@@ -65,7 +65,7 @@ TEST_CASE("a bucket encodes and decodes; its check catches a flipped byte") {
   b.overflowed = true;
   for (uint64_t i = 0; i < kIndexBucketEntries; ++i) {
     IndexEntry e;
-    std::memcpy(e.key, D(i).data(), 20);
+    e.fingerprint = FingerprintOf(D(i));
     e.cluster = uint32_t(i * 3 + 1);
     b.entries.push_back(e);
   }
@@ -75,8 +75,8 @@ TEST_CASE("a bucket encodes and decodes; its check catches a flipped byte") {
   REQUIRE(back.ok);
   CHECK(back.overflowed);
   REQUIRE(back.entries.size() == kIndexBucketEntries);
-  CHECK(back.entries[169].cluster == 169 * 3 + 1);
-  CHECK(std::memcmp(back.entries[5].key, D(5).data(), 20) == 0);
+  CHECK(back.entries[kIndexBucketEntries - 1].cluster == (kIndexBucketEntries - 1) * 3 + 1);
+  CHECK(back.entries[5].fingerprint == FingerprintOf(D(5)));
   for (size_t at : {size_t(0), size_t(2), size_t(9), size_t(100), size_t(4095)}) {
     CAPTURE(at);
     std::vector<uint8_t> bad = raw;
@@ -108,11 +108,11 @@ TEST_CASE("a written table reads back whole, and every key is found where it lie
   IndexTable t = s.Table();
   for (uint64_t i = 0; i < n; i += std::max<uint64_t>(1, n / 500)) {
     std::vector<uint64_t> found;
-    REQUIRE(t.ForKey(D(i).data(), [&](uint64_t c) { found.push_back(c); return true; }).ok());
+    REQUIRE(t.ForKey(FingerprintOf(D(i)), [&](uint64_t c) { found.push_back(c); return true; }).ok());
     CHECK(found == std::vector<uint64_t>{2 + i});
   }
   std::vector<uint64_t> none;
-  REQUIRE(t.ForKey(D(n + 7).data(), [&](uint64_t c) { none.push_back(c); return true; }).ok());
+  REQUIRE(t.ForKey(FingerprintOf(D(n + 7)), [&](uint64_t c) { none.push_back(c); return true; }).ok());
   CHECK(none.empty());
 }
 
@@ -121,7 +121,7 @@ TEST_CASE("keys crowding one bucket overflow into the next ones and are still fo
   DedupIndex idx;
   std::vector<Digest> keys;
   for (uint64_t i = 0; keys.size() < 300; ++i)
-    if (HomeBucket(D(i).data(), 4) == 2) keys.push_back(D(i));
+    if (HomeBucket(FingerprintOf(D(i)), 4) == 2) keys.push_back(D(i));
   for (size_t i = 0; i < 200; ++i) idx.Insert(keys[i], 10 + i);
   testing::MemoryFile file{std::vector<uint8_t>()};
   auto ext = WriteIndexTable(file, idx, kCs);
@@ -130,13 +130,13 @@ TEST_CASE("keys crowding one bucket overflow into the next ones and are still fo
   IndexTable t(&file, *ext);
   for (size_t i = 0; i < 200; ++i) {
     uint64_t found = 0;
-    REQUIRE(t.ForKey(keys[i].data(), [&](uint64_t c) { found = c; return false; }).ok());
+    REQUIRE(t.ForKey(FingerprintOf(keys[i]), [&](uint64_t c) { found = c; return false; }).ok());
     CHECK(found == 10 + i);
   }
   // In place: 100 more at the same home go on past the overflow.
   std::vector<IndexTable::Pair> added;
-  for (size_t i = 200; i < 300; ++i) added.push_back({keys[i], 10 + i});
-  std::vector<IndexTable::Pair> removed{{keys[0], 10}};
+  for (size_t i = 200; i < 300; ++i) added.push_back({FingerprintOf(keys[i]), 10 + i});
+  std::vector<IndexTable::Pair> removed{{FingerprintOf(keys[0]), 10}};
   Status st = t.Apply(removed, added, AnyPlace);
   if (ext->index_buckets * kIndexMaxLoad < 299) {
     CHECK(st.kind() == ErrorKind::kUnsupported);  // too full: the writer moves it
@@ -147,11 +147,11 @@ TEST_CASE("keys crowding one bucket overflow into the next ones and are still fo
   CHECK(again.entries() == 299);
   for (size_t i = 1; i < 300; ++i) {
     uint64_t found = 0;
-    REQUIRE(again.ForKey(keys[i].data(), [&](uint64_t c) { found = c; return false; }).ok());
+    REQUIRE(again.ForKey(FingerprintOf(keys[i]), [&](uint64_t c) { found = c; return false; }).ok());
     CHECK(found == 10 + i);
   }
   uint64_t gone = 0;
-  REQUIRE(again.ForKey(keys[0].data(), [&](uint64_t c) { gone = c; return false; }).ok());
+  REQUIRE(again.ForKey(FingerprintOf(keys[0]), [&](uint64_t c) { gone = c; return false; }).ok());
   CHECK(gone == 0);
 }
 
@@ -165,8 +165,8 @@ TEST_CASE("Apply writes only the buckets it changes, each after may_write allows
     vetted.insert(offset);
     return Status::Ok();
   };
-  std::vector<IndexTable::Pair> added{{D(100000), 9000}, {D(100001), 9001}};
-  std::vector<IndexTable::Pair> removed{{D(17), 19}};
+  std::vector<IndexTable::Pair> added{{FingerprintOf(D(100000)), 9000}, {FingerprintOf(D(100001)), 9001}};
+  std::vector<IndexTable::Pair> removed{{FingerprintOf(D(17)), 19}};
   REQUIRE(t.Apply(removed, added, vet).ok());
   CHECK(t.entries() == 5001);
   const std::vector<uint8_t>& after = s.file.bytes();
@@ -181,7 +181,7 @@ TEST_CASE("Apply writes only the buckets it changes, each after may_write allows
   SUBCASE("a refused place writes nothing") {
     const std::vector<uint8_t> now = s.file.bytes();
     IndexTable t2(&s.file, DedupExtension{kHashSha256, s.h.dedup->index_offset, 5001, s.h.dedup->index_buckets});
-    Status st = t2.Apply({}, {{D(200000), 77}},
+    Status st = t2.Apply({}, {{FingerprintOf(D(200000)), 77}},
                          [](uint64_t, uint64_t) { return Status::Corruption("in use"); });
     CHECK(st.kind() == ErrorKind::kCorruption);
     CHECK(s.file.bytes() == now);
@@ -190,14 +190,14 @@ TEST_CASE("Apply writes only the buckets it changes, each after may_write allows
 
 TEST_CASE("a damaged bucket is noted and found empty; reading the whole table refuses it") {
   Stored s(2000);
-  const uint64_t bucket = HomeBucket(D(5).data(), s.h.dedup->index_buckets);
+  const uint64_t bucket = HomeBucket(FingerprintOf(D(5)), s.h.dedup->index_buckets);
   std::vector<uint8_t> b(1);
   REQUIRE(s.file.ReadAt(s.h.dedup->index_offset + bucket * kIndexBucketBytes + 40, b).ok());
   b[0] ^= 1;
   REQUIRE(s.file.WriteAt(s.h.dedup->index_offset + bucket * kIndexBucketBytes + 40, b).ok());
   IndexTable t = s.Table();
   bool found = false;
-  REQUIRE(t.ForKey(D(5).data(), [&](uint64_t) { return found = true, false; }).ok());
+  REQUIRE(t.ForKey(FingerprintOf(D(5)), [&](uint64_t) { return found = true, false; }).ok());
   CHECK_FALSE(found);
   CHECK(t.damaged());
   ExpectRefused(s);

@@ -46,7 +46,7 @@ struct Session {
     return *r;
   }
   // What the stored index holds after Store, read whole.
-  std::map<std::vector<uint8_t>, uint64_t> StoredContents(const DedupExtension& e) {
+  std::map<Fingerprint, uint64_t> StoredContents(const DedupExtension& e) {
     Header h;
     h.cluster_bits = 16;
     h.dedup = e;
@@ -55,16 +55,13 @@ struct Session {
     auto r = ReadIndexTable(file, h, *file.Size(), back);
     REQUIRE(r.ok());
     REQUIRE(*r);
-    std::map<std::vector<uint8_t>, uint64_t> out;
-    back.ForEach([&](const uint8_t* k, uint64_t c) { out.emplace(std::vector<uint8_t>(k, k + 20), c); });
+    std::map<Fingerprint, uint64_t> out;
+    back.ForEach([&](Fingerprint k, uint64_t c) { out.emplace(k, c); });
     return out;
   }
 };
 
-std::vector<uint8_t> K(uint64_t i) {
-  const Digest d = D(i);
-  return std::vector<uint8_t>(d.begin(), d.begin() + 20);
-}
+Fingerprint K(uint64_t i) { return FingerprintOf(D(i)); }
 
 }  // namespace
 
@@ -140,7 +137,7 @@ TEST_CASE("an index found inexact, or a damaged table, is not stored") {
   Session s(500);
   SUBCASE("inexact") { s.index.NoteInexact(); }
   SUBCASE("damaged") {
-    const uint64_t b = HomeBucket(D(1).data(), s.ext.index_buckets);
+    const uint64_t b = HomeBucket(K(1), s.ext.index_buckets);
     std::vector<uint8_t> byte(1);
     REQUIRE(s.file.ReadAt(s.ext.index_offset + b * kIndexBucketBytes + 30, byte).ok());
     byte[0] ^= 4;

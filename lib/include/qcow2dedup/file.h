@@ -59,6 +59,8 @@ class File {
 
 // Opens a file of the operating system. "-" is not special here.
 Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, OpenMode mode);
+// An empty file in dir that no name reaches: it is gone when closed.
+Result<std::unique_ptr<File>> OpenScratchFile(const std::string& dir);
 
 }  // namespace qcow2dedup
 

@@ -48,7 +48,7 @@ uint64_t CountDuplicates(const std::vector<HashedCluster>& hashed, const HashedC
 
 struct StoredEntry {
   uint64_t cluster;
-  Key key;
+  Fingerprint key;
 };
 
 // The stored table's entries, if it is whole: the same placement tests the
@@ -57,7 +57,7 @@ Status ReadIndex(Context& ctx, const DedupExtension& ext, std::vector<StoredEntr
   QD_RETURN_IF_ERROR(CheckIndexPlacement(ext, ctx.cs(), ctx.file_size));
   IndexTable table(ctx.file, ext);
   // A failing read is the check's failure, not a verdict on the index.
-  QD_RETURN_IF_ERROR(table.ForEach([&](const uint8_t* key, uint64_t c) { entries.push_back({c, KeyOf(key)}); }));
+  QD_RETURN_IF_ERROR(table.ForEach([&](Fingerprint key, uint64_t c) { entries.push_back({c, key}); }));
   if (table.damaged()) return Status::Corruption("a bucket of it does not match its check");
   if (entries.size() != ext.index_entries)
     return Status::Corruption(fmt::format("it holds {} entries, not the {} the header says", entries.size(),
@@ -186,14 +186,14 @@ Status AuditIndex(Context& ctx, const std::vector<HashedCluster>& hashed, const 
   size_t at = 0;
   for (const StoredEntry& e : entries) {
     const uint64_t offset = e.cluster * cs;
-    const Key& key = e.key;
+    const Fingerprint key = e.key;
     const bool placed = e.cluster > 0 && (e.cluster < table_first || e.cluster >= table_end);
     while (at < hashed.size() && hashed[at].cluster < e.cluster) ++at;
     const HashedCluster* hc = placed && at < hashed.size() && hashed[at].cluster == e.cluster ? &hashed[at] : nullptr;
     if (!hc) {
       ++d.stale;
       IndexError(notes, fmt::format("dedup index entry for offset {:#x}: the cluster holds no guest data", offset));
-    } else if (hc->key != key) {
+    } else if (FingerprintOf(hc->key.data()) != key) {
       ++d.mismatched;
       IndexError(notes,
                  fmt::format("dedup index entry for cluster {}: the data there does not match the hash", offset / cs),
@@ -224,9 +224,7 @@ Status SaveRebuiltIndex(Context& ctx, const std::vector<HashedCluster>& hashed, 
   DedupIndex index;
   for (const HashedCluster& hc : hashed) {  // every copy, so freeing one leaves the others findable
     if (!hc.active) continue;                // as the writer's rebuild: the active view's data
-    Digest d{};
-    std::memcpy(d.data(), hc.key.data(), hc.key.size());
-    index.Insert(d, hc.cluster);
+    index.Insert(FingerprintOf(hc.key.data()), hc.cluster);
   }
   QD_ASSIGN_OR_RETURN(uint64_t end, stored.EndCluster());
   const uint64_t at = std::max<uint64_t>(end, 1) * cs;

@@ -18,7 +18,7 @@ namespace qcow2dedup::check {
 
 struct HashedCluster {
   uint64_t cluster;
-  std::array<uint8_t, 20> key;  // the index keeps the first 160 bits of SHA-256
+  std::array<uint8_t, 20> key;  // the first 160 bits of its SHA-256: duplicates are counted by them
   // In the active L2 tables; else only a snapshot's. The writer keeps an
   // entry for such a cluster (it was active when stored, and may be shared
   // again); it needs none.

@@ -1,95 +1,198 @@
 #include "dedup/index.h"
 
+#include <algorithm>
+#include <atomic>
+#include <new>
+
+#include "format/endian.h"
+
 namespace qcow2dedup {
 
-void DedupIndex::Insert(const Digest& d, uint64_t cluster) {
+namespace {
+std::atomic<uint32_t> fingerprint_bits{kFingerprintBits};  // SetFingerprintBitsForTesting
+
+uint64_t* Resize(uint64_t* at, uint32_t n) {
+  void* p = std::realloc(at, size_t(n) * sizeof(uint64_t));
+  if (!p && n) throw std::bad_alloc();
+  return static_cast<uint64_t*>(p);
+}
+}  // namespace
+
+Fingerprint FingerprintOf(const uint8_t* digest) {
+  const Fingerprint f = LoadBe64(digest) >> (64 - kFingerprintBits);
+  const uint32_t keep = fingerprint_bits.load(std::memory_order_relaxed);
+  return keep >= kFingerprintBits ? f : f & ~((Fingerprint(1) << (kFingerprintBits - keep)) - 1);
+}
+
+void SetFingerprintBitsForTesting(uint32_t n) {
+  fingerprint_bits.store(std::min(n, kFingerprintBits), std::memory_order_relaxed);
+}
+
+DedupIndex& DedupIndex::operator=(DedupIndex&& o) noexcept {
+  if (this == &o) return *this;
+  Clear();
+  shards_ = std::move(o.shards_);
+  shard_bits_ = o.shard_bits_;
+  live_ = o.live_;
+  bytes_ = o.bytes_;
+  o.shards_.clear();
+  o.shard_bits_ = kMinShardBits;
+  o.live_ = o.bytes_ = 0;
+  return *this;
+}
+
+uint32_t DedupIndex::LowerBound(const Shard& s, uint64_t e) {
+  return uint32_t(std::lower_bound(s.at, s.at + s.size, e) - s.at);
+}
+
+std::optional<uint64_t> DedupIndex::Find(Fingerprint f) const {
+  if (shards_.empty()) return std::nullopt;
+  const Shard& s = shards_[ShardOf(f)];
+  // Just past the last entry with this tag (no cluster number is all ones).
+  const uint32_t i = LowerBound(s, Entry(f, 0xffffffffu));
+  if (i == 0 || (s.at[i - 1] >> 32) != (f & kTagMask)) return std::nullopt;
+  return s.at[i - 1] & 0xffffffffu;
+}
+
+std::optional<uint64_t> DedupIndex::FindLowest(Fingerprint f) const {
+  if (shards_.empty()) return std::nullopt;
+  const Shard& s = shards_[ShardOf(f)];
+  const uint32_t i = LowerBound(s, Entry(f, 0));
+  if (i == s.size || (s.at[i] >> 32) != (f & kTagMask)) return std::nullopt;
+  return s.at[i] & 0xffffffffu;
+}
+
+std::vector<uint64_t> DedupIndex::FindAll(Fingerprint f) const {
+  std::vector<uint64_t> all;
+  if (shards_.empty()) return all;
+  const Shard& s = shards_[ShardOf(f)];
+  for (uint32_t i = LowerBound(s, Entry(f, 0)); i < s.size && (s.at[i] >> 32) == (f & kTagMask); ++i)
+    all.push_back(s.at[i] & 0xffffffffu);
+  std::reverse(all.begin(), all.end());
+  return all;
+}
+
+bool DedupIndex::Contains(Fingerprint f, uint64_t cluster) const {
+  if (shards_.empty() || cluster > kMaxCluster) return false;
+  const Shard& s = shards_[ShardOf(f)];
+  const uint32_t i = LowerBound(s, Entry(f, cluster));
+  return i < s.size && s.at[i] == Entry(f, cluster);
+}
+
+void DedupIndex::Insert(Fingerprint f, uint64_t cluster) {
   if (cluster > kMaxCluster) return;  // beyond what we index: only a lost dedup chance
-  if (!buckets_.empty()) {
-    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next) {
-      if (At(i).cluster == cluster && std::memcmp(At(i).key, d.data(), kKeyBytes) == 0) return;
-    }
+  if (shards_.empty()) {
+    shards_.resize(size_t(1) << shard_bits_);
+    bytes_ += shards_.capacity() * sizeof(Shard);
   }
-  // Two entries a bucket on average: chains stay short, buckets cost 2-4 bytes.
-  // The new entry goes first in its chain, so Find returns the newest copy.
-  if (live_ + 1 > 2 * buckets_.size()) Rehash(std::max<size_t>(1024, buckets_.size() * 2));
-  uint32_t slot;
-  if (free_head_ != kNil) {
-    slot = free_head_;
-    free_head_ = At(slot).next;
-  } else {
-    slot = used_++;
-    if ((slot >> kBlockShift) == blocks_.size()) {
-      // Grown here by a known rule, so that MemoryBytesAfterInsert is exact.
-      blocks_.reserve(BlockSlotsFor(blocks_.size() + 1, blocks_.capacity()));
-      blocks_.push_back(std::make_unique_for_overwrite<Entry[]>(kBlockEntries));
-    }
+  if (Contains(f, cluster)) return;
+  if (live_ + 1 > size_t(kSplitAt) * shards_.size()) Split();
+  Shard& s = shards_[ShardOf(f)];
+  const uint64_t e = Entry(f, cluster);
+  const uint32_t i = LowerBound(s, e);
+  if (s.size == s.capacity) {
+    const uint32_t grown = GrownCapacity(s.capacity);
+    s.at = Resize(s.at, grown);
+    bytes_ += size_t(grown - s.capacity) * sizeof(uint64_t);
+    s.capacity = grown;
   }
-  Entry& e = At(slot);
-  std::memcpy(e.key, d.data(), kKeyBytes);
-  e.cluster = uint32_t(cluster);
-  size_t b = Bucket(d);
-  e.next = buckets_[b];
-  buckets_[b] = slot;
+  std::memmove(s.at + i + 1, s.at + i, size_t(s.size - i) * sizeof(uint64_t));
+  s.at[i] = e;
+  ++s.size;
   ++live_;
 }
 
-bool DedupIndex::Remove(const Digest& d, uint64_t cluster) {
-  if (buckets_.empty()) return false;
-  uint32_t* link = &buckets_[Bucket(d)];
-  while (*link != kNil) {
-    Entry& e = At(*link);
-    if (e.cluster == cluster && std::memcmp(e.key, d.data(), kKeyBytes) == 0) {
-      uint32_t slot = *link;
-      *link = e.next;
-      e.cluster = kNil;
-      e.next = free_head_;
-      free_head_ = slot;
-      --live_;
-      return true;
-    }
-    link = &e.next;
-  }
-  return false;
+bool DedupIndex::Remove(Fingerprint f, uint64_t cluster) {
+  if (shards_.empty() || cluster > kMaxCluster) return false;
+  Shard& s = shards_[ShardOf(f)];
+  const uint64_t e = Entry(f, cluster);
+  const uint32_t i = LowerBound(s, e);
+  if (i == s.size || s.at[i] != e) return false;
+  std::memmove(s.at + i, s.at + i + 1, size_t(s.size - i - 1) * sizeof(uint64_t));
+  --s.size;
+  --live_;
+  if (live_ == 0) Clear();
+  else Shrink(s);
+  return true;
 }
 
 void DedupIndex::RemoveCluster(uint64_t cluster) {
-  for (uint32_t i = 0; i < used_; ++i) {
-    const Entry& e = At(i);
-    if (e.cluster != cluster) continue;
-    Digest d{};
-    std::memcpy(d.data(), e.key, kKeyBytes);
-    Remove(d, cluster);
+  for (Shard& s : shards_) {
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < s.size; ++i)
+      if ((s.at[i] & 0xffffffffu) != cluster) s.at[kept++] = s.at[i];
+    live_ -= s.size - kept;
+    s.size = kept;
+    Shrink(s);
   }
+  if (live_ == 0) Clear();
+}
+
+// Gives room back, so that what BoundBytes promises holds after any mix of
+// removals here and inserts elsewhere.
+void DedupIndex::Shrink(Shard& s) {
+  if (s.capacity <= s.size + 2 * Slack(s.size)) return;
+  const uint32_t keep = GrownCapacity(s.size);
+  s.at = Resize(s.at, keep);
+  bytes_ -= size_t(s.capacity - keep) * sizeof(uint64_t);
+  s.capacity = keep;
 }
 
 void DedupIndex::Clear() {
-  std::vector<std::unique_ptr<Entry[]>>().swap(blocks_);
-  used_ = 0;
-  std::vector<uint32_t>().swap(buckets_);
-  free_head_ = kNil;
-  live_ = 0;
+  for (Shard& s : shards_) std::free(s.at);
+  std::vector<Shard>().swap(shards_);
+  shard_bits_ = kMinShardBits;
+  live_ = bytes_ = 0;
 }
 
-size_t DedupIndex::MemoryBytesAfterInsert() const {
-  size_t blocks = blocks_.size(), slots = blocks_.capacity();
-  if (free_head_ == kNil && (used_ >> kBlockShift) == blocks) {
-    ++blocks;
-    slots = BlockSlotsFor(blocks, slots);
+// Twice the shards, each old one cut in two where the next fingerprint bit
+// changes (sorted by the bits below the shard's, its halves lie apart), and
+// freed before the next is cut: the index is never held twice.
+void DedupIndex::Split() {
+  std::vector<Shard> next(shards_.size() * 2);
+  const uint32_t bit = kFingerprintBits - shard_bits_ - 1;  // within the tag, as shard_bits_ >= 8
+  size_t bytes = next.capacity() * sizeof(Shard);
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    Shard& old = shards_[i];
+    uint32_t cut = 0;
+    while (cut < old.size && !((old.at[cut] >> 32 >> bit) & 1)) ++cut;
+    Shard& lo = next[2 * i];
+    Shard& hi = next[2 * i + 1];
+    lo.size = lo.capacity = cut;
+    hi.size = hi.capacity = old.size - cut;
+    lo.at = Resize(nullptr, lo.capacity);
+    hi.at = Resize(nullptr, hi.capacity);
+    std::memcpy(lo.at, old.at, size_t(lo.size) * sizeof(uint64_t));
+    std::memcpy(hi.at, old.at + cut, size_t(hi.size) * sizeof(uint64_t));
+    std::free(old.at);
+    old = Shard{};
+    bytes += size_t(lo.capacity + hi.capacity) * sizeof(uint64_t);
   }
-  return Bytes(blocks, slots, BucketsAfterInsert());
+  shards_.swap(next);
+  ++shard_bits_;
+  bytes_ = bytes;
 }
 
-void DedupIndex::Rehash(size_t n) {
-  std::vector<uint32_t>(n, kNil).swap(buckets_);  // exactly n: MemoryBytesAfterInsert counts on it
-  for (uint32_t i = 0; i < used_; ++i) {
-    Entry& e = At(i);
-    if (e.cluster == kNil) continue;
-    Digest d{};
-    std::memcpy(d.data(), e.key, kKeyBytes);
-    size_t b = Bucket(d);
-    e.next = buckets_[b];
-    buckets_[b] = i;
+uint64_t DedupIndex::ShardsFor(uint64_t n) {
+  uint64_t shards = uint64_t(1) << kMinShardBits;
+  while (n > kSplitAt * shards) shards *= 2;
+  return shards;
+}
+
+uint64_t DedupIndex::BoundBytes(uint64_t n) {
+  if (n == 0) return 0;  // an empty index frees everything
+  // A shard of s entries has room for at most s + 2 * Slack(s) <= 1.25 s + 8.
+  const uint64_t shards = ShardsFor(n);
+  return shards * sizeof(Shard) + sizeof(uint64_t) * (n + n / 4 + 8 * shards);
+}
+
+uint64_t DedupIndex::EntriesWithin(uint64_t bytes) {
+  uint64_t lo = 0, hi = bytes / sizeof(uint64_t) + 1;  // BoundBytes(hi) > bytes
+  while (hi - lo > 1) {
+    const uint64_t mid = lo + (hi - lo) / 2;
+    (BoundBytes(mid) <= bytes ? lo : hi) = mid;
   }
+  return lo;
 }
 
 }  // namespace qcow2dedup

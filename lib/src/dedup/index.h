@@ -1,17 +1,26 @@
-// The dedup index: which host clusters hold the data with a given hash.
-// One entry per stored cluster, so a digest may name several copies (a
-// copy stored again past the share limit, or written by QEMU): freeing one
-// copy must leave the others findable.
-// Kept compact because it grows with the stored data: a key of the first
-// 160 bits of the SHA-256, a 32-bit host cluster number and a chain link,
-// 28 bytes an entry plus 2 to 4 bytes of buckets. Entries live in fixed-size
-// blocks, so growing never holds an old and a new copy of them at once.
-// MemoryBytes is exact and an insert's growth known in advance, so that a
-// session can cap it (-o index_memory, session_index.h).
+// The dedup index in memory: which host clusters hold data with a given
+// fingerprint. One entry per stored cluster, so a fingerprint may name
+// several copies (a copy stored again past the share limit, or written by
+// QEMU): freeing one copy must leave the others findable.
+//
+// It grows with the stored data, so an entry is 8 bytes: the fingerprint
+// (the first 40 bits of the SHA-256, or more) less the bits that pick its
+// shard, and a 32-bit host cluster. A shard is a sorted array, so lookups
+// are a binary search, the entries come out in fingerprint order without a
+// sort, and a shard never holds more than a few thousand entries (they
+// split as the index grows), so an insert moves a few KiB at most. Growth
+// is in small steps per shard: no moment holds an old and a new copy of
+// the whole index. About 8.6 bytes an entry in all, never over 10.1.
+//
+// A fingerprint names candidates, not proof: two clusters are shared only
+// once their full digests (or bytes) are found equal (digest_log.h).
+// Its memory has a bound that depends on the number of entries alone, so
+// that a session can cap it (-o index_memory, session_index.h).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -21,121 +30,100 @@
 
 namespace qcow2dedup {
 
+// The first kFingerprintBits of a SHA-256 digest (or of its leading bytes).
+using Fingerprint = uint64_t;
+constexpr uint32_t kFingerprintBits = 40;
+Fingerprint FingerprintOf(const uint8_t* digest);
+inline Fingerprint FingerprintOf(const Digest& d) { return FingerprintOf(d.data()); }
+
+// Tests only: fingerprints keep their first n bits (the rest zero), so that
+// different data collide on fingerprint while their digests differ
+// (kFingerprintBits: the real fingerprint).
+void SetFingerprintBitsForTesting(uint32_t n);
+
 class DedupIndex {
  public:
-  static constexpr size_t kKeyBytes = 20;
   static constexpr uint64_t kMaxCluster = 0xfffffffeull;
 
-  // A host cluster holding data with this digest, if known: the copy
-  // inserted last, which is the one most likely to take more references.
-  std::optional<uint64_t> Find(const Digest& d) const {
-    if (buckets_.empty()) return std::nullopt;
-    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next)
-      if (std::memcmp(At(i).key, d.data(), kKeyBytes) == 0) return At(i).cluster;
-    return std::nullopt;
-  }
+  DedupIndex() = default;
+  DedupIndex(DedupIndex&& o) noexcept { *this = std::move(o); }
+  DedupIndex& operator=(DedupIndex&& o) noexcept;
+  ~DedupIndex() { Clear(); }
 
-  // The lowest host cluster holding data with this digest, if known (the
-  // copy that in-place dedup keeps, so that freed space gathers at the end).
-  std::optional<uint64_t> FindLowest(const Digest& d) const {
-    std::optional<uint64_t> low;
-    if (buckets_.empty()) return low;
-    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next)
-      if (std::memcmp(At(i).key, d.data(), kKeyBytes) == 0 && (!low || At(i).cluster < *low)) low = At(i).cluster;
-    return low;
-  }
+  // A host cluster whose data has this fingerprint, if known: the highest
+  // (in a growing image, the newest: the one most likely to take more
+  // references).
+  std::optional<uint64_t> Find(Fingerprint f) const;
+  // The lowest one (the copy that in-place dedup keeps, so that freed space
+  // gathers at the end).
+  std::optional<uint64_t> FindLowest(Fingerprint f) const;
+  // Every one, highest first.
+  std::vector<uint64_t> FindAll(Fingerprint f) const;
+  bool Contains(Fingerprint f, uint64_t cluster) const;
 
-  // Every host cluster holding data with this digest, newest first.
-  std::vector<uint64_t> FindAll(const Digest& d) const {
-    std::vector<uint64_t> all;
-    if (buckets_.empty()) return all;
-    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next)
-      if (std::memcmp(At(i).key, d.data(), kKeyBytes) == 0) all.push_back(At(i).cluster);
-    return all;
-  }
-
-  bool Contains(const Digest& d, uint64_t cluster) const {
-    if (buckets_.empty()) return false;
-    for (uint32_t i = buckets_[Bucket(d)]; i != kNil; i = At(i).next)
-      if (At(i).cluster == cluster && std::memcmp(At(i).key, d.data(), kKeyBytes) == 0) return true;
-    return false;
-  }
-
-  // Adds the pair (digest, cluster); adding a pair already held does nothing.
-  void Insert(const Digest& d, uint64_t cluster);
-  // Forgets the pair (digest, cluster); true if it was held.
-  bool Remove(const Digest& d, uint64_t cluster);
+  // Adds the pair (fingerprint, cluster); adding a pair already held does nothing.
+  void Insert(Fingerprint f, uint64_t cluster);
+  // Forgets the pair; true if it was held.
+  bool Remove(Fingerprint f, uint64_t cluster);
   // Forgets every entry that maps to cluster (a slow scan, for the rare case
-  // where the cluster's data no longer matches its key).
+  // where the cluster's data no longer matches its entry).
   void RemoveCluster(uint64_t cluster);
   void Clear();
 
-  size_t size() const { return live_; }
-  // Heap bytes the index holds (for the memory benchmark, and the cap of
-  // -o index_memory).
-  size_t MemoryBytes() const {
-    return Bytes(blocks_.size(), blocks_.capacity(), buckets_.capacity());
-  }
-  // What MemoryBytes would be after Insert adds a pair it does not hold
-  // yet: Insert sizes every container itself, so this is exact.
-  size_t MemoryBytesAfterInsert() const;
+  // The same, by digest.
+  std::optional<uint64_t> Find(const Digest& d) const { return Find(FingerprintOf(d)); }
+  std::optional<uint64_t> FindLowest(const Digest& d) const { return FindLowest(FingerprintOf(d)); }
+  std::vector<uint64_t> FindAll(const Digest& d) const { return FindAll(FingerprintOf(d)); }
+  bool Contains(const Digest& d, uint64_t cluster) const { return Contains(FingerprintOf(d), cluster); }
+  void Insert(const Digest& d, uint64_t cluster) { Insert(FingerprintOf(d), cluster); }
+  bool Remove(const Digest& d, uint64_t cluster) { return Remove(FingerprintOf(d), cluster); }
 
-  // Visits (key prefix, cluster) for every entry.
+  size_t size() const { return live_; }
+  // Heap bytes the index holds (for the memory benchmark).
+  size_t MemoryBytes() const { return bytes_; }
+  // What MemoryBytes can be at most while the index holds n entries,
+  // whatever their fingerprints and whatever was removed before (each
+  // shard's slack is kept small both ways): what -o index_memory caps, so
+  // that the cap holds for any data in any order.
+  static uint64_t BoundBytes(uint64_t n);
+  // The most entries whose bound fits in bytes.
+  static uint64_t EntriesWithin(uint64_t bytes);
+
+  // Visits (fingerprint, cluster) for every entry, in ascending order of
+  // fingerprint, then cluster.
   template <class F>
   void ForEach(F f) const {
-    for (uint32_t i = 0; i < used_; ++i)
-      if (At(i).cluster != kNil) f(At(i).key, uint64_t(At(i).cluster));
-  }
-  // The same, in ascending order of order(key prefix, cluster): a stable
-  // order for the bytes on disk. Costs 4 bytes an entry while it runs.
-  template <class O, class F>
-  void ForEachSortedBy(O order, F f) const {
-    std::vector<uint32_t> slots;
-    slots.reserve(live_);
-    for (uint32_t i = 0; i < used_; ++i)
-      if (At(i).cluster != kNil) slots.push_back(i);
-    std::sort(slots.begin(), slots.end(), [&](uint32_t a, uint32_t b) {
-      const uint64_t x = order(At(a).key, uint64_t(At(a).cluster)), y = order(At(b).key, uint64_t(At(b).cluster));
-      return x != y ? x < y : a < b;
-    });
-    for (uint32_t i : slots) f(At(i).key, uint64_t(At(i).cluster));
+    for (size_t s = 0; s < shards_.size(); ++s) {
+      const Shard& sh = shards_[s];
+      const uint64_t high = (uint64_t(s) << (kFingerprintBits - shard_bits_)) & ~kTagMask;
+      for (uint32_t i = 0; i < sh.size; ++i) f(high | (sh.at[i] >> 32), sh.at[i] & 0xffffffffu);
+    }
   }
 
  private:
-  static constexpr uint32_t kNil = 0xffffffffu;
-  struct Entry {
-    uint8_t key[kKeyBytes];
-    uint32_t cluster;
-    uint32_t next;
+  // An entry: the fingerprint's low 32 bits above the cluster, so that
+  // sorting entries sorts by fingerprint (the shard holds the bits above).
+  static constexpr uint64_t kTagMask = 0xffffffffull;
+  static constexpr uint32_t kMinShardBits = 8;   // the fingerprint's bits above the tag
+  static constexpr uint32_t kSplitAt = 2048;     // mean entries a shard before all split
+  struct Shard {
+    uint64_t* at = nullptr;
+    uint32_t size = 0, capacity = 0;
   };
-  static_assert(sizeof(Entry) == 28);
-  static constexpr uint32_t kBlockShift = 12;  // 4096 entries, 112 KiB a block
-  static constexpr uint32_t kBlockEntries = 1u << kBlockShift;
-  Entry& At(uint32_t i) { return blocks_[i >> kBlockShift][i & (kBlockEntries - 1)]; }
-  const Entry& At(uint32_t i) const { return blocks_[i >> kBlockShift][i & (kBlockEntries - 1)]; }
-  size_t Bucket(const Digest& d) const {
-    uint64_t h;
-    std::memcpy(&h, d.data(), 8);
-    return h & (buckets_.size() - 1);
-  }
-  void Rehash(size_t buckets);
-  static size_t Bytes(size_t blocks, size_t block_slots, size_t buckets) {
-    return blocks * kBlockEntries * sizeof(Entry) + block_slots * sizeof(void*) + buckets * sizeof(uint32_t);
-  }
-  // The capacity of blocks_ once it holds n blocks (grown by Insert alone).
-  static size_t BlockSlotsFor(size_t n, size_t now) { return n <= now ? now : std::max<size_t>(4, now * 2); }
-  // Buckets after the next insert (Rehash sizes the vector exactly).
-  size_t BucketsAfterInsert() const {
-    return live_ + 1 > 2 * buckets_.size() ? std::max<size_t>(1024, buckets_.size() * 2) : buckets_.capacity();
-  }
+  static uint64_t Entry(Fingerprint f, uint64_t cluster) { return (f & kTagMask) << 32 | cluster; }
+  size_t ShardOf(Fingerprint f) const { return size_t(f >> (kFingerprintBits - shard_bits_)); }
+  // The first entry of shard s at or after e.
+  static uint32_t LowerBound(const Shard& s, uint64_t e);
+  static uint32_t Slack(uint32_t size) { return std::max<uint32_t>(4, size / 8); }
+  static uint32_t GrownCapacity(uint32_t capacity) { return capacity + Slack(capacity); }
+  static uint64_t ShardsFor(uint64_t n);
+  void Split();
+  void Shrink(Shard& s);
 
-  std::vector<std::unique_ptr<Entry[]>> blocks_;
-  uint32_t used_ = 0;  // slots handed out so far
-  std::vector<uint32_t> buckets_;
-  // Freed slots, linked through their next fields: a removal never takes
-  // memory, so a capped index stays under its cap whatever is removed.
-  uint32_t free_head_ = kNil;
+  std::vector<Shard> shards_;
+  uint32_t shard_bits_ = kMinShardBits;
   size_t live_ = 0;
+  size_t bytes_ = 0;  // shards_'s array and every shard's
 };
 
 }  // namespace qcow2dedup

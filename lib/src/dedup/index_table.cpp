@@ -16,7 +16,7 @@ namespace {
 
 #pragma pack(push, 1)
 struct RawIndexEntry {
-  uint8_t key[DedupIndex::kKeyBytes];
+  uint8_t fingerprint[5];  // big-endian
   be32 cluster;
 };
 struct RawIndexBucket {
@@ -25,6 +25,7 @@ struct RawIndexBucket {
   uint8_t zero[5];
   uint8_t check[8];
   RawIndexEntry entries[kIndexBucketEntries];
+  uint8_t unused[4096 - 16 - kIndexBucketEntries * kIndexEntryBytes];
 };
 #pragma pack(pop)
 static_assert(sizeof(RawIndexEntry) == kIndexEntryBytes && sizeof(RawIndexBucket) == kIndexBucketBytes);
@@ -41,7 +42,15 @@ uint64_t BucketCheck(const RawIndexBucket& bucket) {
   return LoadBe64(d.data());
 }
 
-bool SameKey(const IndexEntry& e, const Digest& d) { return std::memcmp(e.key, d.data(), DedupIndex::kKeyBytes) == 0; }
+void StoreFingerprint(uint8_t* out, Fingerprint f) {
+  for (int i = 4; i >= 0; --i, f >>= 8) out[i] = uint8_t(f);
+}
+Fingerprint LoadFingerprint(const uint8_t* in) {
+  Fingerprint f = 0;
+  for (int i = 0; i < 5; ++i) f = f << 8 | in[i];
+  return f;
+}
+static_assert(kFingerprintBits == 40);
 
 }  // namespace
 
@@ -49,7 +58,11 @@ uint64_t IndexBucketsFor(uint64_t entries) {
   return std::bit_ceil(std::max<uint64_t>(1, (entries + kIndexBuildLoad - 1) / kIndexBuildLoad));
 }
 
-uint64_t HomeBucket(const uint8_t* key, uint64_t buckets) { return LoadBe64(key + 8) & (buckets - 1); }
+uint64_t HomeBucket(Fingerprint f, uint64_t buckets) {
+  // buckets is a power of two: its top bits, so that fingerprint order is bucket order.
+  const int bits = std::countr_zero(buckets);
+  return bits <= int(kFingerprintBits) ? f >> (kFingerprintBits - bits) : f << (bits - kFingerprintBits);
+}
 
 void EncodeIndexBucket(const IndexBucket& b, uint8_t* out) {
   RawIndexBucket raw;
@@ -58,7 +71,7 @@ void EncodeIndexBucket(const IndexBucket& b, uint8_t* out) {
     raw.count = uint16_t(b.entries.size());
     raw.overflowed = b.overflowed;
     for (size_t i = 0; i < b.entries.size(); ++i) {
-      std::memcpy(raw.entries[i].key, b.entries[i].key, DedupIndex::kKeyBytes);
+      StoreFingerprint(raw.entries[i].fingerprint, b.entries[i].fingerprint);
       raw.entries[i].cluster = b.entries[i].cluster;
     }
     StoreBe64(raw.check, BucketCheck(raw));
@@ -78,7 +91,7 @@ IndexBucket DecodeIndexBucket(const uint8_t* in) {
   b.overflowed = raw.overflowed;
   b.entries.resize(raw.count);
   for (size_t i = 0; i < b.entries.size(); ++i) {
-    std::memcpy(b.entries[i].key, raw.entries[i].key, DedupIndex::kKeyBytes);
+    b.entries[i].fingerprint = LoadFingerprint(raw.entries[i].fingerprint);
     b.entries[i].cluster = raw.entries[i].cluster;
     // Never written: cluster 0 is the header, and the last number is none.
     if (b.entries[i].cluster == 0 || b.entries[i].cluster > DedupIndex::kMaxCluster) return IndexBucket{false, false, {}};
@@ -118,13 +131,13 @@ Result<const IndexBucket*> IndexTable::Bucket(uint64_t b) {
   return &read_.emplace(b, std::move(decoded)).first->second;
 }
 
-Status IndexTable::ForKey(const uint8_t* key, const std::function<bool(uint64_t)>& f) {
+Status IndexTable::ForKey(Fingerprint key, const std::function<bool(uint64_t)>& f) {
   if (buckets_ == 0) return Status::Ok();
   uint64_t b = HomeBucket(key, buckets_);
   for (uint64_t probes = 0; probes < buckets_; ++probes, b = (b + 1) & (buckets_ - 1)) {
     QD_ASSIGN_OR_RETURN(const IndexBucket* bucket, Bucket(b));
     for (const IndexEntry& e : bucket->entries)
-      if (std::memcmp(e.key, key, DedupIndex::kKeyBytes) == 0 && !f(e.cluster)) return Status::Ok();
+      if (e.fingerprint == key && !f(e.cluster)) return Status::Ok();
     if (!bucket->overflowed) break;
   }
   return Status::Ok();
@@ -143,11 +156,11 @@ Status IndexTable::Apply(const std::vector<Pair>& removed, const std::vector<Pai
   };
   uint64_t entries = entries_;
   for (const Pair& p : removed) {
-    uint64_t b = HomeBucket(p.digest.data(), buckets_);
+    uint64_t b = HomeBucket(p.fingerprint, buckets_);
     for (uint64_t probes = 0; probes < buckets_; ++probes, b = (b + 1) & (buckets_ - 1)) {
       QD_ASSIGN_OR_RETURN(IndexBucket * bucket, get(b));
       auto it = std::find_if(bucket->entries.begin(), bucket->entries.end(),
-                             [&](const IndexEntry& e) { return e.cluster == p.cluster && SameKey(e, p.digest); });
+                             [&](const IndexEntry& e) { return e.cluster == p.cluster && e.fingerprint == p.fingerprint; });
       if (it != bucket->entries.end()) {
         *it = bucket->entries.back();
         bucket->entries.pop_back();
@@ -159,14 +172,12 @@ Status IndexTable::Apply(const std::vector<Pair>& removed, const std::vector<Pai
   }
   for (const Pair& p : added) {
     if (p.cluster > DedupIndex::kMaxCluster) continue;
-    uint64_t b = HomeBucket(p.digest.data(), buckets_);
+    uint64_t b = HomeBucket(p.fingerprint, buckets_);
     for (uint64_t probes = 0;; ++probes, b = (b + 1) & (buckets_ - 1)) {
       if (probes == buckets_) return Status::Unsupported("the index table is full");
       QD_ASSIGN_OR_RETURN(IndexBucket * bucket, get(b));
       if (bucket->entries.size() < kIndexBucketEntries) {
-        IndexEntry e;
-        std::memcpy(e.key, p.digest.data(), DedupIndex::kKeyBytes);
-        e.cluster = uint32_t(p.cluster);
+        IndexEntry e{p.fingerprint, uint32_t(p.cluster)};
         bucket->entries.push_back(e);
         ++entries;
         break;
@@ -185,7 +196,7 @@ Status IndexTable::Apply(const std::vector<Pair>& removed, const std::vector<Pai
   return Status::Ok();
 }
 
-Status IndexTable::ForEach(const std::function<void(const uint8_t*, uint64_t)>& f) {
+Status IndexTable::ForEach(const std::function<void(Fingerprint, uint64_t)>& f) {
   std::vector<uint8_t> piece;
   for (uint64_t b = 0; b < buckets_; b += kPieceBuckets) {
     const uint64_t n = std::min(kPieceBuckets, buckets_ - b);
@@ -194,7 +205,7 @@ Status IndexTable::ForEach(const std::function<void(const uint8_t*, uint64_t)>& 
     for (uint64_t i = 0; i < n; ++i) {
       IndexBucket bucket = DecodeIndexBucket(&piece[i * kIndexBucketBytes]);
       if (!bucket.ok) damaged_ = true;
-      for (const IndexEntry& e : bucket.entries) f(e.key, e.cluster);
+      for (const IndexEntry& e : bucket.entries) f(e.fingerprint, e.cluster);
     }
   }
   return Status::Ok();
@@ -203,8 +214,9 @@ Status IndexTable::ForEach(const std::function<void(const uint8_t*, uint64_t)>& 
 namespace {
 
 // Writes index as a table of buckets at offset, in one pass over the
-// entries sorted by home bucket; false if the last bucket would overflow
-// (its entries would wrap around to the first ones).
+// entries (in fingerprint order, so in home bucket order); false if the
+// last bucket would overflow (its entries would wrap around to the first
+// ones).
 Result<bool> WriteBuckets(File& file, const DedupIndex& index, uint64_t offset, uint64_t buckets) {
   std::vector<IndexEntry> pending;  // home reached, no room yet: overflow forward
   std::vector<uint8_t> raw;
@@ -225,14 +237,10 @@ Result<bool> WriteBuckets(File& file, const DedupIndex& index, uint64_t offset, 
       }
     }
   };
-  index.ForEachSortedBy([&](const uint8_t* key, uint64_t) { return HomeBucket(key, buckets); },
-                        [&](const uint8_t* key, uint64_t cluster) {
-                          emit(HomeBucket(key, buckets));
-                          IndexEntry e;
-                          std::memcpy(e.key, key, DedupIndex::kKeyBytes);
-                          e.cluster = uint32_t(cluster);
-                          pending.push_back(e);
-                        });
+  index.ForEach([&](Fingerprint key, uint64_t cluster) {
+    emit(HomeBucket(key, buckets));
+    pending.push_back({key, uint32_t(cluster)});
+  });
   emit(buckets);
   QD_RETURN_IF_ERROR(st);
   return pending.empty();
@@ -246,7 +254,7 @@ uint64_t IndexTableBuckets(const DedupIndex& index) {
   // wrap around to the first ones); where it would, twice the buckets.
   for (uint64_t buckets = IndexBucketsFor(index.size());; buckets *= 2) {
     std::vector<uint32_t> homes(buckets);
-    index.ForEach([&](const uint8_t* key, uint64_t) { ++homes[HomeBucket(key, buckets)]; });
+    index.ForEach([&](Fingerprint key, uint64_t) { ++homes[HomeBucket(key, buckets)]; });
     uint64_t carry = 0;
     for (uint32_t n : homes) carry = carry + n > kIndexBucketEntries ? carry + n - kIndexBucketEntries : 0;
     if (carry == 0) return buckets;
@@ -269,10 +277,8 @@ Result<bool> ReadIndexTable(File& file, const Header& h, uint64_t file_size, Ded
   if (!h.dedup_in_sync() || !CheckIndexPlacement(*h.dedup, h.cluster_size(), file_size).ok()) return false;
   IndexTable table(&file, *h.dedup);
   uint64_t seen = 0;
-  QD_RETURN_IF_ERROR(table.ForEach([&](const uint8_t* key, uint64_t cluster) {
-    Digest d{};
-    std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
-    index.Insert(d, cluster);
+  QD_RETURN_IF_ERROR(table.ForEach([&](Fingerprint key, uint64_t cluster) {
+    index.Insert(key, cluster);
     ++seen;
   }));
   if (table.damaged() || seen != h.dedup->index_entries) {

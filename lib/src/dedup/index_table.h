@@ -4,16 +4,18 @@
 // a small write into a large image costs what it costs in a small one.
 //
 // A bucket is {be16 count, u8 overflowed, 5 zero bytes, 8-byte check, then
-// 170 entries of {20-byte key (the first 160 bits of the SHA-256), be32 host
-// cluster}}. Key k lives in bucket HomeBucket(k) or, when that one is full,
-// in the next ones (overflowed set on each full bucket passed, and never
-// cleared until the table is rebuilt). The check is the first 8 bytes of the
-// bucket's SHA-256 taken with the check zeroed; an all-zero bucket is an
-// empty one (never written, or a hole).
+// 453 entries of {be40 fingerprint (index.h), be32 host cluster}}. An entry
+// lives in the bucket its fingerprint's top bits name (HomeBucket) or, when
+// that one is full, in the next ones (overflowed set on each full bucket
+// passed, and never cleared until the table is rebuilt); so a table is
+// written in one pass over the index in memory, which is in fingerprint
+// order. The check is the first 8 bytes of the bucket's SHA-256 taken with
+// the check zeroed; an all-zero bucket is an empty one (never written, or a
+// hole).
 //
-// The index is advisory: the writer confirms every entry it did not write
-// itself against the data before linking to it, so a damaged table costs
-// dedup chances, never data.
+// The index is advisory and names candidates: the writer hashes a cluster
+// the table names before it links to it, so a damaged table, or another
+// cluster's fingerprint, costs dedup chances, never data.
 #pragma once
 
 #include <cstdint>
@@ -29,8 +31,8 @@
 namespace qcow2dedup {
 
 constexpr uint64_t kIndexBucketBytes = 4096;
-constexpr uint64_t kIndexBucketEntries = 170;
-constexpr uint64_t kIndexEntryBytes = 24;
+constexpr uint64_t kIndexBucketEntries = 453;
+constexpr uint64_t kIndexEntryBytes = 9;
 // Tables are built at most half full and rebuilt past this many entries a
 // bucket, so probe chains stay short.
 constexpr uint64_t kIndexBuildLoad = kIndexBucketEntries / 2;
@@ -47,7 +49,7 @@ inline uint64_t IndexTableBytes(uint64_t buckets) { return buckets * kIndexBucke
 Status CheckIndexPlacement(const DedupExtension& ext, uint64_t cluster_size, uint64_t file_size);
 
 struct IndexEntry {
-  uint8_t key[DedupIndex::kKeyBytes];
+  Fingerprint fingerprint;
   uint32_t cluster;
 };
 
@@ -60,7 +62,7 @@ struct IndexBucket {
 };
 void EncodeIndexBucket(const IndexBucket& b, uint8_t* out);
 IndexBucket DecodeIndexBucket(const uint8_t* in);
-uint64_t HomeBucket(const uint8_t* key, uint64_t buckets);
+uint64_t HomeBucket(Fingerprint f, uint64_t buckets);
 
 // The stored table, for lookups and for writing a session's changes back.
 class IndexTable {
@@ -73,22 +75,22 @@ class IndexTable {
   // Whether a bucket read so far failed its check.
   bool damaged() const { return damaged_; }
 
-  // Visits every host cluster stored under key's 160 bits, along its probe
+  // Visits every host cluster stored under this fingerprint, along its probe
   // chain; f returns false to stop.
-  Status ForKey(const uint8_t* key, const std::function<bool(uint64_t cluster)>& f);
+  Status ForKey(Fingerprint key, const std::function<bool(uint64_t cluster)>& f);
 
   // Writes these changes into the buckets in place: removals first, then
   // insertions. Fails, writing nothing, when the table would grow past
   // kIndexMaxLoad, or may_write refuses a changed bucket's place.
   struct Pair {
-    Digest digest;
+    Fingerprint fingerprint;
     uint64_t cluster;
   };
   using MayWrite = std::function<Status(uint64_t offset, uint64_t len)>;
   Status Apply(const std::vector<Pair>& removed, const std::vector<Pair>& added, const MayWrite& may_write);
 
   // Every entry, bucket by bucket (reading the whole table).
-  Status ForEach(const std::function<void(const uint8_t* key, uint64_t cluster)>& f);
+  Status ForEach(const std::function<void(Fingerprint key, uint64_t cluster)>& f);
 
  private:
   Result<const IndexBucket*> Bucket(uint64_t b);

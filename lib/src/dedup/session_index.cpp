@@ -13,11 +13,11 @@ void SessionIndex::Reset() {
   refused_ = 0;
 }
 
-Result<std::optional<uint64_t>> SessionIndex::Find(const Digest& d) {
+Result<std::optional<uint64_t>> SessionIndex::Find(Fingerprint d) {
   if (auto c = added_.Find(d)) return c;
   std::optional<uint64_t> found;
   if (table_) {
-    QD_RETURN_IF_ERROR(table_->ForKey(d.data(), [&](uint64_t c) {
+    QD_RETURN_IF_ERROR(table_->ForKey(d, [&](uint64_t c) {
       if (removed_.Contains(d, c)) return true;
       found = c;
       return false;
@@ -26,10 +26,10 @@ Result<std::optional<uint64_t>> SessionIndex::Find(const Digest& d) {
   return found;
 }
 
-Result<std::vector<uint64_t>> SessionIndex::FindAll(const Digest& d) {
+Result<std::vector<uint64_t>> SessionIndex::FindAll(Fingerprint d) {
   std::vector<uint64_t> all = added_.FindAll(d);
   if (table_) {
-    QD_RETURN_IF_ERROR(table_->ForKey(d.data(), [&](uint64_t c) {
+    QD_RETURN_IF_ERROR(table_->ForKey(d, [&](uint64_t c) {
       if (!removed_.Contains(d, c)) all.push_back(c);
       return true;
     }));
@@ -39,9 +39,9 @@ Result<std::vector<uint64_t>> SessionIndex::FindAll(const Digest& d) {
 
 namespace {
 
-Result<bool> InTable(IndexTable& table, const Digest& d, uint64_t cluster) {
+Result<bool> InTable(IndexTable& table, Fingerprint d, uint64_t cluster) {
   bool found = false;
-  QD_RETURN_IF_ERROR(table.ForKey(d.data(), [&](uint64_t c) {
+  QD_RETURN_IF_ERROR(table.ForKey(d, [&](uint64_t c) {
     found = c == cluster;
     return !found;
   }));
@@ -50,7 +50,7 @@ Result<bool> InTable(IndexTable& table, const Digest& d, uint64_t cluster) {
 
 }  // namespace
 
-Result<bool> SessionIndex::Insert(const Digest& d, uint64_t cluster) {
+Result<bool> SessionIndex::Insert(Fingerprint d, uint64_t cluster) {
   if (removed_.Remove(d, cluster)) return true;  // back as the table has it
   if (table_) {
     QD_ASSIGN_OR_RETURN(bool stored, InTable(*table_, d, cluster));
@@ -65,7 +65,7 @@ Result<bool> SessionIndex::Insert(const Digest& d, uint64_t cluster) {
   return true;
 }
 
-Result<bool> SessionIndex::Remove(const Digest& d, uint64_t cluster) {
+Result<bool> SessionIndex::Remove(Fingerprint d, uint64_t cluster) {
   if (added_.Remove(d, cluster)) return true;
   if (!table_ || removed_.Contains(d, cluster)) return false;
   QD_ASSIGN_OR_RETURN(bool stored, InTable(*table_, d, cluster));
@@ -86,12 +86,7 @@ Result<std::optional<DedupExtension>> SessionIndex::Store(
   if (table_) {
     std::vector<IndexTable::Pair> removed, added;
     auto collect = [](const DedupIndex& from, std::vector<IndexTable::Pair>& to) {
-      from.ForEach([&](const uint8_t* key, uint64_t c) {
-        IndexTable::Pair p{};
-        std::memcpy(p.digest.data(), key, DedupIndex::kKeyBytes);
-        p.cluster = c;
-        to.push_back(p);
-      });
+      from.ForEach([&](Fingerprint key, uint64_t c) { to.push_back({key, c}); });
     };
     collect(removed_, removed);
     collect(added_, added);
@@ -106,9 +101,7 @@ Result<std::optional<DedupExtension>> SessionIndex::Store(
     if (st.kind() == ErrorKind::kIOError || st.kind() == ErrorKind::kNoSpace) return st;
     // Too full, or its place is taken: everything moves to a fresh table.
     bool fits = true;
-    QD_RETURN_IF_ERROR(table_->ForEach([&](const uint8_t* key, uint64_t c) {
-      Digest d{};
-      std::memcpy(d.data(), key, DedupIndex::kKeyBytes);
+    QD_RETURN_IF_ERROR(table_->ForEach([&](Fingerprint d, uint64_t c) {
       if (removed_.Contains(d, c) || !fits) return;
       if (Fits(added_)) added_.Insert(d, c);
       else fits = false;

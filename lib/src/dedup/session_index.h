@@ -26,14 +26,20 @@ class SessionIndex {
 
   // A host cluster holding data with this digest, if known (the newest copy
   // this session added, else the first one the table names).
-  Result<std::optional<uint64_t>> Find(const Digest& d);
+  Result<std::optional<uint64_t>> Find(Fingerprint d);
   // Every copy known: this session's, newest first, then the table's.
-  Result<std::vector<uint64_t>> FindAll(const Digest& d);
+  Result<std::vector<uint64_t>> FindAll(Fingerprint d);
   // Holds the pair, unless the cap leaves no room for it: then false, and
   // refused() counts it.
-  Result<bool> Insert(const Digest& d, uint64_t cluster);
+  Result<bool> Insert(Fingerprint d, uint64_t cluster);
   // Forgets the pair; false if it was not held.
-  Result<bool> Remove(const Digest& d, uint64_t cluster);
+  Result<bool> Remove(Fingerprint d, uint64_t cluster);
+  // The same, by digest. Whichever they name are candidates: their data
+  // may have another digest with the same fingerprint.
+  Result<std::optional<uint64_t>> Find(const Digest& d) { return Find(FingerprintOf(d)); }
+  Result<std::vector<uint64_t>> FindAll(const Digest& d) { return FindAll(FingerprintOf(d)); }
+  Result<bool> Insert(const Digest& d, uint64_t cluster) { return Insert(FingerprintOf(d), cluster); }
+  Result<bool> Remove(const Digest& d, uint64_t cluster) { return Remove(FingerprintOf(d), cluster); }
   // The pair was not found where it should have been: whatever the table
   // says about that cluster may be wrong, so the index is no longer exact.
   void NoteInexact() { inexact_ = true; }
@@ -64,11 +70,13 @@ class SessionIndex {
   bool inexact_ = false;
   uint64_t cap_ = 0;
   uint64_t refused_ = 0;
-  // Whether one more pair fits under the cap in to (added_ or removed_).
+  // Whether one more pair fits under the cap in to (added_ or removed_):
+  // by the bound on their memory, which the entries' count alone sets, so
+  // that the cap holds whatever the data and its order.
   bool Fits(const DedupIndex& to) const {
     if (!cap_) return true;
     const DedupIndex& other = &to == &added_ ? removed_ : added_;
-    return to.MemoryBytesAfterInsert() + other.MemoryBytes() <= cap_;
+    return DedupIndex::BoundBytes(to.size() + 1) + DedupIndex::BoundBytes(other.size()) <= cap_;
   }
 };
 

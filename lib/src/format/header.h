@@ -94,7 +94,9 @@ static_assert(sizeof(RawHeader) == 112);
 static_assert(sizeof(RawDedupExtension) == 56);
 constexpr uint32_t kV2HeaderLength = 72;
 constexpr uint32_t kHashSha256 = 1;
-constexpr uint32_t kDedupExtensionVersion = 2;
+// 3: index entries hold 40-bit fingerprints (2 held 160-bit keys): a table
+// of another version is not read, and the writer rebuilds it from the data.
+constexpr uint32_t kDedupExtensionVersion = 3;
 
 struct DedupExtension {
   uint32_t hash_algorithm = kHashSha256;

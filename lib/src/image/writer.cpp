@@ -20,7 +20,8 @@ Writer::Writer(ImageState& s, uint64_t cache_tables)
       refcounts_(std::make_unique<Refcounts>(s.file.get(), &s.header, &s.meta, cache_tables)),
       data_(s.file.get()),
       v2_(s.header.version == 2),
-      packer_(s.cs()) {
+      packer_(s.cs()),
+      digests_(s.path.find('/') == std::string::npos ? "." : s.path.substr(0, s.path.rfind('/') + 1)) {
   refcounts_->set_hold_decrements(v2_);
   index_.set_memory_cap(s.index_memory);
   if (s.header.dedup) prior_misses_ = s.header.dedup->memory_misses;
@@ -94,7 +95,7 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
   if (left == 1) copied_fixups_.Insert(cluster);
   if (left != 0) return Status::Ok();
   ++stats_.freed_clusters;
-  checked_.erase(cluster);  // it may hold other data when it is handed out again
+  QD_RETURN_IF_ERROR(digests_.Forget(cluster));  // it may hold other data when it is handed out again
   packer_.Forget(cluster);  // once freed it may become anything
   if (!data) return Status::Ok();
   Digest digest;
@@ -133,24 +134,23 @@ Status Writer::ReleaseEntry(uint64_t entry, uint64_t bitmap) {
   return Release(L2Offset(entry) >> bits, data);
 }
 
-// Whether the index's claim that cluster c holds data with this digest can
-// be believed. What this session indexed it knows; what the stored table
-// says is checked against the data the first time it is used, and a wrong
-// entry leaves the index.
+// Whether cluster c, which the index names for digest's fingerprint, holds
+// data with this digest. The index names candidates: what this session
+// wrote or hashed the digest log knows, anything else (the stored table's
+// word) is read and hashed the first time. A stale entry leaves the index;
+// another digest with the same fingerprint stays, and is only no match.
 Result<bool> Writer::Believe(uint64_t c, const Digest& digest) {
-  if (!index_.table() || index_.memory().Contains(digest, c)) return true;
-  auto it = checked_.find(c);
-  if (it == checked_.end()) {
+  QD_ASSIGN_OR_RETURN(std::optional<Digest> known, digests_.Get(c));
+  if (!known) {
     QD_RETURN_IF_ERROR(ReadCluster(c));
-    const Digest actual = Sha256(scratch_);
-    it = checked_.emplace(c, DigestKey{}).first;
-    std::memcpy(it->second.data(), actual.data(), it->second.size());
+    known = Sha256(scratch_);
+    QD_RETURN_IF_ERROR(digests_.Put(c, *known));
   }
-  if (std::memcmp(it->second.data(), digest.data(), DedupIndex::kKeyBytes) == 0) return true;
-  QD_RETURN_IF_ERROR(index_.Remove(digest, c).status());
-  Digest actual{};
-  std::memcpy(actual.data(), it->second.data(), it->second.size());
-  QD_RETURN_IF_ERROR(index_.Insert(actual, c).status());  // what c does hold is known now
+  if (*known == digest) return true;
+  if (FingerprintOf(*known) != FingerprintOf(digest)) {
+    QD_RETURN_IF_ERROR(index_.Remove(digest, c).status());
+    QD_RETURN_IF_ERROR(index_.Insert(*known, c).status());  // what c does hold is known now
+  }
   return false;
 }
 
@@ -286,6 +286,7 @@ Status Writer::WriteOne(const ClusterWrite& in) {
       QD_ASSIGN_OR_RETURN(uint64_t host, refcounts_->Allocate());
       QD_RETURN_IF_ERROR(s_.meta.CheckDataWrite(host));
       QD_RETURN_IF_ERROR(data_.Write(host, w.data));
+      QD_RETURN_IF_ERROR(digests_.Put(host / cs, w.digest));
       s_.map->NoteFileEnd(host + cs);
       QD_ASSIGN_OR_RETURN(bool indexed, index_.Insert(w.digest, host / cs));
       entry = host | kFlagCopied;

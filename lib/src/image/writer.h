@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "dedup/compressed_index.h"
+#include "dedup/digest_log.h"
 #include "dedup/session_index.h"
 #include "image/compressed_packer.h"
 #include "image/cluster_set.h"
@@ -164,9 +165,9 @@ class Writer {
   ClusterSet copied_fixups_;      // host clusters whose refcount crossed 1
   bool fix_all_copied_ = false;   // recheck COPIED on every L2 entry at the next flush
   bool fix_l1_copied_ = false;    // an L2 table was copied: recheck the L1 entries' COPIED
-  // Stored-table clusters whose data this session hashed: what they hold.
-  using DigestKey = std::array<uint8_t, DedupIndex::kKeyBytes>;
-  std::unordered_map<uint64_t, DigestKey> checked_;
+  // The digests of clusters this session wrote or hashed: what an index
+  // match is confirmed against.
+  DigestLog digests_;
   bool index_hashed_ = false;     // the index was built from the data by this session
   std::pair<uint64_t, uint64_t> reserved_index_;  // the stored table found at the start: offset, bytes
   // Stores the index, in place or fresh (placed: clusters were allocated

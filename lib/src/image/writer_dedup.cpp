@@ -35,33 +35,48 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
   std::vector<bool> moving(s_.file_size / s_.cs() + 1);
   auto is_moving = [&](uint64_t c) { return c < moving.size() ? bool(moving[c]) : moves.count(c) > 0; };
   {
-    // Every copy, sorted so that copies of one data lie together, lowest
-    // first: one sort instead of a chain walk through the index per copy.
-    struct Copy {
-      uint64_t key[3];  // the index's 20-byte key, zero padded
-      uint64_t cluster;
+    // Copies of one data lie together in the index (fingerprint order, the
+    // lowest cluster first). Within a fingerprint the digest log tells data
+    // apart: another digest with the same fingerprint is no copy.
+    const Fingerprint zero_fp = FingerprintOf(zero);
+    std::vector<std::pair<Digest, uint64_t>> group;
+    auto settle = [&]() -> Status {
+      std::sort(group.begin(), group.end());
+      for (size_t i = 0, first = 0; i < group.size(); ++i) {
+        if (group[i].first != group[first].first) first = i;
+        const bool zeros = unmap_zeros && group[i].first == zero;
+        if (!zeros && i == first) continue;  // the copy kept
+        Move m{std::nullopt, group[i].first};
+        if (!zeros) m.keep = group[first].second;
+        moves.emplace(group[i].second, m);
+        if (group[i].second < moving.size()) moving[group[i].second] = true;
+      }
+      group.clear();
+      return Status::Ok();
     };
-    std::vector<Copy> copies;
-    copies.reserve(index_.memory().size());
-    index_.memory().ForEach([&](const uint8_t* key, uint64_t c) {
-      Copy copy{{0, 0, 0}, c};
-      std::memcpy(copy.key, key, DedupIndex::kKeyBytes);
-      copies.push_back(copy);
+    Status st;
+    std::optional<Fingerprint> last;
+    std::vector<uint64_t> alike;  // clusters of the fingerprint last
+    auto close_run = [&] {
+      // A fingerprint of one cluster moves only if it may be zeros.
+      if (alike.size() > 1 || (unmap_zeros && last == zero_fp)) {
+        for (uint64_t c : alike) {
+          auto d = digests_.Get(c);
+          if (!d.ok()) st = d.status();
+          else if (*d) group.emplace_back(**d, c);  // unknown: left as it is
+        }
+        if (st.ok()) st = settle();
+      }
+      alike.clear();
+    };
+    index_.memory().ForEach([&](Fingerprint f, uint64_t c) {
+      if (!st.ok()) return;
+      if (last != f) close_run();
+      last = f;
+      alike.push_back(c);
     });
-    std::sort(copies.begin(), copies.end(), [](const Copy& a, const Copy& b) {
-      return std::tie(a.key[0], a.key[1], a.key[2], a.cluster) < std::tie(b.key[0], b.key[1], b.key[2], b.cluster);
-    });
-    auto same = [](const Copy& a, const Copy& b) { return std::memcmp(a.key, b.key, sizeof a.key) == 0; };
-    for (size_t i = 0, first = 0; i < copies.size(); ++i) {
-      if (!same(copies[i], copies[first])) first = i;
-      Move m{std::nullopt, Digest{}};
-      std::memcpy(m.digest.data(), copies[i].key, DedupIndex::kKeyBytes);
-      const bool zeros = unmap_zeros && std::memcmp(copies[i].key, zero.data(), DedupIndex::kKeyBytes) == 0;
-      if (!zeros && i == first) continue;  // the copy kept
-      if (!zeros) m.keep = copies[first].cluster;
-      moves.emplace(copies[i].cluster, m);
-      if (copies[i].cluster < moving.size()) moving[copies[i].cluster] = true;
-    }
+    if (st.ok()) close_run();
+    QD_RETURN_IF_ERROR(st);
   }
   // Compressed copies (qemu-img convert -c compresses every cluster apart):
   // each goes to the lowest compressed copy of the same data, zeros nowhere.

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -208,6 +209,18 @@ Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, OpenMode mo
     return Status::InvalidArgument("is a directory");
   }
   return std::unique_ptr<File>(new PosixFile(fd, path));
+}
+
+Result<std::unique_ptr<File>> OpenScratchFile(const std::string& dir) {
+  // Unnamed where the kernel allows it, so that no exit leaves it behind.
+  int fd = ::open(dir.c_str(), O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    std::string name = dir + "/.qcow2dedup-scratch-XXXXXX";
+    fd = ::mkostemp(name.data(), O_CLOEXEC);
+    if (fd < 0) return ErrnoStatus("cannot make a scratch file in " + dir, errno);
+    ::unlink(name.c_str());
+  }
+  return std::unique_ptr<File>(new PosixFile(fd, dir + "/(scratch)"));
 }
 
 }  // namespace qcow2dedup

@@ -11,11 +11,6 @@ namespace qcow2dedup {
 namespace {
 std::atomic<uint32_t> fingerprint_bits{kFingerprintBits};  // SetFingerprintBitsForTesting
 
-uint64_t* Resize(uint64_t* at, uint32_t n) {
-  void* p = std::realloc(at, size_t(n) * sizeof(uint64_t));
-  if (!p && n) throw std::bad_alloc();
-  return static_cast<uint64_t*>(p);
-}
 }  // namespace
 
 Fingerprint FingerprintOf(const uint8_t* digest) {
@@ -32,17 +27,17 @@ DedupIndex& DedupIndex::operator=(DedupIndex&& o) noexcept {
   if (this == &o) return *this;
   Clear();
   shards_ = std::move(o.shards_);
+  region_.Swap(o.region_);
+  garbage_ = o.garbage_;
   shard_bits_ = o.shard_bits_;
   live_ = o.live_;
-  bytes_ = o.bytes_;
-  o.shards_.clear();
-  o.shard_bits_ = kMinShardBits;
-  o.live_ = o.bytes_ = 0;
+  o.Clear();
   return *this;
 }
 
-uint32_t DedupIndex::LowerBound(const Shard& s, uint64_t e) {
-  return uint32_t(std::lower_bound(s.at, s.at + s.size, e) - s.at);
+uint32_t DedupIndex::LowerBound(const Shard& s, uint64_t e) const {
+  const uint64_t* at = At(s);
+  return uint32_t(std::lower_bound(at, at + s.size, e) - at);
 }
 
 std::optional<uint64_t> DedupIndex::Find(Fingerprint f) const {
@@ -50,24 +45,25 @@ std::optional<uint64_t> DedupIndex::Find(Fingerprint f) const {
   const Shard& s = shards_[ShardOf(f)];
   // Just past the last entry with this tag (no cluster number is all ones).
   const uint32_t i = LowerBound(s, Entry(f, 0xffffffffu));
-  if (i == 0 || (s.at[i - 1] >> 32) != (f & kTagMask)) return std::nullopt;
-  return s.at[i - 1] & 0xffffffffu;
+  if (i == 0 || (At(s)[i - 1] >> 32) != (f & kTagMask)) return std::nullopt;
+  return At(s)[i - 1] & 0xffffffffu;
 }
 
 std::optional<uint64_t> DedupIndex::FindLowest(Fingerprint f) const {
   if (shards_.empty()) return std::nullopt;
   const Shard& s = shards_[ShardOf(f)];
   const uint32_t i = LowerBound(s, Entry(f, 0));
-  if (i == s.size || (s.at[i] >> 32) != (f & kTagMask)) return std::nullopt;
-  return s.at[i] & 0xffffffffu;
+  if (i == s.size || (At(s)[i] >> 32) != (f & kTagMask)) return std::nullopt;
+  return At(s)[i] & 0xffffffffu;
 }
 
 std::vector<uint64_t> DedupIndex::FindAll(Fingerprint f) const {
   std::vector<uint64_t> all;
   if (shards_.empty()) return all;
   const Shard& s = shards_[ShardOf(f)];
-  for (uint32_t i = LowerBound(s, Entry(f, 0)); i < s.size && (s.at[i] >> 32) == (f & kTagMask); ++i)
-    all.push_back(s.at[i] & 0xffffffffu);
+  const uint64_t* at = At(s);
+  for (uint32_t i = LowerBound(s, Entry(f, 0)); i < s.size && (at[i] >> 32) == (f & kTagMask); ++i)
+    all.push_back(at[i] & 0xffffffffu);
   std::reverse(all.begin(), all.end());
   return all;
 }
@@ -76,30 +72,64 @@ bool DedupIndex::Contains(Fingerprint f, uint64_t cluster) const {
   if (shards_.empty() || cluster > kMaxCluster) return false;
   const Shard& s = shards_[ShardOf(f)];
   const uint32_t i = LowerBound(s, Entry(f, cluster));
-  return i < s.size && s.at[i] == Entry(f, cluster);
+  return i < s.size && At(s)[i] == Entry(f, cluster);
 }
 
 void DedupIndex::Insert(Fingerprint f, uint64_t cluster) {
   if (cluster > kMaxCluster) return;  // beyond what we index: only a lost dedup chance
-  if (shards_.empty()) {
-    shards_.resize(size_t(1) << shard_bits_);
-    bytes_ += shards_.capacity() * sizeof(Shard);
-  }
+  if (shards_.empty()) shards_.resize(size_t(1) << shard_bits_);
   if (Contains(f, cluster)) return;
   if (live_ + 1 > size_t(kSplitAt) * shards_.size()) Split();
   Shard& s = shards_[ShardOf(f)];
   const uint64_t e = Entry(f, cluster);
   const uint32_t i = LowerBound(s, e);
-  if (s.size == s.capacity) {
-    const uint32_t grown = GrownCapacity(s.capacity);
-    s.at = Resize(s.at, grown);
-    bytes_ += size_t(grown - s.capacity) * sizeof(uint64_t);
-    s.capacity = grown;
-  }
-  std::memmove(s.at + i + 1, s.at + i, size_t(s.size - i) * sizeof(uint64_t));
-  s.at[i] = e;
+  if (s.size == s.capacity) Grow(s);
+  uint64_t* at = At(s);
+  std::memmove(at + i + 1, at + i, size_t(s.size - i) * sizeof(uint64_t));
+  at[i] = e;
   ++s.size;
   ++live_;
+}
+
+// Room for a few more entries: in place at the region's top, else a move
+// there, which leaves the old place to the next compaction.
+void DedupIndex::Grow(Shard& s) {
+  const uint32_t grown = GrownCapacity(s.capacity);
+  if (s.capacity && s.offset + s.capacity == region_.top()) {
+    region_.Take(grown - s.capacity);
+  } else {
+    const uint64_t to = region_.Take(grown);
+    std::memcpy(region_.data() + to, At(s), size_t(s.size) * sizeof(uint64_t));
+    const uint64_t old = s.capacity;
+    s.offset = to;
+    s.capacity = grown;
+    NoteGarbage(old);
+    return;
+  }
+  s.capacity = grown;
+}
+
+void DedupIndex::NoteGarbage(uint64_t entries) {
+  garbage_ += entries;
+  if (garbage_ > region_.top() / 8) Compact();
+}
+
+void DedupIndex::Compact() {
+  std::vector<uint32_t> order;
+  order.reserve(shards_.size());
+  for (uint32_t i = 0; i < shards_.size(); ++i)
+    if (shards_[i].capacity) order.push_back(i);
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return shards_[a].offset < shards_[b].offset; });
+  uint64_t top = 0;
+  for (uint32_t i : order) {
+    Shard& s = shards_[i];
+    // Lowest first, so a shard only ever slides down over what is free.
+    if (s.offset != top) std::memmove(region_.data() + top, At(s), size_t(s.size) * sizeof(uint64_t));
+    s.offset = top;
+    top += s.capacity;
+  }
+  region_.Lower(top);
+  garbage_ = 0;
 }
 
 bool DedupIndex::Remove(Fingerprint f, uint64_t cluster) {
@@ -107,8 +137,9 @@ bool DedupIndex::Remove(Fingerprint f, uint64_t cluster) {
   Shard& s = shards_[ShardOf(f)];
   const uint64_t e = Entry(f, cluster);
   const uint32_t i = LowerBound(s, e);
-  if (i == s.size || s.at[i] != e) return false;
-  std::memmove(s.at + i, s.at + i + 1, size_t(s.size - i - 1) * sizeof(uint64_t));
+  uint64_t* at = At(s);
+  if (i == s.size || at[i] != e) return false;
+  std::memmove(at + i, at + i + 1, size_t(s.size - i - 1) * sizeof(uint64_t));
   --s.size;
   --live_;
   if (live_ == 0) Clear();
@@ -118,9 +149,10 @@ bool DedupIndex::Remove(Fingerprint f, uint64_t cluster) {
 
 void DedupIndex::RemoveCluster(uint64_t cluster) {
   for (Shard& s : shards_) {
+    uint64_t* at = At(s);
     uint32_t kept = 0;
     for (uint32_t i = 0; i < s.size; ++i)
-      if ((s.at[i] & 0xffffffffu) != cluster) s.at[kept++] = s.at[i];
+      if ((at[i] & 0xffffffffu) != cluster) at[kept++] = at[i];
     live_ -= s.size - kept;
     s.size = kept;
     Shrink(s);
@@ -133,44 +165,38 @@ void DedupIndex::RemoveCluster(uint64_t cluster) {
 void DedupIndex::Shrink(Shard& s) {
   if (s.capacity <= s.size + 2 * Slack(s.size)) return;
   const uint32_t keep = GrownCapacity(s.size);
-  s.at = Resize(s.at, keep);
-  bytes_ -= size_t(s.capacity - keep) * sizeof(uint64_t);
+  const uint64_t freed = s.capacity - keep;
   s.capacity = keep;
+  NoteGarbage(freed);
 }
 
 void DedupIndex::Clear() {
-  for (Shard& s : shards_) std::free(s.at);
   std::vector<Shard>().swap(shards_);
+  region_.Clear();
+  garbage_ = 0;
   shard_bits_ = kMinShardBits;
-  live_ = bytes_ = 0;
+  live_ = 0;
 }
 
 // Twice the shards, each old one cut in two where the next fingerprint bit
-// changes (sorted by the bits below the shard's, its halves lie apart), and
-// freed before the next is cut: the index is never held twice.
+// changes: sorted by the bits below the shard's, its halves lie apart, so
+// they stay where they are (the upper half keeps the room at the end).
 void DedupIndex::Split() {
   std::vector<Shard> next(shards_.size() * 2);
   const uint32_t bit = kFingerprintBits - shard_bits_ - 1;  // within the tag, as shard_bits_ >= 8
-  size_t bytes = next.capacity() * sizeof(Shard);
   for (size_t i = 0; i < shards_.size(); ++i) {
-    Shard& old = shards_[i];
-    uint32_t cut = 0;
-    while (cut < old.size && !((old.at[cut] >> 32 >> bit) & 1)) ++cut;
-    Shard& lo = next[2 * i];
-    Shard& hi = next[2 * i + 1];
-    lo.size = lo.capacity = cut;
-    hi.size = hi.capacity = old.size - cut;
-    lo.at = Resize(nullptr, lo.capacity);
-    hi.at = Resize(nullptr, hi.capacity);
-    std::memcpy(lo.at, old.at, size_t(lo.size) * sizeof(uint64_t));
-    std::memcpy(hi.at, old.at + cut, size_t(hi.size) * sizeof(uint64_t));
-    std::free(old.at);
-    old = Shard{};
-    bytes += size_t(lo.capacity + hi.capacity) * sizeof(uint64_t);
+    const Shard& old = shards_[i];
+    const uint64_t* at = At(old);
+    uint32_t c = 0;
+    while (c < old.size && !((at[c] >> 32 >> bit) & 1)) ++c;
+    const uint32_t upper = old.size - c, room = std::min(old.capacity - c, GrownCapacity(upper));
+    next[2 * i] = Shard{old.offset, c, c};
+    next[2 * i + 1] = Shard{old.offset + c, upper, room};
+    garbage_ += old.capacity - c - room;  // more room than a shard this size keeps
   }
   shards_.swap(next);
   ++shard_bits_;
-  bytes_ = bytes;
+  NoteGarbage(0);
 }
 
 uint64_t DedupIndex::ShardsFor(uint64_t n) {
@@ -181,9 +207,11 @@ uint64_t DedupIndex::ShardsFor(uint64_t n) {
 
 uint64_t DedupIndex::BoundBytes(uint64_t n) {
   if (n == 0) return 0;  // an empty index frees everything
-  // A shard of s entries has room for at most s + 2 * Slack(s) <= 1.25 s + 8.
+  // A shard of s entries has room for at most s + 2 * Slack(s) <= 1.25 s + 8,
+  // and the room no shard uses is at most an eighth of the region.
   const uint64_t shards = ShardsFor(n);
-  return shards * sizeof(Shard) + sizeof(uint64_t) * (n + n / 4 + 8 * shards);
+  const uint64_t room = n + n / 4 + 8 * shards;
+  return shards * sizeof(Shard) + sizeof(uint64_t) * (room + room / 7 + 1);
 }
 
 uint64_t DedupIndex::EntriesWithin(uint64_t bytes) {

@@ -9,8 +9,10 @@
 // are a binary search, the entries come out in fingerprint order without a
 // sort, and a shard never holds more than a few thousand entries (they
 // split as the index grows), so an insert moves a few KiB at most. Growth
-// is in small steps per shard: no moment holds an old and a new copy of
-// the whole index. About 8.6 bytes an entry in all, never over 10.1.
+// is in small steps per shard, in one region the index compacts itself
+// (entry_region.h): no moment holds an old and a new copy of the whole
+// index, and the C heap's holes are not paid for. About 9 bytes an entry
+// in all.
 //
 // A fingerprint names candidates, not proof: two clusters are shared only
 // once their full digests (or bytes) are found equal (digest_log.h).
@@ -26,6 +28,7 @@
 #include <optional>
 #include <vector>
 
+#include "dedup/entry_region.h"
 #include "dedup/sha256.h"
 
 namespace qcow2dedup {
@@ -79,8 +82,8 @@ class DedupIndex {
   bool Remove(const Digest& d, uint64_t cluster) { return Remove(FingerprintOf(d), cluster); }
 
   size_t size() const { return live_; }
-  // Heap bytes the index holds (for the memory benchmark).
-  size_t MemoryBytes() const { return bytes_; }
+  // Bytes the index holds (for the memory benchmark).
+  size_t MemoryBytes() const { return shards_.capacity() * sizeof(Shard) + region_.top() * sizeof(uint64_t); }
   // What MemoryBytes can be at most while the index holds n entries,
   // whatever their fingerprints and whatever was removed before (each
   // shard's slack is kept small both ways): what -o index_memory caps, so
@@ -94,9 +97,9 @@ class DedupIndex {
   template <class F>
   void ForEach(F f) const {
     for (size_t s = 0; s < shards_.size(); ++s) {
-      const Shard& sh = shards_[s];
+      const uint64_t* at = At(shards_[s]);
       const uint64_t high = (uint64_t(s) << (kFingerprintBits - shard_bits_)) & ~kTagMask;
-      for (uint32_t i = 0; i < sh.size; ++i) f(high | (sh.at[i] >> 32), sh.at[i] & 0xffffffffu);
+      for (uint32_t i = 0; i < shards_[s].size; ++i) f(high | (at[i] >> 32), at[i] & 0xffffffffu);
     }
   }
 
@@ -107,23 +110,29 @@ class DedupIndex {
   static constexpr uint32_t kMinShardBits = 8;   // the fingerprint's bits above the tag
   static constexpr uint32_t kSplitAt = 2048;     // mean entries a shard before all split
   struct Shard {
-    uint64_t* at = nullptr;
+    uint64_t offset = 0;  // in region_
     uint32_t size = 0, capacity = 0;
   };
+  uint64_t* At(const Shard& s) const { return region_.data() + s.offset; }
   static uint64_t Entry(Fingerprint f, uint64_t cluster) { return (f & kTagMask) << 32 | cluster; }
   size_t ShardOf(Fingerprint f) const { return size_t(f >> (kFingerprintBits - shard_bits_)); }
   // The first entry of shard s at or after e.
-  static uint32_t LowerBound(const Shard& s, uint64_t e);
+  uint32_t LowerBound(const Shard& s, uint64_t e) const;
   static uint32_t Slack(uint32_t size) { return std::max<uint32_t>(4, size / 8); }
   static uint32_t GrownCapacity(uint32_t capacity) { return capacity + Slack(capacity); }
   static uint64_t ShardsFor(uint64_t n);
   void Split();
+  void Grow(Shard& s);
   void Shrink(Shard& s);
+  // Slides every shard down over the room others left (garbage_).
+  void Compact();
+  void NoteGarbage(uint64_t entries);
 
   std::vector<Shard> shards_;
+  EntryRegion region_;
+  uint64_t garbage_ = 0;  // entries of region_ below its top that no shard uses
   uint32_t shard_bits_ = kMinShardBits;
   size_t live_ = 0;
-  size_t bytes_ = 0;  // shards_'s array and every shard's
 };
 
 }  // namespace qcow2dedup

@@ -227,7 +227,7 @@ TEST_CASE("v3 round trip: backing file, backing format, feature names, dedup and
   REQUIRE(by_type[kExtFeatureNames].size() == 3 * 48);
   REQUIRE(by_type[kExtDedup].size() == 56);
   const Bytes& dd = by_type[kExtDedup];
-  CHECK(Get32(dd, 0) == 2);  // extension version
+  CHECK(Get32(dd, 0) == 3);  // extension version
   CHECK(Get32(dd, 4) == kHashSha256);
   CHECK(Get64(dd, 8) == 0x200000);
   CHECK(Get64(dd, 16) == 1234);

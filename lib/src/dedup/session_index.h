@@ -44,7 +44,8 @@ class SessionIndex {
   // says about that cluster may be wrong, so the index is no longer exact.
   void NoteInexact() { inexact_ = true; }
 
-  // Caps MemoryBytes (-o index_memory; 0: no cap). A pair that does not fit
+  // Caps MemoryBytes (-o index_memory; 0: no cap), by the bound on what
+  // the entries held can take (DedupIndex::BoundBytes). A pair that does not fit
   // is not held, and the index is no longer exact (so it is not stored,
   // and the next session rebuilds it from the data): a lookup then misses,
   // which costs a duplicate, never data.

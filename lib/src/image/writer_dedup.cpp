@@ -37,10 +37,22 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
   {
     // Copies of one data lie together in the index (fingerprint order, the
     // lowest cluster first). Within a fingerprint the digest log tells data
-    // apart: another digest with the same fingerprint is no copy.
+    // apart: another digest with the same fingerprint is no copy. A
+    // fingerprint of one cluster moves nothing, unless it may be zeros.
     const Fingerprint zero_fp = FingerprintOf(zero);
-    std::vector<std::pair<Digest, uint64_t>> group;
-    auto settle = [&]() -> Status {
+    std::optional<Fingerprint> last;
+    std::vector<uint64_t> alike;  // the clusters of fingerprint last
+    Status st;
+    auto settle = [&] {
+      std::vector<std::pair<Digest, uint64_t>> group;
+      if (alike.size() > 1 || (unmap_zeros && last == zero_fp)) {
+        for (uint64_t c : alike) {
+          auto d = digests_.Get(c);
+          if (!d.ok()) st = d.status();
+          else if (*d) group.emplace_back(**d, c);  // unknown: left as it is
+        }
+      }
+      alike.clear();
       std::sort(group.begin(), group.end());
       for (size_t i = 0, first = 0; i < group.size(); ++i) {
         if (group[i].first != group[first].first) first = i;
@@ -51,31 +63,13 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
         moves.emplace(group[i].second, m);
         if (group[i].second < moving.size()) moving[group[i].second] = true;
       }
-      group.clear();
-      return Status::Ok();
-    };
-    Status st;
-    std::optional<Fingerprint> last;
-    std::vector<uint64_t> alike;  // clusters of the fingerprint last
-    auto close_run = [&] {
-      // A fingerprint of one cluster moves only if it may be zeros.
-      if (alike.size() > 1 || (unmap_zeros && last == zero_fp)) {
-        for (uint64_t c : alike) {
-          auto d = digests_.Get(c);
-          if (!d.ok()) st = d.status();
-          else if (*d) group.emplace_back(**d, c);  // unknown: left as it is
-        }
-        if (st.ok()) st = settle();
-      }
-      alike.clear();
     };
     index_.memory().ForEach([&](Fingerprint f, uint64_t c) {
-      if (!st.ok()) return;
-      if (last != f) close_run();
+      if (last != f) settle();
       last = f;
       alike.push_back(c);
     });
-    if (st.ok()) close_run();
+    settle();
     QD_RETURN_IF_ERROR(st);
   }
   // Compressed copies (qemu-img convert -c compresses every cluster apart):

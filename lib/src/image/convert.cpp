@@ -242,12 +242,16 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
   // thread-safe, and reading still overlaps hashing and writing.
   std::mutex src_mutex, base_mutex;
   BlockDevice* const base = options.base;
-  // A target over a base does not read zero where the base holds data.
-  const bool zero_holes = options.target == TargetState::kAnyData || base;
   auto compressor = options.compress ? MakeChunkCompressor(dst) : nullptr;
   HashPipeline pipe(dst, detect_zeros, compressor.get());
   FlushPoints flushes(options.flush_interval);
   uint64_t pos = 0;
+  // convert -B: how far from pos the base reads zero (all the way past its end).
+  auto base_zero_run = [&]() -> Result<uint64_t> {
+    if (pos >= base->virtual_size()) return size - pos;
+    std::lock_guard lock(base_mutex);
+    return base->ZeroRun(pos);
+  };
   while (pos < size) {
     // Holes are skipped without reading them; a fresh image already reads
     // zero there. (Only whole clusters: a partial one must still be written.)
@@ -257,9 +261,16 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
     }();
     QD_ASSIGN_OR_RETURN(uint64_t zeros, std::move(zero_run));
     zeros = std::min(zeros, size - pos);
+    if (detect_zeros && pos % cs == 0 && zeros >= cs && base) {
+      // Over a base, a hole is left alone only where the base reads zero
+      // too; elsewhere chunks are read and compared with the base, which
+      // tells data from zeros that an allocated raw base only seems to hold.
+      QD_ASSIGN_OR_RETURN(uint64_t base_zeros, base_zero_run());
+      zeros = std::min(zeros, base_zeros);
+    }
     if (detect_zeros && pos % cs == 0 && zeros >= cs) {
       // Writes of earlier chunks may still be queued: they are other clusters.
-      if (zero_holes) QD_RETURN_IF_ERROR(ZeroTarget(dst, pos, pos + zeros / cs * cs));
+      if (options.target == TargetState::kAnyData) QD_RETURN_IF_ERROR(ZeroTarget(dst, pos, pos + zeros / cs * cs));
       pos += zeros / cs * cs;
       if (progress) progress(pos, size);
       continue;

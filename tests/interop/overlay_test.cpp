@@ -1,7 +1,7 @@
 // Fleets: dedup overlays on a shared base (convert -B, create -b), on the
 // real corpus that shared/corpus/make-corpus.sh builds: part-a.img is the
-// template every VM was made from (the base), part-a2.img and part-b.img
-// are other VMs (700 MiB partition images). An overlay made by
+// template (the base), part-a2.img a clone of it that lived a little and
+// part-b.img the same Debian with more packages (700 MiB ext4 images). An overlay made by
 // `convert -B part-a.img` must pass qemu-img check, read exactly as its
 // source for qemu-img compare, leave unallocated exactly the clusters that
 // equal the base at the same offset, zero-flag exactly the zero clusters

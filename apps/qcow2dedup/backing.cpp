@@ -8,7 +8,7 @@
 namespace qcow2dedup::cli {
 
 void AddBackingOptions(CLI::App& app, const std::string& flag, BackingArgs& args) {
-  app.add_option(flag, args.name,
+  args.flag = app.add_option(flag, args.name,
                  "Make an overlay on this backing file (a relative name is relative to the new image's directory)")
       ->option_text("BASE");
   app.add_option("-F", args.format, "The backing file's format: raw or qcow2 (required with " + flag + ")")
@@ -16,7 +16,11 @@ void AddBackingOptions(CLI::App& app, const std::string& flag, BackingArgs& args
 }
 
 std::unique_ptr<BlockDevice> OpenBase(const std::string& overlay, const BackingArgs& args) {
-  if (args.name.empty() && !args.format.empty()) {
+  if (args.flag->count() > 0 && args.name.empty()) {
+    Fail(overlay, "Expected backing file name, got empty string");
+    return nullptr;
+  }
+  if (args.name.empty()) {
     Fail(overlay, "Backing format cannot be used without backing file");
     return nullptr;
   }

@@ -14,7 +14,8 @@ namespace qcow2dedup::cli {
 struct BackingArgs {
   std::string name;    // as given, and as the header stores it
   std::string format;  // -F: raw or qcow2
-  bool given() const { return !name.empty() || !format.empty(); }
+  CLI::Option* flag = nullptr;  // -b or -B, to tell "-b ''" from no -b
+  bool given() const { return (flag && flag->count() > 0) || !format.empty(); }
 };
 
 // Adds `flag` (-b for create, -B for convert) and -F.

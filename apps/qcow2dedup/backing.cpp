@@ -2,10 +2,20 @@
 #include "backing.h"
 
 #include <fmt/format.h>
+#include <sys/stat.h>
 
 #include "output.h"
 
 namespace qcow2dedup::cli {
+namespace {
+
+bool SameFile(const std::string& a, const std::string& b) {
+  struct stat sa, sb;
+  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
+         sa.st_ino == sb.st_ino;
+}
+
+}  // namespace
 
 void AddBackingOptions(CLI::App& app, const std::string& flag, BackingArgs& args) {
   args.flag = app.add_option(flag, args.name,
@@ -25,6 +35,11 @@ std::unique_ptr<BlockDevice> OpenBase(const std::string& overlay, const BackingA
     return nullptr;
   }
   const std::string path = BackingPath(overlay, args.name);
+  // With --force the image would replace its own base.
+  if (SameFile(path, overlay)) {
+    Fail(overlay, fmt::format("is its own backing file '{}'; make the overlay another file", path));
+    return nullptr;
+  }
   ImageFormat format = ImageFormat::kAuto;
   if (args.format == "raw") format = ImageFormat::kRaw;
   else if (args.format == "qcow2") format = ImageFormat::kQcow2;

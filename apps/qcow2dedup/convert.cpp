@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "backing.h"
 #include "commands.h"
 #include "image_options.h"
 #include "progress.h"
@@ -30,6 +31,7 @@ struct {
   std::string sparse = "4k";                        // -S
   uint64_t sparse_size = 4096;
   CacheMode cache = CacheMode::kWriteback;
+  BackingArgs backing;                              // -B, -F
 } opts;
 
 // Forwards to the source and remembers whether it failed: the library's
@@ -165,8 +167,14 @@ int ToQcow2(const ImageOptions& o) {
     if (!read.ok()) return Fail(SourceWhat(), read.status());
     bitmaps = std::move(read).value();
   }
+  // -B: the base, opened here apart from the one dst opens, for the workers
+  // to compare with; checked before anything is created.
+  std::unique_ptr<BlockDevice> base;
+  if (opts.backing.given() && !(base = OpenBase(opts.dst, opts.backing))) return 1;
   CreateOptions create = o.create;
   create.virtual_size = src ? (src->virtual_size() + 511) / 512 * 512 : 0;
+  create.backing_file = opts.backing.name;
+  create.backing_format = opts.backing.format;
   create.force = opts.force;
   OpenOptions open;
   open.verify = opts.verify || o.verify;
@@ -198,7 +206,8 @@ int ToQcow2(const ImageOptions& o) {
                  {.target = TargetState::kZero,
                   .sparse_size = opts.sparse_size,
                   .flush_interval = opts.flush_interval,
-                  .compress = opts.compress});
+                  .compress = opts.compress,
+                  .base = base.get()});
     src_failed = blamed.failed;
   }
   if (s.ok()) s = dst->AddBitmaps(bitmaps);
@@ -337,6 +346,7 @@ void SetupConvert(CLI::App& app) {
   app.add_flag("-q,--quiet", opts.quiet, "Print nothing (overrides -p)");
   AddCacheOption(app, opts.cache);
   AddFlushIntervalOption(app, opts.flush_interval);
+  AddBackingOptions(app, "-B", opts.backing);
   app.add_flag("--force", opts.force, "Replace DST if it exists");
   app.add_flag("-n", opts.no_create,
                "Convert into the existing DST (an image, a block device, a preallocated file) without creating it");
@@ -373,6 +383,12 @@ int RunConvert() {
     return Fail("", "-o has no effect when skipping image creation");
   if (opts.bitmaps && opts.out_format == "raw") return Fail("", "Format driver 'raw' does not support bitmaps");
   if (opts.bitmaps && opts.src == "-") return Fail("", "Source lacks bitmap support");
+  if (opts.backing.given() && opts.out_format == "raw")
+    return Fail("", "Backing file not supported for file format 'raw'");
+  if (opts.backing.given() && opts.no_create)
+    return Fail(opts.dst, "-B makes a new overlay; it cannot be used with -n");
+  if (opts.backing.given() && opts.src == "-")
+    return Fail(DisplayName(opts.src), "cannot be converted with -B (it is read once, in one pass)");
   if (opts.no_create) return IntoExisting();
   if (opts.out_format == "raw") {
     // A raw file has no options, nothing is shared that could be verified,

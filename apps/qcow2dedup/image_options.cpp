@@ -174,10 +174,13 @@ void PrintRawOptionsHelp() {
 }
 
 std::string FormattingLine(const std::string& path, const CreateOptions& o) {
+  const std::string backing =
+      o.backing_file.empty() ? "" : fmt::format("backing_file={} backing_fmt={} ", o.backing_file, o.backing_format);
   return fmt::format(
       "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2=off compression_type={} size={} "
-      "lazy_refcounts={} refcount_bits={}",
-      path, o.cluster_size, o.compression_type == Compression::kZstd ? "zstd" : "zlib", o.virtual_size, o.lazy_refcounts ? "on" : "off", o.refcount_bits);
+      "{}lazy_refcounts={} refcount_bits={}",
+      path, o.cluster_size, o.compression_type == Compression::kZstd ? "zstd" : "zlib", o.virtual_size, backing,
+      o.lazy_refcounts ? "on" : "off", o.refcount_bits);
 }
 
 void WarnIfNoSharing(const std::string& path, const CreateOptions& o) {

@@ -4,6 +4,9 @@
 #   qd=make    make an ext4 file system, copy /payload twice (duplicate
 #              data), write fresh random data, record checksums, delete a
 #              scratch file with discard on (the guest's TRIM), sync, unmount;
+#   qd=add     (an overlay on a disk qd=make made) check every checksum, then
+#              copy /payload a third time (data the base holds already),
+#              write fresh random data, delete a file, record checksums;
 #   qd=verify  mount it read-only and check every checksum.
 # The result is one console line starting "QD-RESULT:"; the host reads it.
 /bin/busybox --install -s /bin
@@ -32,6 +35,17 @@ case $phase in
     sync
     umount /mnt || result "FAIL umount"
     result "made $(wc -l </tmp/SUMS) files" ;;
+  add)
+    mount -t ext4 -o discard /dev/vda /mnt || result "FAIL mount"
+    (cd /mnt && md5sum -c -s SUMS) || result "FAIL base checksums differ"
+    mkdir /mnt/third && cp -a /payload/. /mnt/third/ || result "FAIL copy"
+    dd if=/dev/urandom of=/mnt/fresh2 bs=65536 count=16 2>/dev/null || result "FAIL fresh data"
+    rm /mnt/first/notes.txt || result "FAIL rm"
+    (cd /mnt && find . -type f ! -name SUMS | sort | xargs md5sum >/tmp/SUMS && cp /tmp/SUMS /mnt/SUMS) ||
+      result "FAIL checksums"
+    sync
+    umount /mnt || result "FAIL umount"
+    result "added, now $(wc -l </tmp/SUMS) files" ;;
   verify)
     mount -t ext4 -o ro /dev/vda /mnt || result "FAIL mount"
     cd /mnt && md5sum -c -s SUMS || result "FAIL checksums differ"

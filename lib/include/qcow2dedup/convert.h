@@ -35,9 +35,17 @@ struct CopyOptions {
   // compression type) where that saves a sector; only distinct data is
   // compressed, on the worker threads.
   bool compress = false;
+  // convert -B: dst's backing file (qemu-img's -B BASE), opened apart from
+  // dst so that the workers read it while dst is written. Each guest
+  // cluster of src that reads the same as base at the same offset is not
+  // written (the base shows through); a zero one where base holds data
+  // gets the zero flag; the rest takes the dedup write path as ever. dst
+  // must be fresh, with base as its backing file (target kZero).
+  BlockDevice* base = nullptr;
 };
 
 // Copies the guest view of src into dst (dst.virtual_size() >= src's).
+// With options.base, only what differs from the base.
 // Guest bytes of dst past src's end stay as they were, but for the rest of
 // src's last cluster when src's size is not a multiple of the cluster size.
 Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress = {}, const CopyOptions& options = {});

@@ -59,7 +59,18 @@ struct CreateOptions {
   uint32_t refcount_bits = 16;
   bool lazy_refcounts = false;
   bool force = false;  // replace an existing file
+  // An overlay (qemu-img create -b NAME -F FORMAT): the backing file's name
+  // as stored in the header (a relative one is relative to the image's
+  // directory, see BackingPath) and its format, "raw" or "qcow2". The
+  // backing file must open: the new image is opened with it.
+  std::string backing_file;
+  std::string backing_format;
 };
+
+// Where the backing file named `name` in the header of the image at
+// image_path lies, as QEMU resolves it: an absolute name as is, a
+// relative one relative to the image's directory.
+std::string BackingPath(const std::string& image_path, const std::string& name);
 
 // When written data is made durable (qemu-img -t).
 enum class CacheMode {

@@ -25,6 +25,7 @@ struct Chunk {
   std::vector<uint8_t> data;
   std::vector<ClusterWrite> writes;
   std::vector<uint8_t> compressed;  // convert -c: the compressed clusters' bytes
+  std::vector<uint8_t> base;        // convert -B: the base's bytes under data
   Status status;  // of filling it
 };
 
@@ -212,6 +213,25 @@ Status WriteZeros(File& dst, uint64_t offset, uint64_t len) {
   return Status::Ok();
 }
 
+// convert -B: reads the base under chunk c (zeros past the base's end, as
+// the overlay reads them) and drops the writes of clusters that read the
+// same there, so that the base shows through. On a worker, before hashing:
+// a cluster left to the base is never hashed.
+Status DropSameAsBase(BlockDevice& base, std::mutex& base_mutex, Chunk& c, uint64_t cs) {
+  const uint64_t bsize = base.virtual_size();
+  c.base.resize(c.data.size());
+  const uint64_t n = c.offset >= bsize ? 0 : std::min<uint64_t>(c.base.size(), bsize - c.offset);
+  if (n) {
+    std::lock_guard lock(base_mutex);
+    QD_RETURN_IF_ERROR(base.Read(c.offset, std::span<uint8_t>(c.base.data(), n)));
+  }
+  std::memset(c.base.data() + n, 0, c.base.size() - n);
+  std::erase_if(c.writes, [&](const ClusterWrite& w) {
+    return std::memcmp(w.data.data(), &c.base[w.guest_cluster * cs - c.offset], cs) == 0;
+  });
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const CopyOptions& options) {
@@ -220,11 +240,18 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
   if (dst.virtual_size() < size) return Status::InvalidArgument("the target is smaller than the source");
   // Reads run on the workers, one at a time: a source need not be
   // thread-safe, and reading still overlaps hashing and writing.
-  std::mutex src_mutex;
+  std::mutex src_mutex, base_mutex;
+  BlockDevice* const base = options.base;
   auto compressor = options.compress ? MakeChunkCompressor(dst) : nullptr;
   HashPipeline pipe(dst, detect_zeros, compressor.get());
   FlushPoints flushes(options.flush_interval);
   uint64_t pos = 0;
+  // convert -B: how far from pos the base reads zero (all the way past its end).
+  auto base_zero_run = [&]() -> Result<uint64_t> {
+    if (pos >= base->virtual_size()) return size - pos;
+    std::lock_guard lock(base_mutex);
+    return base->ZeroRun(pos);
+  };
   while (pos < size) {
     // Holes are skipped without reading them; a fresh image already reads
     // zero there. (Only whole clusters: a partial one must still be written.)
@@ -234,6 +261,13 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
     }();
     QD_ASSIGN_OR_RETURN(uint64_t zeros, std::move(zero_run));
     zeros = std::min(zeros, size - pos);
+    if (detect_zeros && pos % cs == 0 && zeros >= cs && base) {
+      // Over a base, a hole is left alone only where the base reads zero
+      // too; elsewhere chunks are read and compared with the base, which
+      // tells data from zeros that an allocated raw base only seems to hold.
+      QD_ASSIGN_OR_RETURN(uint64_t base_zeros, base_zero_run());
+      zeros = std::min(zeros, base_zeros);
+    }
     if (detect_zeros && pos % cs == 0 && zeros >= cs) {
       // Writes of earlier chunks may still be queued: they are other clusters.
       if (options.target == TargetState::kAnyData) QD_RETURN_IF_ERROR(ZeroTarget(dst, pos, pos + zeros / cs * cs));
@@ -245,10 +279,14 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
     const uint64_t len = std::min<uint64_t>(kChunkBytes, size - start);
     // The kernel reads the next chunk ahead while workers read this one.
     src.Prefetch(start + len, kChunkBytes);
+    if (base) base->Prefetch(start + len, kChunkBytes);
     auto c = pipe.Take(start, len);
-    QD_RETURN_IF_ERROR(pipe.Push(std::move(c), [&src, &src_mutex, start, len](Chunk& chunk) {
-      std::lock_guard lock(src_mutex);
-      return src.Read(start, std::span<uint8_t>(chunk.data.data(), len));
+    QD_RETURN_IF_ERROR(pipe.Push(std::move(c), [&, start, len](Chunk& chunk) {
+      {
+        std::lock_guard lock(src_mutex);
+        QD_RETURN_IF_ERROR(src.Read(start, std::span<uint8_t>(chunk.data.data(), len)));
+      }
+      return base ? DropSameAsBase(*base, base_mutex, chunk, cs) : Status::Ok();
     }));
     pos = start + len;
     QD_RETURN_IF_ERROR(flushes.After(len, pipe, dst));

@@ -17,6 +17,10 @@ Status Validate(const CreateOptions& o) {
   if (!std::has_single_bit(o.refcount_bits) || o.refcount_bits > 64)
     return Status::InvalidArgument(
         fmt::format("refcount width {} must be a power of two between 1 and 64", o.refcount_bits));
+  if (o.backing_file.empty() != o.backing_format.empty())
+    return Status::InvalidArgument("a backing file needs its format, and a format its file");
+  if (!o.backing_format.empty() && o.backing_format != "raw" && o.backing_format != "qcow2")
+    return Status::Unsupported(fmt::format("backing file format '{}' is not supported (raw or qcow2)", o.backing_format));
   return Status::Ok();
 }
 
@@ -35,6 +39,10 @@ Result<std::unique_ptr<Image>> Image::Create(const std::string& path, const Crea
     // 104, and the incompatible bit that keeps zstd-less readers out.
     h.compression = CompressionType::kZstd;
     h.incompatible |= kIncompatCompression;
+  }
+  if (!o.backing_file.empty()) {
+    h.backing_file = o.backing_file;
+    h.backing_format = o.backing_format;
   }
   h.dedup = DedupExtension{};
   h.autoclear |= kAutoclearDedupInSync;

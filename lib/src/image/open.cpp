@@ -73,9 +73,7 @@ Status OpenBacking(ImageState& s, bool force_share, Chain& chain) {
   if (name.find(':') != std::string::npos && name.rfind("file:", 0) == 0) name = name.substr(5);
   if (name.empty() || name.find('\0') != std::string::npos)
     return Status::Corruption("backing file name is not a plain file name");
-  // Relative names are relative to the image's directory (as QEMU shows them).
-  const bool bare = s.path.find('/') == std::string::npos;
-  std::string full = name[0] == '/' || bare ? name : Directory(s.path) + "/" + name;
+  std::string full = BackingPath(s.path, name);
   s.full_backing_path = full;
   if (++chain.depth > kMaxBackingDepth) return Status::Corruption("backing chain is too deep");
   ImageFormat fmt = ImageFormat::kAuto;
@@ -153,6 +151,12 @@ Status ImageState::FlushPendingData(uint64_t offset, uint64_t len) {
   return writer ? writer->FlushDataOverlapping(offset, len) : Status::Ok();
 }
 
+
+// Relative names are relative to the image's directory (as QEMU shows them).
+std::string BackingPath(const std::string& image_path, const std::string& name) {
+  const bool bare = image_path.find('/') == std::string::npos;
+  return name.empty() || name[0] == '/' || bare ? name : Directory(image_path) + "/" + name;
+}
 
 Image::Image(std::unique_ptr<ImageState> s) : state_(std::move(s)) {}
 Image::~Image() = default;

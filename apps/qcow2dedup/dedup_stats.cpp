@@ -176,6 +176,72 @@ struct Opened {
   std::unique_ptr<BlockDevice> dev;
 };
 
+Json DeviceJson(const Opened& o) {
+  return Json{{"filename", o.name}, {"format", o.dev->format()}, {"virtual-size", o.dev->virtual_size()}};
+}
+
+void PrintFleetJson(const std::vector<Opened>& images, const Opened* base, const std::vector<FleetSimulation>& fleet) {
+  Json j;
+  j["images"] = Json::array();
+  for (const Opened& o : images) j["images"].push_back(DeviceJson(o));
+  if (base) j["base"] = DeviceJson(*base);
+  Json list = Json::array();
+  for (const FleetSimulation& f : fleet) {
+    Json sim = {{"cluster-size", f.cluster_size}, {"images", Json::array()}};
+    for (size_t i = 0; i < images.size(); ++i) {
+      Json one = Named(images[i].name, f.alone[i]);
+      if (base) {
+        const OverlaySimulation& o = f.overlays[i];
+        one["overlay"] = {
+            {"differing", o.differing}, {"unique", o.unique}, {"estimated-image-size", o.estimated_image_size}};
+      }
+      sim["images"].push_back(one);
+    }
+    sim["alone-unique"] = f.alone_unique;
+    sim["together-nonzero"] = f.together_nonzero;
+    sim["together-unique"] = f.together_unique;
+    sim["together-ratio"] = Round(f.together_ratio, 4);
+    if (base) {
+      sim["base"] = Named(base->name, *f.base);
+      sim["overlays-unique"] = f.overlays_unique;
+      sim["base-and-overlays-unique"] = f.base->unique + f.overlays_unique;
+    }
+    list.push_back(sim);
+  }
+  j["simulations"] = list;
+  PrintJson(j);
+}
+
+void PrintFleet(const std::vector<Opened>& images, const Opened* base, const std::vector<FleetSimulation>& fleet) {
+  std::vector<std::vector<std::string>> rows = {{"image", "file format", "virtual size"}};
+  for (const Opened& o : images) rows.push_back({o.name, o.dev->format(), HumanSize(o.dev->virtual_size())});
+  if (base) rows.push_back({base->name + " (base)", base->dev->format(), HumanSize(base->dev->virtual_size())});
+  PrintTable(rows, 0b100);
+  for (const FleetSimulation& f : fleet) {
+    const uint64_t cs = f.cluster_size;
+    fmt::print("\nAt {} clusters (counts of clusters):\n", HumanSize(cs));
+    rows = {{"image", "non-zero", "alone"}};
+    if (base) rows[0].insert(rows[0].end(), {"differing from base", "overlay"});
+    for (size_t i = 0; i < images.size(); ++i) {
+      rows.push_back({images[i].name, std::to_string(f.alone[i].nonzero), std::to_string(f.alone[i].unique)});
+      if (base)
+        rows.back().insert(rows.back().end(),
+                           {std::to_string(f.overlays[i].differing), std::to_string(f.overlays[i].unique)});
+    }
+    if (base)
+      rows.push_back({base->name + " (base)", std::to_string(f.base->nonzero), std::to_string(f.base->unique), "", ""});
+    PrintTable(rows, 0b11110, "  ");
+    rows = {{"each image alone stores:", Clusters(f.alone_unique, cs)},
+            {"all in one dedup image:",
+             Clusters(f.together_unique, cs) + fmt::format(" (ratio {:.2f})", f.together_ratio)}};
+    if (base)
+      rows.push_back({"the base and overlays:", Clusters(f.base->unique + f.overlays_unique, cs) +
+                                                    fmt::format(" ({} + {})", f.base->unique, f.overlays_unique)});
+    fmt::print("\n");
+    PrintTable(rows, 0, "  ");
+  }
+}
+
 // Every input is opened before anything is read: a bad one fails at once.
 int RunFleet() {
   std::vector<Opened> images;
@@ -190,88 +256,19 @@ int RunFleet() {
     if (!dev.ok()) return Fail(opts.base, dev.status());
     base = Opened{opts.base, std::move(dev).value()};
   }
-  std::vector<BlockDevice*> devs;
-  for (Opened& o : images) devs.push_back(o.dev.get());
+  std::vector<FleetImage> devs;
+  for (Opened& o : images) devs.push_back({o.name, o.dev.get()});
+  std::optional<FleetImage> base_dev;
+  if (base) base_dev = FleetImage{base->name, base->dev.get()};
   Progress progress(opts.progress);
-  auto fleet = SimulateFleet(devs, base ? base->dev.get() : nullptr, opts.cluster_sizes, progress.fn());
+  // Its errors name the image.
+  auto fleet = SimulateFleet(devs, base_dev, opts.cluster_sizes, progress.fn());
   if (!fleet.ok()) return Fail("", fleet.status());
   progress.Finish();
-
-  auto described = [](const Opened& o) {
-    return Json{{"filename", o.name}, {"format", o.dev->format()}, {"virtual-size", o.dev->virtual_size()}};
-  };
-  if (opts.output == OutputFormat::kJson) {
-    Json j;
-    j["images"] = Json::array();
-    for (const Opened& o : images) j["images"].push_back(described(o));
-    if (base) j["base"] = described(*base);
-    Json list = Json::array();
-    for (const FleetSimulation& f : *fleet) {
-      Json sim = {{"cluster-size", f.cluster_size}, {"images", Json::array()}};
-      uint64_t alone = 0, overlays = 0;
-      for (size_t i = 0; i < images.size(); ++i) {
-        Json one = Named(images[i].name, f.alone[i]);
-        alone += f.alone[i].unique;
-        if (base) {
-          const OverlaySimulation& o = f.overlays[i];
-          one["overlay"] = {{"differing", o.differing},
-                            {"unique", o.unique},
-                            {"estimated-image-size", o.estimated_image_size}};
-          overlays += o.unique;
-        }
-        sim["images"].push_back(one);
-      }
-      sim["alone-unique"] = alone;
-      sim["together-nonzero"] = f.together_nonzero;
-      sim["together-unique"] = f.together_unique;
-      sim["together-ratio"] =
-          Round(f.together_unique ? double(f.together_nonzero) / double(f.together_unique) : 1.0, 4);
-      if (base) {
-        sim["base"] = Named(base->name, *f.base);
-        sim["overlays-unique"] = overlays;
-        sim["base-and-overlays-unique"] = f.base->unique + overlays;
-      }
-      list.push_back(sim);
-    }
-    j["simulations"] = list;
-    PrintJson(j);
-    return 0;
-  }
-
-  std::vector<std::vector<std::string>> rows = {{"image", "file format", "virtual size"}};
-  for (const Opened& o : images) rows.push_back({o.name, o.dev->format(), HumanSize(o.dev->virtual_size())});
-  if (base) rows.push_back({base->name + " (base)", base->dev->format(), HumanSize(base->dev->virtual_size())});
-  PrintTable(rows, 0b100);
-  for (const FleetSimulation& f : *fleet) {
-    const uint64_t cs = f.cluster_size;
-    fmt::print("\nAt {} clusters (counts of clusters):\n", HumanSize(cs));
-    rows = {{"image", "non-zero", "alone"}};
-    if (base) rows[0].insert(rows[0].end(), {"differing from base", "overlay"});
-    uint64_t alone = 0, overlays = 0;
-    for (size_t i = 0; i < images.size(); ++i) {
-      rows.push_back({images[i].name, std::to_string(f.alone[i].nonzero), std::to_string(f.alone[i].unique)});
-      alone += f.alone[i].unique;
-      if (base) {
-        rows.back().insert(rows.back().end(),
-                           {std::to_string(f.overlays[i].differing), std::to_string(f.overlays[i].unique)});
-        overlays += f.overlays[i].unique;
-      }
-    }
-    if (base) rows.push_back({base->name + " (base)", std::to_string(f.base->nonzero), std::to_string(f.base->unique),
-                              "", ""});
-    PrintTable(rows, 0b11110, "  ");
-    rows = {{"each image alone stores:", Clusters(alone, cs)},
-            {"all in one dedup image:", Clusters(f.together_unique, cs) +
-                                            fmt::format(" (ratio {:.2f})", f.together_unique
-                                                                               ? double(f.together_nonzero) /
-                                                                                     double(f.together_unique)
-                                                                               : 1.0)}};
-    if (base)
-      rows.push_back({"the base and overlays:", Clusters(f.base->unique + overlays, cs) +
-                                                    fmt::format(" ({} + {})", f.base->unique, overlays)});
-    fmt::print("\n");
-    PrintTable(rows, 0, "  ");
-  }
+  if (opts.output == OutputFormat::kJson)
+    PrintFleetJson(images, base ? &*base : nullptr, *fleet);
+  else
+    PrintFleet(images, base ? &*base : nullptr, *fleet);
   return 0;
 }
 

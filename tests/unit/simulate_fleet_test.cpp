@@ -104,17 +104,17 @@ TEST_CASE("a fleet's simulation is what comparing every cluster gives") {
   TempDir dir;
   Spit(dir / "base.raw", base);
   std::vector<std::unique_ptr<BlockDevice>> devs;
-  std::vector<BlockDevice*> images;
+  std::vector<FleetImage> images;
   for (size_t i = 0; i < disks.size(); ++i) {
     Spit(dir / ("vm" + std::to_string(i) + ".raw"), disks[i]);
     devs.push_back(Open(dir / ("vm" + std::to_string(i) + ".raw")));
-    images.push_back(devs.back().get());
+    images.push_back({"vm" + std::to_string(i), devs.back().get()});
   }
   auto base_dev = Open(dir / "base.raw");
 
   uint64_t last_done = 0, last_total = 0;
   bool backwards = false;
-  auto r = SimulateFleet(images, base_dev.get(), kSizes, [&](uint64_t done, uint64_t total) {
+  auto r = SimulateFleet(images, FleetImage{"base", base_dev.get()}, kSizes, [&](uint64_t done, uint64_t total) {
     backwards |= done < last_done;
     last_done = done, last_total = total;
   });
@@ -153,6 +153,10 @@ TEST_CASE("a fleet's simulation is what comparing every cluster gives") {
       }
     }
     CHECK(want[3].differing == 0);  // the base itself
+    CHECK(f.alone_unique == want[0].unique + want[1].unique + want[2].unique + want[3].unique);
+    CHECK(f.overlays_unique ==
+          want[0].overlay_unique + want[1].overlay_unique + want[2].overlay_unique + want[3].overlay_unique);
+    CHECK(f.together_ratio == doctest::Approx(double(nonzero) / double(all.size())));
     CHECK(f.together_nonzero == nonzero);
     CHECK(f.together_unique == all.size());
     CHECK(all.size() < want[0].unique + want[1].unique + want[2].unique + want[3].unique);
@@ -160,7 +164,7 @@ TEST_CASE("a fleet's simulation is what comparing every cluster gives") {
     CHECK(f.base->nonzero == want_base[0].nonzero);
     CHECK(f.base->unique == want_base[0].unique);
     // Alone, an image's figures are SimulateDedup's own.
-    auto single = SimulateDedup(*images[1], {cs});
+    auto single = SimulateDedup(*images[1].device, {cs});
     REQUIRE(single.ok());
     CHECK((*single)[0].unique == f.alone[1].unique);
     CHECK((*single)[0].estimated_image_size == f.alone[1].estimated_image_size);
@@ -174,7 +178,7 @@ TEST_CASE("a fleet without a base, and without images") {
   Spit(dir / "a.raw", std::string(8192, 'a') + std::string(4096, 'b'));
   Spit(dir / "b.raw", std::string(4096, 'b') + std::string(4096, '\0') + std::string(4096, 'c'));
   auto a = Open(dir / "a.raw"), b = Open(dir / "b.raw");
-  auto r = SimulateFleet({a.get(), b.get()}, nullptr, {4096});
+  auto r = SimulateFleet({{"a", a.get()}, {"b", b.get()}}, std::nullopt, {4096});
   REQUIRE_MESSAGE(r.ok(), r.status().message());
   const FleetSimulation& f = (*r)[0];
   CHECK(f.alone[0].nonzero == 3);
@@ -186,6 +190,44 @@ TEST_CASE("a fleet without a base, and without images") {
   CHECK_FALSE(f.base.has_value());
   CHECK(f.overlays.empty());
 
-  CHECK(SimulateFleet({}, nullptr, {4096}).status().kind() == ErrorKind::kInvalidArgument);
-  CHECK(SimulateFleet({a.get()}, nullptr, {3000}).status().kind() == ErrorKind::kInvalidArgument);
+  CHECK(SimulateFleet({}, std::nullopt, {4096}).status().kind() == ErrorKind::kInvalidArgument);
+  CHECK(SimulateFleet({{"a", a.get()}}, std::nullopt, {3000}).status().kind() == ErrorKind::kInvalidArgument);
+}
+
+namespace {
+
+// A device of bytes 1 whose reads fail once fail_after bytes were read.
+class FailingDevice : public BlockDevice {
+ public:
+  FailingDevice(uint64_t size, uint64_t fail_after) : size_(size), fail_after_(fail_after) {}
+  uint64_t virtual_size() const override { return size_; }
+  Status Read(uint64_t, std::span<uint8_t> buf) override {
+    if (read_ + buf.size() > fail_after_) return Status::IOError("read failed");
+    read_ += buf.size();
+    std::fill(buf.begin(), buf.end(), uint8_t(1));
+    return Status::Ok();
+  }
+  std::string format() const override { return "test"; }
+  uint64_t read() const { return read_; }
+
+ private:
+  uint64_t size_, fail_after_, read_ = 0;
+};
+
+}  // namespace
+
+TEST_CASE("a fleet's read error names the image, or the base, it came from") {
+  FailingDevice good(16 << 20, UINT64_MAX), bad(16 << 20, 9 << 20);
+  auto r = SimulateFleet({{"good", &good}, {"bad", &bad}}, std::nullopt, {4096});
+  CHECK(r.status().kind() == ErrorKind::kIOError);
+  CHECK(r.status().message() == "bad: read failed");
+  // The base read whole for itself, then failing beside an image.
+  FailingDevice base(16 << 20, 20 << 20), image(16 << 20, UINT64_MAX);
+  r = SimulateFleet({{"image", &image}}, FleetImage{"base", &base}, {4096});
+  CHECK(r.status().message() == "base: read failed");
+  CHECK(base.read() >= (16 << 20));
+  // Failing in its own pass.
+  FailingDevice early(16 << 20, 1 << 20);
+  r = SimulateFleet({{"image", &image}}, FleetImage{"base", &early}, {4096});
+  CHECK(r.status().message() == "base: read failed");
 }

@@ -135,15 +135,18 @@ struct FleetSimulation {
   // Each image in a dedup image of its own, as SimulateDedup (no
   // compression figures), in the order given.
   std::vector<Simulation> alone;
+  uint64_t alone_unique = 0;  // their unique clusters summed: what separate images store
   // One dedup image holding all the images, each at a cluster-aligned
   // offset: their non-zero clusters (the sum of alone's) and the distinct
   // ones among them all.
   uint64_t together_nonzero = 0;
   uint64_t together_unique = 0;
+  double together_ratio = 1.0;  // together_nonzero / together_unique (1 without data)
   // With a base: the base alone, and each image as an overlay on it (in
   // the order given). The base is not one of the images unless given as one.
   std::optional<Simulation> base;
   std::vector<OverlaySimulation> overlays;
+  uint64_t overlays_unique = 0;  // the overlays' unique clusters summed (without the base's)
 };
 
 // Reads each image once (and, with a base, the base once more for itself
@@ -152,8 +155,16 @@ struct FleetSimulation {
 // clusters of all the images together, plus those of one image and its
 // overlay at a time, at SimulateDedup's 18 to 23 bytes each per size.
 // progress gets (bytes scanned, sum of the images' sizes and the base's).
-// InvalidArgument without images.
-Result<std::vector<FleetSimulation>> SimulateFleet(const std::vector<BlockDevice*>& images, BlockDevice* base,
+// InvalidArgument without images; a read error is prefixed with the name
+// of the image it came from ("NAME: message").
+// One image of the fleet; its name leads the messages of errors reading it.
+struct FleetImage {
+  std::string name;
+  BlockDevice* device = nullptr;
+};
+
+Result<std::vector<FleetSimulation>> SimulateFleet(const std::vector<FleetImage>& images,
+                                                   const std::optional<FleetImage>& base,
                                                    const std::vector<uint64_t>& cluster_sizes,
                                                    ProgressFn progress = {});
 

@@ -61,13 +61,15 @@ void CountOverlay(const ScanChunk& c, const SizeScan& s, uint64_t leaf_cs, const
 
 }  // namespace
 
-Result<std::vector<FleetSimulation>> SimulateFleet(const std::vector<BlockDevice*>& images, BlockDevice* base,
+Result<std::vector<FleetSimulation>> SimulateFleet(const std::vector<FleetImage>& images,
+                                                   const std::optional<FleetImage>& base_image,
                                                    const std::vector<uint64_t>& cluster_sizes,
                                                    ProgressFn progress) {
   QD_RETURN_IF_ERROR(ValidateClusterSizes(cluster_sizes));
   if (images.empty()) return Status::InvalidArgument("no images to simulate");
+  BlockDevice* base = base_image ? base_image->device : nullptr;
   uint64_t total = base ? base->virtual_size() : 0, before = 0;
-  for (BlockDevice* img : images) total += img->virtual_size();
+  for (const FleetImage& img : images) total += img.device->virtual_size();
   const ProgressFn part = [&](uint64_t done, uint64_t) {
     if (progress) progress(before + done, total);
   };
@@ -78,20 +80,22 @@ Result<std::vector<FleetSimulation>> SimulateFleet(const std::vector<BlockDevice
   for (size_t k = 0; k < sizes.size(); ++k) fleet[k].cluster_size = sizes[k].cs;
 
   if (base) {
-    QD_ASSIGN_OR_RETURN(std::vector<Simulation> sims,
-                        SimulateDedup(*base, std::vector<uint64_t>(cluster_sizes), part));
+    auto sims = SimulateDedup(*base, cluster_sizes, part);
+    if (!sims.ok()) return sims.status().Prefixed(base_image->name);
     for (FleetSimulation& f : fleet)
-      f.base = *std::find_if(sims.begin(), sims.end(),
+      f.base = *std::find_if(sims->begin(), sims->end(),
                              [&](const Simulation& s) { return s.cluster_size == f.cluster_size; });
     before += base->virtual_size();
   }
 
   std::vector<DigestSet> together(sizes.size());
   std::vector<uint8_t> base_bytes, differs;
-  for (BlockDevice* img : images) {
+  for (const FleetImage& image : images) {
+    BlockDevice* img = image.device;
     std::vector<SizeScan> scans = MakeSizeScans(cluster_sizes);
     std::vector<OverlayScan> overlays(base ? scans.size() : 0);
-    QD_RETURN_IF_ERROR(ScanDevice(
+    const FleetImage* failed = &image;  // whose read an error comes from
+    Status scanned = ScanDevice(
         *img, scans,
         [&](const ScanChunk& c) -> Status {
           for (size_t k = 0; k < scans.size(); ++k) {
@@ -101,25 +105,36 @@ Result<std::vector<FleetSimulation>> SimulateFleet(const std::vector<BlockDevice
               if (s.nonzero_flags[j]) together[k].Insert(s.digests[j].data());
           }
           if (!base) return Status::Ok();
-          QD_RETURN_IF_ERROR(ReadBase(*base, c, base_bytes));
+          Status st = ReadBase(*base, c, base_bytes);
+          if (!st.ok()) {
+            failed = &*base_image;
+            return st;
+          }
           DifferingLeaves(c, base_bytes, scans[0].cs, differs);
           for (size_t k = 0; k < scans.size(); ++k) CountOverlay(c, scans[k], scans[0].cs, differs, overlays[k]);
           return Status::Ok();
         },
-        part));
+        part);
+    if (!scanned.ok()) return scanned.Prefixed(failed->name);
     const uint64_t size = img->virtual_size();
     for (size_t k = 0; k < scans.size(); ++k) {
       fleet[k].alone.push_back(ToSimulation(scans[k], size));
+      fleet[k].alone_unique += fleet[k].alone.back().unique;
       fleet[k].together_nonzero += scans[k].nonzero;
       if (!base) continue;
       const OverlayScan& o = overlays[k];
       const uint64_t unique = o.unique.size();
       fleet[k].overlays.push_back(
           {o.differing, unique, EstimateImageSize(size, scans[k].cs, o.l2_tables, unique)});
+      fleet[k].overlays_unique += unique;
     }
     before += size;
   }
-  for (size_t k = 0; k < sizes.size(); ++k) fleet[k].together_unique = together[k].size();
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    FleetSimulation& f = fleet[k];
+    f.together_unique = together[k].size();
+    f.together_ratio = f.together_unique ? double(f.together_nonzero) / double(f.together_unique) : 1.0;
+  }
 
   std::vector<FleetSimulation> out;
   for (uint64_t cs : cluster_sizes)

@@ -5,10 +5,13 @@
 # content. Also: every installed public header compiles on its own, with
 # nothing but the prefix's include directory (no private lib/src header).
 #
-#   install_test.sh BUILD_DIR SOURCE_DIR
+#   install_test.sh BUILD_DIR SOURCE_DIR [CXX [FLAGS]]
+#
+# CXX (default c++) compiles the example; FLAGS (default none) go to its
+# compile and link, e.g. the sanitizer flags the library was built with.
 set -euo pipefail
-build=$(cd "$1" && pwd) src=$(cd "$2" && pwd)
-for tool in cmake pkg-config c++; do
+build=$(cd "$1" && pwd) src=$(cd "$2" && pwd) cxx=${3:-c++} flags=${4:-}
+for tool in cmake pkg-config "$cxx"; do
   command -v "$tool" >/dev/null || { echo "FAIL: $tool is missing" >&2; exit 1; }
 done
 work=$(mktemp -d)
@@ -31,7 +34,7 @@ done
 # Each header alone, and the version agrees with the project's.
 for h in "$prefix"/include/qcow2dedup/*.h; do
   echo "#include <qcow2dedup/$(basename "$h")>" >"$work/one.cpp"
-  c++ -std=c++20 -fsyntax-only -I"$prefix/include" "$work/one.cpp" || fail "$(basename "$h") does not compile alone"
+  "$cxx" -std=c++20 -fsyntax-only -I"$prefix/include" "$work/one.cpp" || fail "$(basename "$h") does not compile alone"
 done
 version=$(sed -n 's/^project(qcow2dedup VERSION \([0-9.]*\).*/\1/p' "$src/CMakeLists.txt")
 [ -n "$version" ] || fail "no version in CMakeLists.txt"
@@ -61,11 +64,12 @@ $expected"
   echo "ok: $2"
 }
 
-cmake -S "$src/examples" -B "$work/examples" -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake -S "$src/examples" -B "$work/examples" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CXX_COMPILER="$cxx" \
+  -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS="$flags" >/dev/null
 cmake --build "$work/examples" >/dev/null
 check_example "$work/examples/stats_example" "find_package(qcow2dedup)"
 
-# shellcheck disable=SC2046  # pkg-config's words are meant to split
-c++ -std=c++20 "$src/examples/stats_example.cpp" -o "$work/stats_example_pc" \
+# shellcheck disable=SC2046,SC2086  # pkg-config's words and the flags are meant to split
+"$cxx" -std=c++20 $flags "$src/examples/stats_example.cpp" -o "$work/stats_example_pc" \
   $(PKG_CONFIG_PATH=$libdir/pkgconfig pkg-config --cflags --libs qcow2dedup) -Wl,-rpath,"$libdir"
 check_example "$work/stats_example_pc" "pkg-config qcow2dedup"

@@ -157,7 +157,8 @@ struct FleetSimulation {
 // progress gets (bytes scanned, sum of the images' sizes and the base's).
 // InvalidArgument without images; a read error is prefixed with the name
 // of the image it came from ("NAME: message").
-// One image of the fleet; its name leads the messages of errors reading it.
+// One image of the fleet (device not null, and not read by anyone else
+// meanwhile); its name leads the messages of errors reading it.
 struct FleetImage {
   std::string name;
   BlockDevice* device = nullptr;

@@ -1,5 +1,6 @@
 // dedup-stats: what deduplication saved in an image, or (--simulate) what
-// optimal dedup would store at other cluster sizes.
+// optimal dedup would store at other cluster sizes, of one image or of a
+// fleet of them (alone, together, as overlays on --base).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -15,7 +16,8 @@ namespace qcow2dedup::cli {
 namespace {
 
 struct {
-  std::string file;
+  std::vector<std::string> files;
+  std::string base;  // --base
   OutputFormat output = OutputFormat::kHuman;
   bool force_share = false, simulate = false, progress = false;
   bool compress = false;                           // -c
@@ -147,23 +149,143 @@ const Simulation& Recommended(const std::vector<Simulation>& sims, bool compress
                            [&](const Simulation& a, const Simulation& b) { return key(a) < key(b); });
 }
 
+Json SimulationJson(const Simulation& s) {
+  return {{"cluster-size", s.cluster_size},
+          {"clusters", s.clusters},
+          {"nonzero", s.nonzero},
+          {"unique", s.unique},
+          {"ratio", Round(s.ratio, 4)},
+          {"estimated-image-size", s.estimated_image_size}};
+}
+
+// An image's simulation in a fleet's: its name first, the size said once.
+Json Named(const std::string& name, const Simulation& s) {
+  Json j = {{"filename", name}};
+  const Json all = SimulationJson(s);
+  for (auto it = all.begin(); it != all.end(); ++it)
+    if (it.key() != "cluster-size") j[it.key()] = it.value();
+  return j;
+}
+
+std::string Clusters(uint64_t n, uint64_t cs) {
+  return fmt::format("{} cluster{}, {}", n, n == 1 ? "" : "s", HumanSize(n * cs));
+}
+
+struct Opened {
+  std::string name;
+  std::unique_ptr<BlockDevice> dev;
+};
+
+Json DeviceJson(const Opened& o) {
+  return Json{{"filename", o.name}, {"format", o.dev->format()}, {"virtual-size", o.dev->virtual_size()}};
+}
+
+void PrintFleetJson(const std::vector<Opened>& images, const Opened* base, const std::vector<FleetSimulation>& fleet) {
+  Json j;
+  j["images"] = Json::array();
+  for (const Opened& o : images) j["images"].push_back(DeviceJson(o));
+  if (base) j["base"] = DeviceJson(*base);
+  Json list = Json::array();
+  for (const FleetSimulation& f : fleet) {
+    Json sim = {{"cluster-size", f.cluster_size}, {"images", Json::array()}};
+    for (size_t i = 0; i < images.size(); ++i) {
+      Json one = Named(images[i].name, f.alone[i]);
+      if (base) {
+        const OverlaySimulation& o = f.overlays[i];
+        one["overlay"] = {
+            {"differing", o.differing}, {"unique", o.unique}, {"estimated-image-size", o.estimated_image_size}};
+      }
+      sim["images"].push_back(one);
+    }
+    sim["alone-unique"] = f.alone_unique;
+    sim["together-nonzero"] = f.together_nonzero;
+    sim["together-unique"] = f.together_unique;
+    sim["together-ratio"] = Round(f.together_ratio, 4);
+    if (base) {
+      sim["base"] = Named(base->name, *f.base);
+      sim["overlays-unique"] = f.overlays_unique;
+      sim["base-and-overlays-unique"] = f.base->unique + f.overlays_unique;
+    }
+    list.push_back(sim);
+  }
+  j["simulations"] = list;
+  PrintJson(j);
+}
+
+void PrintFleet(const std::vector<Opened>& images, const Opened* base, const std::vector<FleetSimulation>& fleet) {
+  std::vector<std::vector<std::string>> rows = {{"image", "file format", "virtual size"}};
+  for (const Opened& o : images) rows.push_back({o.name, o.dev->format(), HumanSize(o.dev->virtual_size())});
+  if (base) rows.push_back({base->name + " (base)", base->dev->format(), HumanSize(base->dev->virtual_size())});
+  PrintTable(rows, 0b100);
+  for (const FleetSimulation& f : fleet) {
+    const uint64_t cs = f.cluster_size;
+    fmt::print("\nAt {} clusters (counts of clusters):\n", HumanSize(cs));
+    rows = {{"image", "non-zero", "alone"}};
+    if (base) rows[0].insert(rows[0].end(), {"differing from base", "overlay"});
+    for (size_t i = 0; i < images.size(); ++i) {
+      rows.push_back({images[i].name, std::to_string(f.alone[i].nonzero), std::to_string(f.alone[i].unique)});
+      if (base)
+        rows.back().insert(rows.back().end(),
+                           {std::to_string(f.overlays[i].differing), std::to_string(f.overlays[i].unique)});
+    }
+    if (base)
+      rows.push_back({base->name + " (base)", std::to_string(f.base->nonzero), std::to_string(f.base->unique), "", ""});
+    PrintTable(rows, 0b11110, "  ");
+    rows = {{"each image alone stores:", Clusters(f.alone_unique, cs)},
+            {"all in one dedup image:",
+             Clusters(f.together_unique, cs) + fmt::format(" (ratio {:.2f})", f.together_ratio)}};
+    if (base)
+      rows.push_back({"the base and overlays:", Clusters(f.base->unique + f.overlays_unique, cs) +
+                                                    fmt::format(" ({} + {})", f.base->unique, f.overlays_unique)});
+    fmt::print("\n");
+    PrintTable(rows, 0, "  ");
+  }
+}
+
+// Every input is opened before anything is read: a bad one fails at once.
+int RunFleet() {
+  std::vector<Opened> images;
+  for (const std::string& f : opts.files) {
+    auto dev = OpenBlockDevice(f, opts.format, opts.force_share);
+    if (!dev.ok()) return Fail(f, dev.status());
+    images.push_back({f, std::move(dev).value()});
+  }
+  std::optional<Opened> base;
+  if (!opts.base.empty()) {
+    auto dev = OpenBlockDevice(opts.base, opts.format, opts.force_share);
+    if (!dev.ok()) return Fail(opts.base, dev.status());
+    base = Opened{opts.base, std::move(dev).value()};
+  }
+  std::vector<FleetImage> devs;
+  for (Opened& o : images) devs.push_back({o.name, o.dev.get()});
+  std::optional<FleetImage> base_dev;
+  if (base) base_dev = FleetImage{base->name, base->dev.get()};
+  Progress progress(opts.progress);
+  // Its errors name the image.
+  auto fleet = SimulateFleet(devs, base_dev, opts.cluster_sizes, progress.fn());
+  if (!fleet.ok()) return Fail("", fleet.status());
+  progress.Finish();
+  if (opts.output == OutputFormat::kJson)
+    PrintFleetJson(images, base ? &*base : nullptr, *fleet);
+  else
+    PrintFleet(images, base ? &*base : nullptr, *fleet);
+  return 0;
+}
+
 int RunSimulate() {
-  auto dev = OpenBlockDevice(opts.file, opts.format, opts.force_share);
-  if (!dev.ok()) return Fail(opts.file, dev.status());
+  if (opts.files.size() > 1 || !opts.base.empty()) return RunFleet();
+  const std::string& file = opts.files[0];
+  auto dev = OpenBlockDevice(file, opts.format, opts.force_share);
+  if (!dev.ok()) return Fail(file, dev.status());
   Progress progress(opts.progress);
   auto sims = SimulateDedup(**dev, opts.cluster_sizes, progress.fn(),
                             opts.compress ? std::optional<Compression>(opts.compression) : std::nullopt);
-  if (!sims.ok()) return Fail(opts.file, sims.status());
+  if (!sims.ok()) return Fail(file, sims.status());
   progress.Finish();
   if (opts.output == OutputFormat::kJson) {
     Json list = Json::array();
     for (const Simulation& s : *sims) {
-      Json j = {{"cluster-size", s.cluster_size},
-                {"clusters", s.clusters},
-                {"nonzero", s.nonzero},
-                {"unique", s.unique},
-                {"ratio", Round(s.ratio, 4)},
-                {"estimated-image-size", s.estimated_image_size}};
+      Json j = SimulationJson(s);
       if (opts.compress) {
         j["compression-type"] = opts.compression == Compression::kZstd ? "zstd" : "zlib";
         j["compressible"] = s.compressible;
@@ -172,10 +294,10 @@ int RunSimulate() {
       }
       list.push_back(j);
     }
-    PrintJson(Json{{"filename", opts.file}, {"simulations", list}});
+    PrintJson(Json{{"filename", file}, {"simulations", list}});
     return 0;
   }
-  fmt::print("image: {}\nfile format: {}\nvirtual size: {}\n\n", opts.file, (*dev)->format(),
+  fmt::print("image: {}\nfile format: {}\nvirtual size: {}\n\n", file, (*dev)->format(),
              SizeWithBytes((*dev)->virtual_size()));
   std::vector<std::vector<std::string>> rows = {
       {"cluster size", "clusters", "non-zero", "unique", "ratio", "estimated image size"}};
@@ -237,21 +359,29 @@ void SetupDedupStats(CLI::App& app) {
                          },
                          "With -c: compression_type=zlib (default) or compression_type=zstd")
                       ->option_text("compression_type=TYPE");
+  auto* base = app.add_option("--base", opts.base,
+                              "With --simulate: also estimate each image as an overlay on BASE (its backing file)")
+                   ->option_text("BASE");
   (void)progress;
-  for (CLI::Option* o : {sizes, format, compress}) o->needs(simulate);
+  for (CLI::Option* o : {sizes, format, compress, base}) o->needs(simulate);
   options->needs(compress);
-  app.add_option("FILE", opts.file, "The image")->required();
+  app.add_option("FILE", opts.files, "The image (with --simulate: one or more)")->required();
 }
 
 int RunDedupStats() {
+  if (!opts.simulate && opts.files.size() > 1)
+    throw CLI::ValidationError("FILE", "several images are taken only with --simulate");
+  if (opts.compress && (opts.files.size() > 1 || !opts.base.empty()))
+    throw CLI::ValidationError("-c", "estimates one image; it is not taken with several images or --base");
   if (opts.simulate) return RunSimulate();
+  const std::string& file = opts.files[0];
   Progress progress(opts.progress, Progress::Unit::kClusters);
-  auto stats = ComputeDedupStats(opts.file, 10, opts.force_share, progress.fn());
+  auto stats = ComputeDedupStats(file, 10, opts.force_share, progress.fn());
   progress.Finish();
   if (!stats.ok()) {
-    if (!LooksLikeQcow2(opts.file))
-      return Fail(opts.file, stats.status().message() + "; dedup-stats --simulate reads any image");
-    return Fail(opts.file, stats.status());
+    if (!LooksLikeQcow2(file))
+      return Fail(file, stats.status().message() + "; dedup-stats --simulate reads any image");
+    return Fail(file, stats.status());
   }
   if (opts.output == OutputFormat::kJson)
     PrintJson(StatsJson(*stats));

@@ -12,6 +12,7 @@
 #include <exception>
 
 #include "qcow2dedup/image.h"
+#include "qcow2dedup/version.h"
 #include "size.h"
 #include "commands.h"
 #include "image_options.h"
@@ -55,6 +56,9 @@ int Main(int argc, char** argv) {
   SetVettedStampsPath(DefaultVettedStampsPath());
   CLI::App app{"qcow2dedup: write deduplicated qcow2 images", "qcow2dedup"};
   app.require_subcommand(1, 1);
+  // Listed in --help; the check before parsing (below) answers it.
+  app.set_version_flag("-V,--version", std::string("qcow2dedup version ") + QCOW2DEDUP_VERSION,
+                       "Print the version and exit");
   // One line, like every other failure (scripts and tests count on it).
   app.failure_message(
       [](const CLI::App*, const CLI::Error& e) { return fmt::format("qcow2dedup: {}\n", e.what()); });
@@ -71,7 +75,12 @@ int Main(int argc, char** argv) {
                    [&](const Command& c) { return std::strcmp(c.name, argv[1]) == 0; })) {
     return Fail("", fmt::format("unknown subcommand '{}' (see qcow2dedup --help)", argv[1]));
   }
-  // Before the subcommand only --help is an option; CLI11 would again ask
+  // qemu-img's two lines, whatever follows (qemu-img --version ignores it too).
+  if (argc > 1 && (std::strcmp(argv[1], "-V") == 0 || std::strcmp(argv[1], "--version") == 0)) {
+    fmt::print("qcow2dedup version {}\nCopyright (c) 2026 the qcow2dedup developers\n", QCOW2DEDUP_VERSION);
+    return std::fflush(stdout) == 0 && !std::ferror(stdout) ? 0 : Fail("standard output", std::strerror(errno));
+  }
+  // Before the subcommand only --help and --version are options; CLI11 would again ask
   // for a subcommand. qemu-img: "unrecognized option '-x'".
   if (argc > 1 && argv[1][0] == '-' && std::strcmp(argv[1], "-h") != 0 && std::strcmp(argv[1], "--help") != 0)
     return Fail("", fmt::format("unrecognized option '{}' (see qcow2dedup --help)", argv[1]));

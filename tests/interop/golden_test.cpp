@@ -177,6 +177,28 @@ uint64_t HostOf(const std::string& path, uint64_t g) {
   return host;
 }
 
+// A fleet of VM disks over disk.raw as their template, for dedup-stats
+// --simulate over several images (numbers in tests/golden/README.md):
+//   base.raw   disk.raw
+//   vm1.raw    disk.raw, cluster 0 (an A) all 0x66, cluster 40 (zero) all 0x55
+//   vm1.qcow2  vm1.raw converted
+//   vm2.raw    disk.raw, clusters 41 and 42 all 0x55, cluster 16 (a U) zero
+//   small.raw  disk.raw's first 2 MiB, cluster 31 (zero) all 0x55
+//   big.raw    disk.raw and 1 MiB more, of which cluster 64 is an A (0x11)
+void MakeFleet(const std::string& dir) {
+  const std::string disk = DiskBytes();
+  auto with = [&disk](std::string bytes, std::initializer_list<std::pair<uint64_t, char>> fills) {
+    for (auto [c, fill] : fills) std::fill_n(bytes.begin() + c * kCluster, kCluster, fill);
+    return bytes;
+  };
+  Spit(dir + "/base.raw", disk);
+  Spit(dir + "/vm1.raw", with(disk, {{0, char(0x66)}, {40, char(0x55)}}));
+  Spit(dir + "/vm2.raw", with(disk, {{41, char(0x55)}, {42, char(0x55)}, {16, '\0'}}));
+  Spit(dir + "/small.raw", with(disk.substr(0, 32 * kCluster), {{31, char(0x55)}}));
+  Spit(dir + "/big.raw", with(disk + std::string(16 * kCluster, '\0'), {{64, char(0x11)}}));
+  MustRun(dir, testing::Tool() + " convert -q vm1.raw vm1.qcow2");
+}
+
 // disk.qcow2 with two persistent bitmaps, made by qemu-img: bm0 (64 KiB
 // granularity, enabled: flag auto) and second (128 KiB, disabled: no flags).
 void MakeBitmaps(const std::string& dir) {
@@ -282,7 +304,7 @@ const std::map<std::string, std::function<void(const std::string&)>> kFixtures =
      [](const std::string& dir) {
        MakeDedup(dir);
        REQUIRE(::truncate((dir + "/disk.qcow2").c_str(), 3 * kCluster) == 0);
-     }},
+     }},    {"fleet", MakeFleet},
 };
 
 // qemu-img's output as ours reads: its name replaced by ours.

@@ -116,6 +116,59 @@ Result<std::vector<Simulation>> SimulateDedup(BlockDevice& device, const std::ve
                                               ProgressFn progress = {},
                                               std::optional<Compression> compression = std::nullopt);
 
+// dedup-stats --simulate over several images, a fleet of VM disks: what
+// they would store laid out three ways, to choose a layout before
+// converting anything (as zdb -S does for a pool).
+struct OverlaySimulation {
+  // The image's non-zero clusters that differ from the base's at the same
+  // offset (past the base's end the base reads as zeros): what a qcow2
+  // overlay with the base as its backing file must hold.
+  uint64_t differing = 0;
+  uint64_t unique = 0;  // of them, the distinct ones: what a dedup overlay stores
+  // The overlay file convert would write (as Simulation's estimate, its
+  // L2 tables those that map a differing cluster).
+  uint64_t estimated_image_size = 0;
+};
+
+struct FleetSimulation {
+  uint64_t cluster_size = 0;
+  // Each image in a dedup image of its own, as SimulateDedup (no
+  // compression figures), in the order given.
+  std::vector<Simulation> alone;
+  uint64_t alone_unique = 0;  // their unique clusters summed: what separate images store
+  // One dedup image holding all the images, each at a cluster-aligned
+  // offset: their non-zero clusters (the sum of alone's) and the distinct
+  // ones among them all.
+  uint64_t together_nonzero = 0;
+  uint64_t together_unique = 0;
+  double together_ratio = 1.0;  // together_nonzero / together_unique (1 without data)
+  // With a base: the base alone, and each image as an overlay on it (in
+  // the order given). The base is not one of the images unless given as one.
+  std::optional<Simulation> base;
+  std::vector<OverlaySimulation> overlays;
+  uint64_t overlays_unique = 0;  // the overlays' unique clusters summed (without the base's)
+};
+
+// Reads each image once (and, with a base, the base once more for itself
+// and, where an image holds data, beside that image). Every cluster size at
+// once, as SimulateDedup; results in the order asked. Memory: the distinct
+// clusters of all the images together, plus those of one image and its
+// overlay at a time, at SimulateDedup's 18 to 23 bytes each per size.
+// progress gets (bytes scanned, sum of the images' sizes and the base's).
+// InvalidArgument without images; a read error is prefixed with the name
+// of the image it came from ("NAME: message").
+// One image of the fleet (device not null, and not read by anyone else
+// meanwhile); its name leads the messages of errors reading it.
+struct FleetImage {
+  std::string name;
+  BlockDevice* device = nullptr;
+};
+
+Result<std::vector<FleetSimulation>> SimulateFleet(const std::vector<FleetImage>& images,
+                                                   const std::optional<FleetImage>& base,
+                                                   const std::vector<uint64_t>& cluster_sizes,
+                                                   ProgressFn progress = {});
+
 }  // namespace qcow2dedup
 
 #pragma GCC visibility pop

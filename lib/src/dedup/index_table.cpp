@@ -66,7 +66,7 @@ uint64_t HomeBucket(Fingerprint f, uint64_t buckets) {
 
 void EncodeIndexBucket(const IndexBucket& b, uint8_t* out) {
   RawIndexBucket raw;
-  std::memset(&raw, 0, sizeof raw);
+  std::memset(static_cast<void*>(&raw), 0, sizeof raw);
   if (!b.entries.empty() || b.overflowed) {  // else empty: all zero
     raw.count = uint16_t(b.entries.size());
     raw.overflowed = b.overflowed;
@@ -82,7 +82,7 @@ void EncodeIndexBucket(const IndexBucket& b, uint8_t* out) {
 IndexBucket DecodeIndexBucket(const uint8_t* in) {
   IndexBucket b;
   RawIndexBucket raw;
-  std::memcpy(&raw, in, sizeof raw);
+  std::memcpy(static_cast<void*>(&raw), in, sizeof raw);
   if (raw.count == 0 && raw.overflowed == 0 && IsAllZero({in, kIndexBucketBytes})) return b;
   if (raw.count > kIndexBucketEntries || raw.overflowed > 1 || LoadBe64(raw.check) != BucketCheck(raw)) {
     b.ok = false;

@@ -19,9 +19,9 @@ Writer::Writer(ImageState& s, uint64_t cache_tables)
     : s_(s),
       refcounts_(std::make_unique<Refcounts>(s.file.get(), &s.header, &s.meta, cache_tables)),
       data_(s.file.get()),
-      v2_(s.header.version == 2),
       packer_(s.cs()),
-      digests_(s.path.find('/') == std::string::npos ? "." : s.path.substr(0, s.path.rfind('/') + 1)) {
+      digests_(s.path.find('/') == std::string::npos ? "." : s.path.substr(0, s.path.rfind('/') + 1)),
+      v2_(s.header.version == 2) {
   refcounts_->set_hold_decrements(v2_);
   index_.set_memory_cap(s.index_memory);
   if (s.header.dedup) prior_misses_ = s.header.dedup->memory_misses;

@@ -21,6 +21,7 @@ using namespace testing;
 namespace {
 
 const std::string kVmDir = QCOW2DEDUP_SOURCE_DIR "/tests/vm";
+const std::string kKernelDir = "/var/tmp/qcow2dedup-vm/kernel";  // prepare-kernel.sh puts it there
 
 RunResult MustRun(const std::string& cmd) {
   RunResult r = Run(cmd);
@@ -47,25 +48,32 @@ RunResult Boot(const std::string& kernel, const std::string& initrd, const std::
   return Run(Tool() + " serve " + serve_args + " --run " + Sh(qemu) + " " + Sh(image));
 }
 
-}  // namespace
-
-TEST_CASE("a Linux guest on the export: file system, duplicate and fresh data, second boot") {
-  for (const char* tool : {"nbdkit", "qemu-system-x86_64", "qemu-img", "busybox", "python3"}) {
+// Every judge there, the guest kernel prepared, and an initramfs in dir
+// whose payload the guest copies: random data, a binary and small files.
+// Returns the initramfs.
+std::string PrepareGuest(const TempDir& dir, std::initializer_list<const char*> judges) {
+  for (const char* tool : judges) {
     INFO("missing judge: " << tool);
     REQUIRE(HaveCommand(tool));
   }
   RunResult prep = Run("bash " + Sh(kVmDir + "/prepare-kernel.sh"));
   INFO(prep.err);
   REQUIRE_MESSAGE(prep.exit_code == 0, "no guest kernel: tests/vm/prepare-kernel.sh failed");
-  const std::string kernel_dir = "/var/tmp/qcow2dedup-vm/kernel";
-
-  TempDir dir;
-  const std::string image = dir / "vm.qcow2", initrd = dir / "initrd.gz", payload = dir / "payload";
-  // What the guest copies twice: random data, a binary, and small files.
+  const std::string initrd = dir / "initrd.gz", payload = dir / "payload";
   MustRun("mkdir " + Sh(payload) + " && head -c 3M /dev/urandom >" + Sh(payload + "/blob") + " && cp " +
           "\"$(command -v busybox)\" " + Sh(payload + "/busybox") + " && cp " + Sh(kVmDir + "/guest-init.sh") + " " +
           Sh(payload + "/notes.txt"));
-  MustRun("bash " + Sh(kVmDir + "/make-initramfs.sh") + " " + Sh(kernel_dir) + " " + Sh(payload) + " " + Sh(initrd));
+  MustRun("bash " + Sh(kVmDir + "/make-initramfs.sh") + " " + Sh(kKernelDir) + " " + Sh(payload) + " " + Sh(initrd));
+  return initrd;
+}
+
+}  // namespace
+
+TEST_CASE("a Linux guest on the export: file system, duplicate and fresh data, second boot") {
+  TempDir dir;
+  const std::string initrd = PrepareGuest(dir, {"nbdkit", "qemu-system-x86_64", "qemu-img", "busybox", "python3"});
+  const std::string kernel_dir = kKernelDir;
+  const std::string image = dir / "vm.qcow2";
   MustRun(Tool() + " create " + Sh(image) + " 128M");
 
   RunResult make = Boot(kernel_dir + "/vmlinuz", initrd, image, "make", "",
@@ -105,23 +113,11 @@ TEST_CASE("a Linux guest on the export: file system, duplicate and fresh data, s
 // and the overlays store no more than optimal dedup of what differs from
 // the base at the same offset.
 TEST_CASE("a Linux guest on overlays: create -b over a guest's disk, then convert -B of what it wrote") {
-  for (const char* tool : {"nbdkit", "qemu-system-x86_64", "qemu-img", "busybox", "python3", "md5sum"}) {
-    INFO("missing judge: " << tool);
-    REQUIRE(HaveCommand(tool));
-  }
-  RunResult prep = Run("bash " + Sh(kVmDir + "/prepare-kernel.sh"));
-  INFO(prep.err);
-  REQUIRE_MESSAGE(prep.exit_code == 0, "no guest kernel: tests/vm/prepare-kernel.sh failed");
-  const std::string kernel = "/var/tmp/qcow2dedup-vm/kernel/vmlinuz";
-
   TempDir dir;
+  const std::string initrd =
+      PrepareGuest(dir, {"nbdkit", "qemu-system-x86_64", "qemu-img", "busybox", "python3", "md5sum"});
+  const std::string kernel = kKernelDir + "/vmlinuz";
   const std::string base = dir / "base.qcow2", top = dir / "top.qcow2", again = dir / "again.qcow2";
-  const std::string initrd = dir / "initrd.gz", payload = dir / "payload";
-  MustRun("mkdir " + Sh(payload) + " && head -c 3M /dev/urandom >" + Sh(payload + "/blob") + " && cp " +
-          "\"$(command -v busybox)\" " + Sh(payload + "/busybox") + " && cp " + Sh(kVmDir + "/guest-init.sh") + " " +
-          Sh(payload + "/notes.txt"));
-  MustRun("bash " + Sh(kVmDir + "/make-initramfs.sh") + " /var/tmp/qcow2dedup-vm/kernel " + Sh(payload) + " " +
-          Sh(initrd));
   MustRun(Tool() + " create " + Sh(base) + " 128M");
   RunResult make = Boot(kernel, initrd, base, "make", "", "cache=writeback,discard=unmap");
   INFO("base boot:\n" << make.out << make.err);

@@ -53,6 +53,30 @@ std::vector<uint8_t> ReadAll(const std::string& path) {
   return got;
 }
 
+// The same kDistinct clusters written three times, twice in one session
+// and once after a reopen (the stored table then names the candidates):
+// each is stored once and linked twice, and the image reads back right.
+void WriteThriceAcrossSessions(const std::string& path, bool verify) {
+  CreateOptions co;
+  co.virtual_size = 3 * kDistinct * kCs;
+  co.cluster_size = kCs;
+  REQUIRE(Image::Create(path, co).ok());
+  const std::vector<uint8_t> data = Clusters(7);
+  for (uint64_t session = 0; session < 2; ++session) {
+    auto img = OpenWritable(path, verify);
+    for (uint64_t copy = session * 2; copy < std::min<uint64_t>(3, session * 2 + 2); ++copy)
+      REQUIRE(img->Write(copy * kDistinct * kCs, data).ok());
+    CHECK(img->write_stats().new_clusters == (session == 0 ? kDistinct : 0));
+    CHECK(img->write_stats().dedup_hits == kDistinct);
+    REQUIRE(img->Close().ok());
+  }
+  std::vector<uint8_t> want;
+  for (int i = 0; i < 3; ++i) want.insert(want.end(), data.begin(), data.end());
+  CHECK(ReadAll(path) == want);
+  REQUIRE_MESSAGE(HaveCommand("qemu-img"), "qemu-img is missing: install qemu-utils");
+  CheckQemuClean(path);
+}
+
 }  // namespace
 
 TEST_CASE("colliding fingerprints never link different data; true duplicates still link") {
@@ -62,33 +86,8 @@ TEST_CASE("colliding fingerprints never link different data; true duplicates sti
     CHECK(FingerprintOf(Sha256(std::span(a.data(), kCs))) % 0x100000000ull == 0);  // the hook is on
   }
   TempDir dir;
-  const std::string path = dir / "f.qcow2";
-  CreateOptions co;
-  co.virtual_size = 4 * kDistinct * kCs;
-  co.cluster_size = kCs;
-  REQUIRE(Image::Create(path, co).ok());
+  WriteThriceAcrossSessions(dir / "f.qcow2", false);
   const std::vector<uint8_t> data = Clusters(7);
-  std::vector<uint8_t> want(co.virtual_size);
-  {
-    auto img = OpenWritable(path, false);
-    REQUIRE(img->Write(0, data).ok());
-    REQUIRE(img->Write(kDistinct * kCs, data).ok());
-    CHECK(img->write_stats().new_clusters == kDistinct);
-    CHECK(img->write_stats().dedup_hits == kDistinct);
-    REQUIRE(img->Close().ok());
-  }
-  {
-    // Reopened: the stored table names candidates, each hashed before it is shared.
-    auto img = OpenWritable(path, false);
-    REQUIRE(img->Write(2 * kDistinct * kCs, data).ok());
-    CHECK(img->write_stats().new_clusters == 0);
-    CHECK(img->write_stats().dedup_hits == kDistinct);
-    REQUIRE(img->Close().ok());
-  }
-  for (int i = 0; i < 3; ++i) std::copy(data.begin(), data.end(), want.begin() + long(i * kDistinct * kCs));
-  CHECK(ReadAll(path) == want);
-  REQUIRE_MESSAGE(HaveCommand("qemu-img"), "qemu-img is missing: install qemu-utils");
-  CheckQemuClean(path);
   // In place, over an image QEMU wrote: only true copies are relinked.
   const std::string raw = dir / "twice.raw", qemu = dir / "q.qcow2";
   {
@@ -111,33 +110,7 @@ TEST_CASE("with verify, colliding digests never link different data; true duplic
     CHECK(std::all_of(d.begin() + 1, d.end(), [](uint8_t x) { return x == 0; }));  // the hook is on
   }
   TempDir dir;
-  const std::string path = dir / "v.qcow2";
-  CreateOptions co;
-  co.virtual_size = 3 * kDistinct * kCs;
-  co.cluster_size = kCs;
-  REQUIRE(Image::Create(path, co).ok());
-  const std::vector<uint8_t> data = Clusters(7);
-  std::vector<uint8_t> want(co.virtual_size);
-  {
-    auto img = OpenWritable(path, true);
-    REQUIRE(img->Write(0, data).ok());
-    REQUIRE(img->Write(kDistinct * kCs, data).ok());
-    CHECK(img->write_stats().new_clusters == kDistinct);
-    CHECK(img->write_stats().dedup_hits == kDistinct);
-    REQUIRE(img->Close().ok());
-  }
-  {
-    // Reopened: the stored index is searched where it lies, entries checked against the data.
-    auto img = OpenWritable(path, true);
-    REQUIRE(img->Write(2 * kDistinct * kCs, data).ok());
-    CHECK(img->write_stats().new_clusters == 0);
-    CHECK(img->write_stats().dedup_hits == kDistinct);
-    REQUIRE(img->Close().ok());
-  }
-  for (int i = 0; i < 3; ++i) std::copy(data.begin(), data.end(), want.begin() + long(i * kDistinct * kCs));
-  CHECK(ReadAll(path) == want);
-  REQUIRE_MESSAGE(HaveCommand("qemu-img"), "qemu-img is missing: install qemu-utils");
-  CheckQemuClean(path);
+  WriteThriceAcrossSessions(dir / "v.qcow2", true);
 }
 
 TEST_CASE("without verify equal digests are trusted: forced digest collisions do link different data") {

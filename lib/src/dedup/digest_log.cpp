@@ -9,8 +9,14 @@ namespace {
 constexpr Digest kUnknown{};
 }
 
+void DigestLog::Fail() {
+  file_.reset();
+  window_.clear();
+  failed_ = true;
+}
+
 Status DigestLog::Open() {
-  if (file_ || in_memory_) return Status::Ok();
+  if (file_ || in_memory_ || failed_) return Status::Ok();
   const char* tmp = std::getenv("TMPDIR");
   for (const std::string& dir : {dir_, std::string(tmp && *tmp ? tmp : "/tmp")}) {
     auto f = OpenScratchFile(dir);
@@ -47,6 +53,7 @@ Status DigestLog::MoveWindow(uint64_t cluster) {
 
 Status DigestLog::Put(uint64_t cluster, const Digest& d) {
   QD_RETURN_IF_ERROR(Open());
+  if (failed_) return Status::Ok();
   if (in_memory_) {
     if (d == kUnknown) memory_.erase(cluster);
     else memory_[cluster] = d;
@@ -56,11 +63,14 @@ Status DigestLog::Put(uint64_t cluster, const Digest& d) {
     // Behind the window (a freed cluster used again, or forgotten): in
     // place. Ahead of it: the window moves on.
     if (cluster < base_ || cluster < file_slots_) {
-      QD_RETURN_IF_ERROR(file_->WriteAt(cluster * sizeof(Digest), d));
+      if (!file_->WriteAt(cluster * sizeof(Digest), d).ok()) Fail();
       file_slots_ = std::max(file_slots_, cluster + 1);
       return Status::Ok();
     }
-    QD_RETURN_IF_ERROR(MoveWindow(cluster));
+    if (!MoveWindow(cluster).ok()) {
+      Fail();
+      return Status::Ok();
+    }
   }
   const uint64_t i = cluster - base_;
   window_[i] = d;
@@ -81,7 +91,10 @@ Result<std::optional<Digest>> DigestLog::Get(uint64_t cluster) {
     d = window_[cluster - base_];
   } else {
     if (cluster >= file_slots_) return none;
-    QD_RETURN_IF_ERROR(file_->ReadAt(cluster * sizeof(Digest), d));
+    if (!file_->ReadAt(cluster * sizeof(Digest), d).ok()) {
+      Fail();
+      return none;
+    }
   }
   return d == kUnknown ? none : std::optional<Digest>(d);
 }
@@ -94,7 +107,7 @@ Status DigestLog::Forget(uint64_t cluster) {
 
 void DigestLog::Clear() {
   file_.reset();
-  in_memory_ = false;
+  in_memory_ = failed_ = false;
   memory_.clear();
   file_slots_ = base_ = 0;
   window_.clear();

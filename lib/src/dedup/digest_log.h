@@ -5,6 +5,8 @@
 // live in a scratch file beside the image (the page cache's, not ours),
 // the newest ones in a small window first: clusters are mostly allocated in
 // ascending order. An all-zero slot is one never written: unknown.
+// The log is advisory: where the scratch file fails (a full disk), it knows
+// nothing from then on, and every match is confirmed by hashing the data.
 #pragma once
 
 #include <memory>
@@ -35,12 +37,15 @@ class DigestLog {
  private:
   static constexpr uint64_t kWindow = 1024;  // slots, 32 KiB
   Status Open();
+  // Stops using the scratch file after it failed: unknown from now on.
+  void Fail();
   Status MoveWindow(uint64_t cluster);
   Status FlushWindow();
 
   std::string dir_;
   std::unique_ptr<File> file_;
   bool in_memory_ = false;  // no scratch file could be made
+  bool failed_ = false;     // the scratch file failed
   std::unordered_map<uint64_t, Digest> memory_;
   uint64_t file_slots_ = 0;  // slots the file holds (past them: holes, zeros)
   uint64_t base_ = 0;        // the window's first slot

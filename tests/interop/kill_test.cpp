@@ -11,8 +11,12 @@
 // share of the kills must leave part of the new data (some clusters new,
 // some old): that is what proves old-or-new per cluster.
 //
-// The seed is printed; QCOW2DEDUP_KILL_SEED=N reruns the same kill times
-// (the moments themselves still depend on the machine's speed).
+// Half the kills come once a run has written a given share of what a whole
+// run writes, so they land mid-run however fast the machine is at that
+// moment; the others come at times. Each case goes on (up to four times
+// its kills) until it has its kills and a quarter of them left part of the
+// new data. The seed is printed; QCOW2DEDUP_KILL_SEED=N reruns the same
+// kill points (the timed ones still depend on the machine's speed).
 #include <doctest/doctest.h>
 
 #include <signal.h>
@@ -161,14 +165,64 @@ struct Outcome {
   bool no_image = false;  // killed before the header was on disk
 };
 
-// Starts cmd, kills it with SIGKILL after delay seconds if it still runs.
-Outcome RunAndKill(const std::string& cmd, double delay) {
+// How far along a run is: the bytes it has written so far (wchar in
+// /proc/PID/io: data, tables, the header; not hole punches). That grows
+// with the work whatever the machine's speed, unlike a time (CI runs this
+// test beside others, and alone), and unlike the file's length (a write
+// reuses the clusters it frees).
+uint64_t BytesWritten(pid_t pid) {
+  std::ifstream io("/proc/" + std::to_string(pid) + "/io");
+  for (std::string key; io >> key;) {
+    uint64_t v = 0;
+    io >> v;
+    if (key == "wchar:") return v;
+  }
+  return 0;
+}
+
+// A whole run: how long it took and how much it wrote.
+struct WholeRun {
+  double seconds = 0;
+  uint64_t written = 0;
+};
+
+// When to kill a run: after a time, or once it has written a share of
+// what a whole run writes (share < 0: by time only).
+struct KillPoint {
+  double delay = 0;
+  double share = -1;
+  std::string Describe(double full) const {
+    return share >= 0 ? "after writing " + std::to_string(share) + " of what a whole run writes"
+                      : "after " + std::to_string(delay) + " s of " + std::to_string(full);
+  }
+};
+
+// Half the kills land at a share of the work, so that they leave part of
+// the new data; a quarter anywhere in time (from the first instant, before
+// the header exists); a quarter near the end, where Close flushes the last
+// tables, stores the dedup index and writes the header.
+KillPoint PickKill(const WholeRun& full, std::mt19937_64& rng) {
+  KillPoint k;
+  switch (rng() % 4) {
+    case 0:
+    case 1: k.share = std::uniform_real_distribution<double>(0.1, 0.9)(rng); break;
+    case 2: k.delay = std::uniform_real_distribution<double>(0.0, full.seconds)(rng); break;
+    default: k.delay = std::uniform_real_distribution<double>(0.75 * full.seconds, 1.05 * full.seconds)(rng); break;
+  }
+  return k;
+}
+
+// Starts cmd, kills it with SIGKILL at point k if it still runs.
+Outcome RunAndKill(const std::string& cmd, const KillPoint& k, const WholeRun& full) {
   Outcome o;
   // exec: the process killed and reaped is qcow2dedup itself, not a shell.
   BackgroundProcess p("exec " + cmd + " >/dev/null 2>&1");
-  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(delay);
-  while (std::chrono::steady_clock::now() < end && p.Running())
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  const auto t0 = std::chrono::steady_clock::now();
+  auto due = [&] {
+    if (k.share >= 0) return double(BytesWritten(p.pid())) >= k.share * double(full.written);
+    return std::chrono::steady_clock::now() - t0 >= std::chrono::duration<double>(k.delay);
+  };
+  while (!due() && p.Running()) std::this_thread::sleep_for(std::chrono::microseconds(500));
   if (p.Running()) {
     p.Kill();
     o.killed = true;
@@ -180,13 +234,26 @@ Outcome RunAndKill(const std::string& cmd, double delay) {
   return o;
 }
 
-double TimeRun(const std::string& cmd) {
+// Runs cmd whole (it must succeed), sampling what it writes as it goes.
+WholeRun TimeRun(const std::string& cmd, const TempDir& dir) {
+  const std::string log = dir / "run.log";
   const auto t0 = std::chrono::steady_clock::now();
-  RunResult r = Run(cmd);
-  INFO(cmd << "\n" << r.out << r.err);
-  REQUIRE(r.exit_code == 0);
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  BackgroundProcess p("exec " + cmd + " >" + Sh(log) + " 2>&1");
+  WholeRun w;
+  do {
+    w.written = std::max(w.written, BytesWritten(p.pid()));  // before the reaping, which ends /proc/PID
+    std::this_thread::sleep_for(std::chrono::microseconds(500));
+  } while (p.Running());
+  w.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const int rc = p.Wait(0);
+  INFO(cmd << "\n" << Slurp(log));
+  REQUIRE(rc == 0);
+  REQUIRE_MESSAGE(w.written > 0, "no bytes written seen in /proc/", p.pid(), "/io");
+  return w;
 }
+
+// The faster of two whole runs (the first reads its input cold).
+WholeRun Faster(const WholeRun& a, const WholeRun& b) { return a.seconds <= b.seconds ? a : b; }
 
 // Repairs img with ours (even i) or qemu-img (odd i), then qemu-img must
 // find it clean.
@@ -223,14 +290,6 @@ void WriteAfterRepair(const std::string& img, const Bytes& before, uint64_t cs, 
   fs::remove(dir / "expect.raw");
 }
 
-// When to kill a run that took full seconds whole: anywhere in half the
-// runs; near the end in the other half, where Close flushes the last
-// tables, stores the dedup index and writes the header.
-double KillDelay(double full, std::mt19937_64& rng) {
-  if (rng() % 2) return std::uniform_real_distribution<double>(0.0, full)(rng);
-  return std::uniform_real_distribution<double>(0.75 * full, 1.05 * full)(rng);
-}
-
 // Every this many bytes of input the runs flush: several flush points per run.
 constexpr const char* kFlushInterval = "4M";
 
@@ -248,6 +307,11 @@ void CheckPartlyNew(const Tally& t) {
                 " kills left part of the new data (at least a quarter must)");
 }
 
+// Whether a run of kills has yet to reach its goal: kills runs killed, a
+// quarter of them mid-run (the checks above; the loops stop at 4 * kills
+// tries all the same).
+bool Wanting(const Tally& t, int kills) { return t.kills < kills || t.partly_new * 4 < t.kills; }
+
 // (a) Kills during `convert` of a raw file into a new image.
 Tally KillConvert(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
   TempDir dir;
@@ -260,21 +324,20 @@ Tally KillConvert(uint64_t cs, uint64_t size, int kills, uint64_t seed) {
       Sh(src) + " " + Sh(img);
   // Whole runs: that a convert is right, and how long it takes (the faster
   // of two: the first reads the source cold).
-  double full = TimeRun(cmd);
+  const WholeRun first = TimeRun(cmd, dir);
   testing::CheckQemuIdentical(img, src);
   fs::remove(img);
-  full = std::min(full, TimeRun(cmd));
+  const WholeRun full = Faster(first, TimeRun(cmd, dir));
   SplitMix rng{seed ^ 0xabcdef};
   std::mt19937_64 times(seed);
   Tally t;
-  for (int i = 0; t.kills < kills && i < 4 * kills; ++i) {
+  for (int i = 0; Wanting(t, kills) && i < 4 * kills; ++i) {
     fs::remove(img);
-    const double delay = KillDelay(full, times);
-    const std::string what = "convert (cluster size " + std::to_string(cs) + ") killed after " +
-                             std::to_string(delay) + " s of " + std::to_string(full) + " (iteration " +
-                             std::to_string(i) + ")";
+    const KillPoint k = PickKill(full, times);
+    const std::string what = "convert (cluster size " + std::to_string(cs) + ") killed " + k.Describe(full.seconds) +
+                             " (iteration " + std::to_string(i) + ")";
     INFO(what);
-    Outcome o = RunAndKill(cmd, delay);
+    Outcome o = RunAndKill(cmd, k, full);
     o.killed ? ++t.kills : ++t.finished;
     if (!o.killed) {
       testing::CheckQemuClean(img);
@@ -334,9 +397,9 @@ Tally KillWrite(uint64_t cs, uint64_t size, int kills, uint64_t seed, bool v2 = 
   const std::string cmd = Tool() + " write --flush-interval " + kFlushInterval + " --input " + Sh(input) + " " +
                           Sh(img) + " " + std::to_string(off);
   fs::copy_file(base, img, fs::copy_options::overwrite_existing);
-  double full = TimeRun(cmd);
+  const WholeRun first = TimeRun(cmd, dir);
   fs::copy_file(base, img, fs::copy_options::overwrite_existing);
-  full = std::min(full, TimeRun(cmd));
+  const WholeRun full = Faster(first, TimeRun(cmd, dir));
   {
     Spit(dir / "fresh.raw", fresh);
     testing::CheckQemuIdentical(img, dir / "fresh.raw");
@@ -344,14 +407,13 @@ Tally KillWrite(uint64_t cs, uint64_t size, int kills, uint64_t seed, bool v2 = 
   }
   std::mt19937_64 times(seed);
   Tally t;
-  for (int i = 0; t.kills < kills && i < 4 * kills; ++i) {
+  for (int i = 0; Wanting(t, kills) && i < 4 * kills; ++i) {
     fs::copy_file(base, img, fs::copy_options::overwrite_existing);
-    const double delay = KillDelay(full, times);
-    const std::string what = "write (cluster size " + std::to_string(cs) + ") killed after " +
-                             std::to_string(delay) + " s of " + std::to_string(full) + " (iteration " +
-                             std::to_string(i) + ")";
+    const KillPoint k = PickKill(full, times);
+    const std::string what = std::string(v2 ? "v2 " : "") + "write (cluster size " + std::to_string(cs) +
+                             ") killed " + k.Describe(full.seconds) + " (iteration " + std::to_string(i) + ")";
     INFO(what);
-    Outcome o = RunAndKill(cmd, delay);
+    Outcome o = RunAndKill(cmd, k, full);
     o.killed ? ++t.kills : ++t.finished;
     if (v2) {
       CheckV2CrashSafe(img, what);
@@ -398,23 +460,23 @@ Tally KillDedup(uint64_t size, int kills, uint64_t seed, bool v2) {
   const std::string cmd = Tool() + " dedup -q --flush-interval " + kFlushInterval + " " + Sh(img);
   fs::copy_file(base, img, fs::copy_options::overwrite_existing);
   const uint64_t stored_before = StoredClusters(img, cs);
-  double full = TimeRun(cmd);
+  const WholeRun first = TimeRun(cmd, dir);
   testing::CheckQemuIdentical(img, raw);
   testing::CheckQemuClean(img, compat);
   const uint64_t stored_after = StoredClusters(img, cs);
   REQUIRE(stored_after < stored_before);
   fs::copy_file(base, img, fs::copy_options::overwrite_existing);
-  full = std::min(full, TimeRun(cmd));
+  const WholeRun full = Faster(first, TimeRun(cmd, dir));
   std::mt19937_64 times(seed);
   SplitMix rng{seed ^ 0x7777};
   Tally t;
-  for (int i = 0; t.kills < kills && i < 4 * kills; ++i) {
+  for (int i = 0; Wanting(t, kills) && i < 4 * kills; ++i) {
     fs::copy_file(base, img, fs::copy_options::overwrite_existing);
-    const double delay = KillDelay(full, times);
-    const std::string what = std::string(v2 ? "v2 " : "") + "dedup killed after " + std::to_string(delay) + " s of " +
-                             std::to_string(full) + " (iteration " + std::to_string(i) + ")";
+    const KillPoint k = PickKill(full, times);
+    const std::string what = std::string(v2 ? "v2 " : "") + "dedup killed " + k.Describe(full.seconds) + " (iteration " +
+                             std::to_string(i) + ")";
     INFO(what);
-    Outcome o = RunAndKill(cmd, delay);
+    Outcome o = RunAndKill(cmd, k, full);
     o.killed ? ++t.kills : ++t.finished;
     if (v2) {
       CheckV2CrashSafe(img, what);

@@ -15,8 +15,8 @@ void DigestLog::Fail() {
   failed_ = true;
 }
 
-Status DigestLog::Open() {
-  if (file_ || in_memory_ || failed_) return Status::Ok();
+void DigestLog::Open() {
+  if (file_ || in_memory_ || failed_) return;
   const char* tmp = std::getenv("TMPDIR");
   for (const std::string& dir : {dir_, std::string(tmp && *tmp ? tmp : "/tmp")}) {
     auto f = OpenScratchFile(dir);
@@ -24,11 +24,10 @@ Status DigestLog::Open() {
       file_ = std::move(f).value();
       window_.assign(kWindow, kUnknown);
       base_ = 0;
-      return Status::Ok();
+      return;
     }
   }
   in_memory_ = true;  // slower to grow, never wrong
-  return Status::Ok();
 }
 
 Status DigestLog::FlushWindow() {
@@ -51,35 +50,31 @@ Status DigestLog::MoveWindow(uint64_t cluster) {
   return Status::Ok();
 }
 
-Status DigestLog::Put(uint64_t cluster, const Digest& d) {
-  QD_RETURN_IF_ERROR(Open());
-  if (failed_) return Status::Ok();
+void DigestLog::Put(uint64_t cluster, const Digest& d) {
+  Open();
+  if (failed_) return;
   if (in_memory_) {
     if (d == kUnknown) memory_.erase(cluster);
     else memory_[cluster] = d;
-    return Status::Ok();
+    return;
   }
   if (cluster < base_ || cluster >= base_ + kWindow) {
     // Behind the window (a freed cluster used again, or forgotten): in
     // place. Ahead of it: the window moves on.
     if (cluster < base_ || cluster < file_slots_) {
-      if (!file_->WriteAt(cluster * sizeof(Digest), d).ok()) Fail();
+      if (!file_->WriteAt(cluster * sizeof(Digest), d).ok()) return Fail();
       file_slots_ = std::max(file_slots_, cluster + 1);
-      return Status::Ok();
+      return;
     }
-    if (!MoveWindow(cluster).ok()) {
-      Fail();
-      return Status::Ok();
-    }
+    if (!MoveWindow(cluster).ok()) return Fail();
   }
   const uint64_t i = cluster - base_;
   window_[i] = d;
   if (dirty_lo_ >= dirty_hi_) dirty_lo_ = i, dirty_hi_ = i + 1;
   else dirty_lo_ = std::min(dirty_lo_, i), dirty_hi_ = std::max(dirty_hi_, i + 1);
-  return Status::Ok();
 }
 
-Result<std::optional<Digest>> DigestLog::Get(uint64_t cluster) {
+std::optional<Digest> DigestLog::Get(uint64_t cluster) {
   std::optional<Digest> none;
   if (in_memory_) {
     auto it = memory_.find(cluster);
@@ -99,10 +94,10 @@ Result<std::optional<Digest>> DigestLog::Get(uint64_t cluster) {
   return d == kUnknown ? none : std::optional<Digest>(d);
 }
 
-Status DigestLog::Forget(uint64_t cluster) {
-  if (!file_ && !in_memory_) return Status::Ok();
-  if (!in_memory_ && cluster >= file_slots_ && (cluster < base_ || cluster >= base_ + kWindow)) return Status::Ok();
-  return Put(cluster, kUnknown);
+void DigestLog::Forget(uint64_t cluster) {
+  if (!file_ && !in_memory_) return;
+  if (!in_memory_ && cluster >= file_slots_ && (cluster < base_ || cluster >= base_ + kWindow)) return;
+  Put(cluster, kUnknown);
 }
 
 void DigestLog::Clear() {

@@ -26,17 +26,18 @@ class DigestLog {
   // temporary directory; where neither takes it, memory holds the digests.
   explicit DigestLog(std::string dir) : dir_(std::move(dir)) {}
 
-  Status Put(uint64_t cluster, const Digest& d);
+  // None of these fail: a scratch file that fails is dropped (see above).
+  void Put(uint64_t cluster, const Digest& d);
   // Cluster's digest, if known.
-  Result<std::optional<Digest>> Get(uint64_t cluster);
+  std::optional<Digest> Get(uint64_t cluster);
   // Cluster's data may change from now on (it was freed).
-  Status Forget(uint64_t cluster);
+  void Forget(uint64_t cluster);
   // Forgets everything.
   void Clear();
 
  private:
   static constexpr uint64_t kWindow = 1024;  // slots, 32 KiB
-  Status Open();
+  void Open();
   // Stops using the scratch file after it failed: unknown from now on.
   void Fail();
   Status MoveWindow(uint64_t cluster);

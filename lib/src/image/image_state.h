@@ -21,6 +21,13 @@ inline uint64_t CacheTables(uint64_t cluster_size, uint64_t cache_bytes) {
   return std::max<uint64_t>(64, (32u << 20) / cluster_size);
 }
 
+// The directory path names ("." for a bare name): where a relative
+// backing file is looked up and where scratch files go.
+inline std::string DirectoryOf(const std::string& path) {
+  const auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
+}
+
 class Writer;
 
 class ImageState {

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <climits>
+#include <cstddef>
 #include <cstdlib>
 #include <filesystem>
 #include <set>
@@ -22,11 +23,6 @@ constexpr int kMaxBackingDepth = 1000;
 std::string RealPath(const std::string& path) {
   char buf[PATH_MAX];
   return ::realpath(path.c_str(), buf) ? std::string(buf) : path;
-}
-
-std::string Directory(const std::string& path) {
-  auto slash = path.rfind('/');
-  return slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
 }
 
 struct Chain {
@@ -88,9 +84,20 @@ Status OpenBacking(ImageState& s, bool force_share, Chain& chain) {
 }
 
 Result<Header> ReadHeader(File& file, uint64_t file_size) {
-  // Cluster 0 at most; the header says how much of it matters.
-  std::vector<uint8_t> head(std::min<uint64_t>(file_size, 1u << kMaxClusterBits));
+  // Cluster 0, which bounds everything the header holds: 4 KiB first, the
+  // rest once cluster_bits says there is more (not 2 MiB, the largest
+  // cluster, on every open). Bits out of range are ParseHeader's to name.
+  constexpr uint64_t kFirst = 4096;
+  std::vector<uint8_t> head(std::min<uint64_t>(file_size, kFirst));
   QD_RETURN_IF_ERROR(file.ReadAt(0, head));
+  if (head.size() >= offsetof(RawHeader, cluster_bits) + sizeof(be32)) {
+    const uint32_t bits = *reinterpret_cast<const be32*>(&head[offsetof(RawHeader, cluster_bits)]);
+    if (bits >= kMinClusterBits && bits <= kMaxClusterBits && (uint64_t(1) << bits) > head.size() &&
+        file_size > head.size()) {
+      head.resize(std::min<uint64_t>(file_size, uint64_t(1) << bits));
+      QD_RETURN_IF_ERROR(file.ReadAt(kFirst, std::span(head).subspan(kFirst)));
+    }
+  }
   return ParseHeader(head, file_size);
 }
 
@@ -155,7 +162,7 @@ Status ImageState::FlushPendingData(uint64_t offset, uint64_t len) {
 // Relative names are relative to the image's directory (as QEMU shows them).
 std::string BackingPath(const std::string& image_path, const std::string& name) {
   const bool bare = image_path.find('/') == std::string::npos;
-  return name.empty() || name[0] == '/' || bare ? name : Directory(image_path) + "/" + name;
+  return name.empty() || name[0] == '/' || bare ? name : DirectoryOf(image_path) + "/" + name;
 }
 
 Image::Image(std::unique_ptr<ImageState> s) : state_(std::move(s)) {}

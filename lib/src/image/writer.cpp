@@ -20,7 +20,7 @@ Writer::Writer(ImageState& s, uint64_t cache_tables)
       refcounts_(std::make_unique<Refcounts>(s.file.get(), &s.header, &s.meta, cache_tables)),
       data_(s.file.get()),
       packer_(s.cs()),
-      digests_(s.path.find('/') == std::string::npos ? "." : s.path.substr(0, s.path.rfind('/') + 1)),
+      digests_(DirectoryOf(s.path)),
       v2_(s.header.version == 2) {
   refcounts_->set_hold_decrements(v2_);
   index_.set_memory_cap(s.index_memory);
@@ -95,7 +95,7 @@ Status Writer::Release(uint64_t cluster, bool data, const Digest* known) {
   if (left == 1) copied_fixups_.Insert(cluster);
   if (left != 0) return Status::Ok();
   ++stats_.freed_clusters;
-  QD_RETURN_IF_ERROR(digests_.Forget(cluster));  // it may hold other data when it is handed out again
+  digests_.Forget(cluster);  // it may hold other data when it is handed out again
   packer_.Forget(cluster);  // once freed it may become anything
   if (!data) return Status::Ok();
   Digest digest;
@@ -140,11 +140,11 @@ Status Writer::ReleaseEntry(uint64_t entry, uint64_t bitmap) {
 // word) is read and hashed the first time. A stale entry leaves the index;
 // another digest with the same fingerprint stays, and is only no match.
 Result<bool> Writer::Believe(uint64_t c, const Digest& digest) {
-  QD_ASSIGN_OR_RETURN(std::optional<Digest> known, digests_.Get(c));
+  std::optional<Digest> known = digests_.Get(c);
   if (!known) {
     QD_RETURN_IF_ERROR(ReadCluster(c));
     known = Sha256(scratch_);
-    QD_RETURN_IF_ERROR(digests_.Put(c, *known));
+    digests_.Put(c, *known);
   }
   if (*known == digest) return true;
   if (FingerprintOf(*known) != FingerprintOf(digest)) {
@@ -286,7 +286,7 @@ Status Writer::WriteOne(const ClusterWrite& in) {
       QD_ASSIGN_OR_RETURN(uint64_t host, refcounts_->Allocate());
       QD_RETURN_IF_ERROR(s_.meta.CheckDataWrite(host));
       QD_RETURN_IF_ERROR(data_.Write(host, w.data));
-      QD_RETURN_IF_ERROR(digests_.Put(host / cs, w.digest));
+      digests_.Put(host / cs, w.digest);
       s_.map->NoteFileEnd(host + cs);
       QD_ASSIGN_OR_RETURN(bool indexed, index_.Insert(w.digest, host / cs));
       entry = host | kFlagCopied;

@@ -42,14 +42,11 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
     const Fingerprint zero_fp = FingerprintOf(zero);
     std::optional<Fingerprint> last;
     std::vector<uint64_t> alike;  // the clusters of fingerprint last
-    Status st;
     auto settle = [&] {
       std::vector<std::pair<Digest, uint64_t>> group;
       if (alike.size() > 1 || (unmap_zeros && last == zero_fp)) {
         for (uint64_t c : alike) {
-          auto d = digests_.Get(c);
-          if (!d.ok()) st = d.status();
-          else if (*d) group.emplace_back(**d, c);  // unknown: left as it is
+          if (auto d = digests_.Get(c)) group.emplace_back(*d, c);  // unknown: left as it is
         }
       }
       alike.clear();
@@ -70,7 +67,6 @@ Result<Writer::DedupCounts> Writer::Deduplicate(const ProgressFn& hashing, const
       alike.push_back(c);
     });
     settle();
-    QD_RETURN_IF_ERROR(st);
   }
   // Compressed copies (qemu-img convert -c compresses every cluster apart):
   // each goes to the lowest compressed copy of the same data, zeros nowhere.

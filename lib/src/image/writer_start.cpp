@@ -103,15 +103,13 @@ Status Writer::RebuildIndex(const ProgressFn& progress) {
   // Nothing here reads these clusters again soon: past the page cache.
   // Past index_memory a cluster is left out (SessionIndex::Insert): no
   // table, so nothing can fail.
-  Status logged;
-  QD_RETURN_IF_ERROR(HashClusters(
+  return HashClusters(
       *s_.file, cs, clusters, progress,
       [&](uint64_t c, const Digest& d) {
         (void)index_.Insert(d, c);
-        if (logged.ok()) logged = digests_.Put(c, d);
+        digests_.Put(c, d);
       },
-      Caching::kBypass));
-  return logged;
+      Caching::kBypass);
 }
 
 }  // namespace qcow2dedup

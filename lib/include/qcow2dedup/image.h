@@ -37,8 +37,8 @@ class BlockDevice {
   // How many bytes from offset are known to read as zero (0 if the byte at
   // offset may hold data). Lets readers skip holes without reading them.
   virtual Result<uint64_t> ZeroRun(uint64_t offset) { (void)offset; return uint64_t(0); }
-  // A hint that [offset, offset + len) will be read soon; may be called
-  // while a Read runs on another thread.
+  // A hint that [offset, offset + len) will be read soon. Called the way
+  // Read is (one thread at a time).
   virtual void Prefetch(uint64_t offset, uint64_t len) { (void)offset, (void)len; }
   virtual std::string format() const = 0;
 };
@@ -204,6 +204,9 @@ class Image : public BlockDevice {
   std::string format() const override { return "qcow2"; }
   Status Read(uint64_t offset, std::span<uint8_t> buf) override;
   Result<uint64_t> ZeroRun(uint64_t offset) override;
+  // Asks the kernel for the host clusters behind [offset, offset + len);
+  // not thread-safe beside Read (it looks the range up as a read does).
+  void Prefetch(uint64_t offset, uint64_t len) override;
 
   // The dedup write path. Write takes any offset and length; WriteClusters
   // takes whole clusters in any order.

@@ -278,8 +278,14 @@ Status CopyInto(BlockDevice& src, Image& dst, const ProgressFn& progress, const 
     const uint64_t start = pos / cs * cs;
     const uint64_t len = std::min<uint64_t>(kChunkBytes, size - start);
     // The kernel reads the next chunk ahead while workers read this one.
-    src.Prefetch(start + len, kChunkBytes);
-    if (base) base->Prefetch(start + len, kChunkBytes);
+    {
+      std::lock_guard lock(src_mutex);
+      src.Prefetch(start + len, kChunkBytes);
+    }
+    if (base) {
+      std::lock_guard lock(base_mutex);
+      base->Prefetch(start + len, kChunkBytes);
+    }
     auto c = pipe.Take(start, len);
     QD_RETURN_IF_ERROR(pipe.Push(std::move(c), [&, start, len](Chunk& chunk) {
       {
@@ -389,6 +395,7 @@ class ReadAhead {
 
  private:
   void Read(BlockDevice& src) {
+    uint64_t asked = 0;  // src.Prefetch has been called up to here
     for (uint64_t pos = 0; pos < src.virtual_size();) {
       RawPiece* p;
       {
@@ -398,6 +405,11 @@ class ReadAhead {
         p = free_.front();
         free_.pop_front();
       }
+      // The disk reads this piece's clusters side by side, and the next
+      // one's while this one is written.
+      const uint64_t ahead = pos + 2 * kChunkBytes;
+      if (asked < ahead) src.Prefetch(std::max(asked, pos), ahead - std::max(asked, pos));
+      asked = std::max(asked, ahead);
       LoadPiece(src, pos, *p);
       pos += p->zeros + p->len;
       const bool failed = !p->status.ok();

@@ -86,6 +86,38 @@ Status Image::Read(uint64_t offset, std::span<uint8_t> buf) {
   return Status::Ok();
 }
 
+void Image::Prefetch(uint64_t offset, uint64_t len) {
+  // A deduplicated image's guest clusters lie all over the file: read one
+  // by one, each waits for the disk. Asked for ahead, they are read side
+  // by side. Errors are left for the read to meet.
+  ImageState& s = *state_;
+  if (offset >= s.header.virtual_size) return;
+  len = std::min(len, s.header.virtual_size - offset);
+  uint64_t run_at = 0, run_len = 0;  // host bytes not asked for yet
+  auto ask = [&] {
+    if (run_len) s.file->Prefetch(run_at, run_len);
+    run_len = 0;
+  };
+  for (uint64_t done = 0; done < len;) {
+    const uint64_t at = offset + done;
+    auto p = s.map->Lookup(at);
+    if (!p.ok()) break;
+    const uint64_t n = std::min<uint64_t>(p->length, len - done);
+    if (p->kind == ClusterKind::kData) {
+      if (!run_len || p->host_offset != run_at + run_len) ask(), run_at = p->host_offset;
+      run_len += n;
+    } else if (p->kind == ClusterKind::kCompressed) {
+      ask();
+      const CompressedDescriptor d = DecodeCompressed(p->entry, s.header.cluster_bits);
+      s.file->Prefetch(d.offset, d.bytes);
+    } else if (p->kind == ClusterKind::kUnallocated && s.backing) {
+      s.backing->Prefetch(at, n);
+    }
+    done += n;
+  }
+  ask();
+}
+
 Result<uint64_t> Image::ZeroRun(uint64_t offset) {
   ImageState& s = *state_;
   uint64_t run = 0;

@@ -311,7 +311,10 @@ int ToRaw() {
   Status s = (*file)->Lock(LockMode::kExclusive);
   if (!s.ok()) return out.Fail(opts.dst, s);
   out.Claim();
-  s = (*file)->Truncate(0);
+  // Only a file that existed is emptied: on ext4 a truncate to 0 marks the
+  // file as replaced, and closing it then waits for its data to be
+  // allocated and written out (0.6 s for a 3 GiB export, unsafe or not).
+  if (out.existed()) s = (*file)->Truncate(0);
   Progress progress(opts.progress, Progress::Unit::kBytes, {}, stdout);
   BlamedSource blamed(**src);
   if (s.ok()) s = ExportRaw(blamed, **file, progress.fn(), {TargetState::kZero, opts.sparse_size, 0, opts.cache});

@@ -7,11 +7,15 @@
 # write by QEMU makes our next open rebuild the index, which is not what
 # is measured here).
 #
-# Three kinds of write, each a fresh session:
+# Four kinds of write, each a fresh session, each run at a guest cluster of
+# its own (see pick_offsets):
 #   fresh   new random data over a guest cluster of unique data
 #   dup     data the image already stores, over an unallocated cluster (a link)
 #   shared  new random data over a guest cluster whose data is stored once
-#           for several guest clusters (a reference dropped)
+#           for three or more guest clusters (a reference dropped)
+#   last    the same over one of exactly two: the other entry's COPIED flag
+#           must be set again, and finding it takes a pass over the L2
+#           tables (issue 13: not yet bounded)
 # Targets (issue 13): ours <= 2x qemu-io on the 1x image, and the 10x image
 # within 1.5x of the 1x figure.
 source "$(dirname "$0")/lib.sh"
@@ -27,28 +31,38 @@ measure_warm() {
   echo "$EPOCHREALTIME - $t0" | bc -l >>"$out.times"
 }
 
-# guest offsets of the first data cluster whose host cluster has refcount 1
-# (fresh) and > 1 (shared), from qemu-img map and our layout as JSON.
+# pick_offsets IMAGE KIND N: N guest offsets (>= 64 MiB, one per host
+# cluster, so that no run's write changes what the next run meets), from
+# qemu-img map:
+#   fresh  a guest cluster whose host cluster no other guest cluster uses
+#   shared one of three or more that share a host cluster (3+ -> 2+ references)
+#   last   one of exactly two (2 -> 1: the other entry must get COPIED back)
+#   hole   an unallocated guest cluster
 pick_offsets() {
-  python3 - "$1" <<'EOF'
+  python3 - "$@" <<'EOF'
 import json, subprocess, sys, collections
-img = sys.argv[1]
+img, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 m = json.loads(subprocess.check_output(["qemu-img", "map", "--output=json", img]))
 refs = collections.Counter()
 runs = [e for e in m if e.get("data") and "offset" in e]
 for e in runs:
     for k in range(e["length"] // 4096):
         refs[e["offset"] + k * 4096] += 1
-fresh = shared = hole = None
-for e in runs:
-    for k in range(e["length"] // 4096):
-        g, h = e["start"] + k * 4096, e["offset"] + k * 4096
-        if refs[h] == 1 and fresh is None and g >= (64 << 20): fresh = g
-        if refs[h] > 1 and shared is None and g >= (64 << 20): shared = g
-for e in m:
-    if not e.get("data") and e["length"] >= 1 << 20 and e["start"] >= (64 << 20):
-        hole = e["start"]; break
-print(fresh, shared, hole)
+want = {"fresh": lambda r: r == 1, "shared": lambda r: r >= 3, "last": lambda r: r == 2}
+out, used = [], set()
+if kind == "hole":
+    for e in m:
+        if not e.get("data") and e["length"] >= 1 << 20 and e["start"] >= (64 << 20):
+            out = [e["start"] + i * 4096 for i in range(n)]; break
+else:
+    for e in runs:
+        for k in range(e["length"] // 4096):
+            g, h = e["start"] + k * 4096, e["offset"] + k * 4096
+            if g >= (64 << 20) and h not in used and want[kind](refs[h]) and len(out) < n:
+                out.append(g); used.add(h)
+if len(out) < n:
+    sys.exit(f"{img}: only {len(out)} guest clusters of kind {kind}")
+print(" ".join(map(str, out)))
 EOF
 }
 
@@ -62,7 +76,7 @@ head -c "$((big_extra * 1024 * 1024 * 1024))" /dev/urandom |
 "$bin" convert -q --force -t unsafe -o cluster_size=4K "$work/big.raw" "$big"
 rm -f "$work/big.raw"
 # Data the images already store, from a guest cluster of the corpus.
-read -r f0 s0 h0 <<<"$(pick_offsets "$one")"
+read -r f0 _ <<<"$(pick_offsets "$one" fresh 1)"
 dd if="$corpus/vmfarm.raw" of="$work/dup.bin" bs=4096 skip=$((f0 / 4096)) count=1 status=none
 
 printf '%-6s %-7s %14s %10s %10s %7s\n' image write stored_clusters ours_ms qemu_ms ratio
@@ -73,18 +87,14 @@ for name in one big; do
   # The copy (6 GB for the 10x image) leaves dirty pages the kernel writes
   # back for seconds: each write's flushes would wait behind them.
   sync
-  read -r fresh shared hole <<<"$(pick_offsets "$img")"
   stored=$("$bin" info --output=json "$img" | python3 -c 'import json,sys; print(json.load(sys.stdin)["dedup"]["stored-clusters"])')
-  for kind in fresh dup shared; do
+  for kind in fresh dup shared last; do
     rm -f "$work/o.times" "$work/q.times"
+    read -r -a at <<<"$(pick_offsets "$img" "$([ $kind = dup ] && echo hole || echo $kind)" "$runs")"
     for ((i = 0; i < runs; i++)); do
-      case $kind in
-        fresh)  at=$((fresh + i * 4096)); head -c 4096 /dev/urandom >"$work/in.bin" ;;
-        dup)    at=$((hole + i * 4096)); cp "$work/dup.bin" "$work/in.bin" ;;
-        shared) at=$((shared + i * 4096)); head -c 4096 /dev/urandom >"$work/in.bin" ;;
-      esac
-      measure_warm "$work/o" "$bin" write -q --input "$work/in.bin" "$img" "$at"
-      measure_warm "$work/q" qemu-io -c "write -P $((i + 1)) $at 4k" "$work/q.qcow2"
+      if [ $kind = dup ]; then cp "$work/dup.bin" "$work/in.bin"; else head -c 4096 /dev/urandom >"$work/in.bin"; fi
+      measure_warm "$work/o" "$bin" write -q --input "$work/in.bin" "$img" "${at[i]}"
+      measure_warm "$work/q" qemu-io -c "write -P $((i + 1)) ${at[i]} 4k" "$work/q.qcow2"
     done
     o=$(median "$work/o.times" 1) q=$(median "$work/q.times" 1)
     ours_ms[$name.$kind]=$(echo "$o * 1000" | bc -l)
@@ -94,7 +104,7 @@ for name in one big; do
   qemu-img check -q "$img" || echo "WARNING: qemu-img check failed on $img" >&2
   "$bin" check -q "$img" || echo "WARNING: our check failed on $img" >&2
 done
-for kind in fresh dup shared; do
+for kind in fresh dup shared last; do
   printf 'size growth (10x image / 1x image), %-6s: %.2f (target <= 1.5)\n' "$kind" \
     "$(echo "${ours_ms[big.$kind]} / ${ours_ms[one.$kind]}" | bc -l)"
 done

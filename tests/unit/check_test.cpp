@@ -20,6 +20,7 @@
 #include "qcow2dedup/check.h"
 #include "qcow2dedup/image.h"
 #include "support/check_helpers.h"
+#include "support/forwarding_file.h"
 #include "support/process.h"
 #include "support/require_command.h"
 #include "support/stored_index.h"
@@ -773,22 +774,16 @@ TEST_CASE("damage beyond the end of the file: same verdict as qemu-img, no crash
 namespace {
 
 // A file that fails every read after the first n (fault injection).
-class FailingFile : public File {
+class FailingFile : public testing::ForwardingFile {
  public:
-  FailingFile(std::unique_ptr<File> f, int reads) : f_(std::move(f)), left_(reads) {}
+  FailingFile(std::unique_ptr<File> f, int reads) : ForwardingFile(std::move(f)), left_(reads) {}
   Status ReadAt(uint64_t o, std::span<uint8_t> b) override {
     if (left_-- <= 0) return Status::IOError("injected read failure");
-    return f_->ReadAt(o, b);
+    return ForwardingFile::ReadAt(o, b);
   }
-  Status WriteAt(uint64_t o, std::span<const uint8_t> d) override { return f_->WriteAt(o, d); }
-  Status Sync() override { return f_->Sync(); }
-  Result<uint64_t> Size() override { return f_->Size(); }
-  Status Truncate(uint64_t s) override { return f_->Truncate(s); }
-  Status Lock(LockMode m) override { return f_->Lock(m); }
-  const std::string& name() const override { return f_->name(); }
+  Status ReadUncached(uint64_t o, std::span<uint8_t> b) override { return ReadAt(o, b); }
 
  private:
-  std::unique_ptr<File> f_;
   int left_;
 };
 

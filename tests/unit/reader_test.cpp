@@ -7,6 +7,7 @@
 #include <map>
 #include <set>
 
+#include "support/forwarding_file.h"
 #include "support/image_helpers.h"
 #include "support/qcow2_layout.h"
 #include "support/temp_dir.h"
@@ -19,21 +20,11 @@ constexpr uint32_t kCluster = 4096;
 constexpr uint64_t kClusters = 64;
 
 // A file that notes the Prefetch calls made of it.
-class PrefetchLog final : public File {
+class PrefetchLog final : public testing::ForwardingFile {
  public:
-  explicit PrefetchLog(std::unique_ptr<File> f) : f_(std::move(f)) {}
-  Status ReadAt(uint64_t o, std::span<uint8_t> b) override { return f_->ReadAt(o, b); }
-  Status WriteAt(uint64_t o, std::span<const uint8_t> d) override { return f_->WriteAt(o, d); }
-  Status Sync() override { return f_->Sync(); }
-  Result<uint64_t> Size() override { return f_->Size(); }
-  Status Truncate(uint64_t s) override { return f_->Truncate(s); }
-  Status Lock(LockMode m) override { return f_->Lock(m); }
-  const std::string& name() const override { return f_->name(); }
+  using ForwardingFile::ForwardingFile;
   void Prefetch(uint64_t offset, uint64_t len) override { asked.emplace_back(offset, len); }
   std::vector<std::pair<uint64_t, uint64_t>> asked;
-
- private:
-  std::unique_ptr<File> f_;
 };
 
 // Guest clusters: unique data in runs, copies of earlier clusters (stored

@@ -69,7 +69,8 @@ TEST_CASE("Prefetch asks for the host runs behind the range, and nothing else") 
   auto img = Image::Open(path, std::move(o));
   REQUIRE_MESSAGE(img.ok(), img.status().message());
 
-  for (auto [first, count] : {std::pair<uint64_t, uint64_t>{0, kClusters}, {5, 20}, {12, 4}, {33, 1}}) {
+  for (const auto& range : {std::pair<uint64_t, uint64_t>{0, kClusters}, {5, 20}, {12, 4}, {33, 1}}) {
+    const uint64_t first = range.first, count = range.second;  // named, not bound: CAPTURE takes them into a lambda
     CAPTURE(first);
     CAPTURE(count);
     asked->asked.clear();
